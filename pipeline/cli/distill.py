@@ -1,0 +1,10 @@
+"""`cellsam distill` (placeholder: being implemented)."""
+
+
+def register(sub):
+    p = sub.add_parser("distill", help="(not yet implemented)")
+    p.set_defaults(func=run)
+
+
+def run(args):
+    raise NotImplementedError("distill")

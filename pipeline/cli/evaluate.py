@@ -1,0 +1,10 @@
+"""`cellsam evaluate` (placeholder: being implemented)."""
+
+
+def register(sub):
+    p = sub.add_parser("evaluate", help="(not yet implemented)")
+    p.set_defaults(func=run)
+
+
+def run(args):
+    raise NotImplementedError("evaluate")

@@ -1,0 +1,10 @@
+"""`cellsam segment` (placeholder: being implemented)."""
+
+
+def register(sub):
+    p = sub.add_parser("segment", help="(not yet implemented)")
+    p.set_defaults(func=run)
+
+
+def run(args):
+    raise NotImplementedError("segment")

@@ -1,0 +1,10 @@
+"""`cellsam tile` (placeholder: being implemented)."""
+
+
+def register(sub):
+    p = sub.add_parser("tile", help="(not yet implemented)")
+    p.set_defaults(func=run)
+
+
+def run(args):
+    raise NotImplementedError("tile")

@@ -1,0 +1,79 @@
+"""Every default of the pipeline, in one place (frozen dataclasses, one per stage).
+
+The CLI, the Snakemake workflow (``workflows/schemas/config.schema.yaml``) and the library read
+their defaults from here; nothing else redeclares them. Units are in the field names.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields, replace
+
+from .errors import ConfigError
+
+
+@dataclass(frozen=True)
+class TissueConfig:
+    """Tissue detection on a low-resolution thumbnail."""
+
+    thumb_mpp: float = 8.0  # µm/px of the thumbnail the mask is computed on
+    min_saturation: float = 0.05  # floor for the Otsu threshold on HSV saturation (0..1)
+    max_value_black: float = 0.12  # pixels darker than this (HSV value) are not tissue (pen/black)
+    min_area_um2: float = 20000.0  # connected tissue pieces smaller than this are dropped
+    close_radius_px: int = 2  # morphological closing radius, thumbnail pixels
+
+
+@dataclass(frozen=True)
+class StoreConfig:
+    """OME-Zarr (NGFF 0.4) tile store."""
+
+    mpp: float = 0.5  # target µm/px of level 0 of the store
+    chunk_px: int = 1024  # chunk edge (y, x); channel chunk is 3
+    pyramid_levels: int = 4  # number of 2x levels including level 0
+    workers: int = 2  # threads reading/writing chunks
+    fill_value: int = 255  # absent chunks read as white
+
+
+@dataclass(frozen=True)
+class SegmentConfig:
+    """Whole-slide segmentation over chunks."""
+
+    core_px: int = 512  # non-overlapping core edge, store pixels (model µm/px)
+    halo_px: int = 64  # context on each side; must exceed the largest nucleus diameter + eps
+    anchor_eps_px: float = 3.0  # anchors within core+eps are kept; dedup resolves the band
+    batch_size: int = 4  # tiles per forward pass
+    device: str = "auto"  # auto | cpu | cuda
+    workers: int = 2  # dask threads / reader threads
+    refine: bool = False  # SAM-decoder refinement (see docs/model.md)
+    dedup_iou: float = 0.5  # IoU at/above which the lower-ranked duplicate is dropped
+    min_area_um2: float = 3.0  # nuclei smaller than this are discarded
+    geojson_plain: bool = False  # also write an uncompressed .geojson
+
+
+@dataclass(frozen=True)
+class Config:
+    tissue: TissueConfig = field(default_factory=TissueConfig)
+    store: StoreConfig = field(default_factory=StoreConfig)
+    segment: SegmentConfig = field(default_factory=SegmentConfig)
+
+
+def with_overrides(cfg, **overrides):
+    """Return ``cfg`` with the non-``None`` ``overrides`` applied, validating names and signs.
+
+    Raises
+    ------
+    ConfigError
+        For an unknown field or a non-positive size/resolution.
+    """
+    names = {f.name for f in fields(cfg)}
+    clean = {}
+    for key, value in overrides.items():
+        if value is None:
+            continue
+        if key not in names:
+            raise ConfigError(f"unknown setting {key!r} for {type(cfg).__name__}")
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            if (key.endswith("_px") or key.endswith("mpp") or key in {"batch_size", "workers"}) and value <= 0:
+                if not (key == "halo_px" and value == 0):
+                    raise ConfigError(f"{key} must be > 0, got {value}")
+        clean[key] = value
+    return replace(cfg, **clean)

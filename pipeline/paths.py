@@ -1,0 +1,97 @@
+"""One place that names every artifact of a run (used by the CLI and the Snakemake workflow).
+
+Layout of ``OUTDIR`` for a slide with id ``S`` (default: the slide file name without extension)::
+
+    OUTDIR/S.geojson.gz          QuPath detections (FeatureCollection), final
+    OUTDIR/S.geojson             optional, uncompressed (--geojson-plain)
+    OUTDIR/S.nuclei.parquet      GeoParquet, one row per nucleus, final
+    OUTDIR/S.summary.json        per-slide statistics, versions, parameters, timings, final
+    OUTDIR/S.qc.png              QC image, final
+    OUTDIR/.work/S/store.ome.zarr    OME-Zarr 0.4 tile store (intermediate, resumable)
+    OUTDIR/.work/S/chunks/           one parquet per processed chunk (intermediate, resumable)
+    OUTDIR/.work/S/tissue.png        tissue-mask preview
+
+Final files are written to ``<name>.tmp-<pid>`` in the same directory and renamed, so a file
+under its final name is always complete.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import InputError
+
+_SAFE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+
+def slide_id_from_path(path: str | os.PathLike) -> str:
+    """Default slide id: file name without its (possibly double) extension, e.g. ``a.ome.tif`` -> ``a``."""
+    name = Path(path).name
+    for ext in (".ome.tiff", ".ome.tif", ".ome.zarr"):
+        if name.lower().endswith(ext):
+            return name[: -len(ext)]
+    return Path(name).stem
+
+
+def check_slide_id(slide_id: str) -> str:
+    """Refuse ids that could escape the output directory or clash with the layout."""
+    if not _SAFE_ID.match(slide_id) or ".." in slide_id:
+        raise InputError(f"unsafe slide id {slide_id!r}: use letters, digits, '.', '_' or '-' (no '/', no '..')")
+    return slide_id
+
+
+@dataclass(frozen=True)
+class SlidePaths:
+    outdir: Path
+    slide_id: str
+
+    @property
+    def geojson_gz(self) -> Path:
+        return self.outdir / f"{self.slide_id}.geojson.gz"
+
+    @property
+    def geojson(self) -> Path:
+        return self.outdir / f"{self.slide_id}.geojson"
+
+    @property
+    def parquet(self) -> Path:
+        return self.outdir / f"{self.slide_id}.nuclei.parquet"
+
+    @property
+    def summary(self) -> Path:
+        return self.outdir / f"{self.slide_id}.summary.json"
+
+    @property
+    def qc_png(self) -> Path:
+        return self.outdir / f"{self.slide_id}.qc.png"
+
+    @property
+    def workdir(self) -> Path:
+        return self.outdir / ".work" / self.slide_id
+
+    @property
+    def store(self) -> Path:
+        return self.workdir / "store.ome.zarr"
+
+    @property
+    def chunks(self) -> Path:
+        return self.workdir / "chunks"
+
+    @property
+    def tissue_png(self) -> Path:
+        return self.workdir / "tissue.png"
+
+    def finals(self) -> list[Path]:
+        return [self.geojson_gz, self.parquet, self.summary, self.qc_png]
+
+
+def slide_paths(outdir: str | os.PathLike, slide_id: str) -> SlidePaths:
+    return SlidePaths(Path(outdir), check_slide_id(slide_id))
+
+
+def atomic_target(path: Path) -> Path:
+    """Temporary sibling of ``path`` to write to before ``os.replace(tmp, path)``."""
+    return path.with_name(f"{path.name}.tmp-{os.getpid()}")
