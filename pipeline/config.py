@@ -37,7 +37,7 @@ class StoreConfig:
 class SegmentConfig:
     """Whole-slide segmentation over chunks."""
 
-    core_px: int = 512  # non-overlapping core edge, store pixels (model µm/px)
+    # cores = the store's chunks (StoreConfig.chunk_px); each is read with a halo around it
     halo_px: int = 64  # context on each side; must exceed the largest nucleus diameter + eps
     anchor_eps_px: float = 3.0  # anchors within core+eps are kept; dedup resolves the band
     batch_size: int = 4  # tiles per forward pass

@@ -16,7 +16,7 @@ import sys
 from .. import __version__
 from ..errors import PipelineError
 
-COMMANDS = ["demo", "tile", "predict", "segment", "evaluate", "train", "distill", "cohort"]
+COMMANDS = ["demo", "tile", "infer", "export", "segment", "predict", "evaluate", "train", "distill", "check", "cohort"]
 
 
 def build_parser() -> argparse.ArgumentParser:
