@@ -1,0 +1,399 @@
+"""Instance- and pixel-level segmentation metrics for nucleus label images (pure numpy).
+
+Every metric is computed from one sparse overlap (contingency) table of ``(gt_label,
+pred_label)`` pixel counts, built once per image pair with a single ``np.unique`` over the
+pixels where both images are foreground; nothing loops over objects in full-image space.
+
+Label images are ``(H, W)`` non-negative integer arrays, ``0`` = background; label values need
+not be consecutive. Each label is one object (connectivity is not checked).
+
+Metrics (``evaluate_pair`` keys)
+--------------------------------
+``aji``
+    Aggregated Jaccard Index as in the original MoNuSeg code (Kumar et al., IEEE TMI 2017):
+    every GT nucleus is paired with the prediction of highest IoU among those overlapping it
+    (ties: lowest prediction label; a prediction may be picked by several GT nuclei); the
+    pair's intersection goes to ``C`` and its union to ``U``; a GT nucleus overlapping no
+    prediction adds its area to ``U``; every prediction never picked adds its area to ``U``.
+    ``aji = C / U``. ``aji_intersection_px`` / ``aji_union_px`` are ``C`` and ``U``.
+``pq``, ``dq``, ``sq``, ``tp``, ``fp``, ``fn``
+    Panoptic quality (Kirillov et al. 2019): a GT/prediction pair matches when IoU > 0.5
+    (strictly), which makes matching unique. ``dq`` = F1 of matches = tp / (tp + fp/2 + fn/2),
+    ``sq`` = mean IoU of matched pairs, ``pq = dq * sq``.
+``obj_precision``, ``obj_recall``, ``obj_f1``
+    Object detection scores at the same IoU > 0.5 matching (``obj_f1 == dq``).
+``n_true``, ``n_pred``
+    Object counts.
+``dice``
+    Binary Dice of the foreground masks (``label > 0``).
+``pixel_accuracy``, ``pixel_precision``, ``pixel_recall``, ``mean_class_accuracy``
+    On the foreground masks; ``mean_class_accuracy`` is the mean of foreground recall and
+    background recall (the "mean accuracy" of the seed paper).
+
+Edge cases (no NaN, no exceptions)
+----------------------------------
+A ratio whose denominator is 0 is 1.0 when ground truth and prediction agree exactly in what
+the ratio measures (both have no objects, for the object metrics and AJI; identical foreground
+masks, for the pixel metrics) and 0.0 otherwise. So identical label images score 1.0
+everywhere (including two empty images), and an empty prediction against a non-empty ground
+truth scores 0.0 on every instance metric, on Dice and on pixel precision/recall.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from .errors import InputError
+
+#: keys of ``evaluate_pair`` that are object/pixel counts (summed, not averaged, by ``aggregate``)
+COUNT_KEYS = ("tp", "fp", "fn", "n_true", "n_pred", "aji_intersection_px", "aji_union_px")
+
+#: keys of ``evaluate_pair`` that are scores in [0, 1] (averaged over images by ``aggregate``)
+SCORE_KEYS = (
+    "aji",
+    "pq",
+    "dq",
+    "sq",
+    "obj_precision",
+    "obj_recall",
+    "obj_f1",
+    "dice",
+    "pixel_accuracy",
+    "pixel_precision",
+    "pixel_recall",
+    "mean_class_accuracy",
+)
+
+
+@dataclass(frozen=True)
+class Overlap:
+    """Sparse overlap table of two label images.
+
+    Attributes
+    ----------
+    gt_area_px : ndarray of shape (n_true,), int64
+        Pixel area of each GT object (objects in increasing label order).
+    pred_area_px : ndarray of shape (n_pred,), int64
+        Pixel area of each predicted object (increasing label order).
+    gt_idx, pred_idx : ndarray of shape (n_pairs,), int64
+        0-based object indices of each overlapping (GT, prediction) pair.
+    inter_px : ndarray of shape (n_pairs,), int64
+        Intersection area of each pair, > 0.
+    """
+
+    gt_area_px: np.ndarray
+    pred_area_px: np.ndarray
+    gt_idx: np.ndarray
+    pred_idx: np.ndarray
+    inter_px: np.ndarray
+
+    @property
+    def n_true(self) -> int:
+        return int(self.gt_area_px.size)
+
+    @property
+    def n_pred(self) -> int:
+        return int(self.pred_area_px.size)
+
+    @property
+    def union_px(self) -> np.ndarray:
+        return self.gt_area_px[self.gt_idx] + self.pred_area_px[self.pred_idx] - self.inter_px
+
+    @property
+    def iou(self) -> np.ndarray:
+        """IoU of each overlapping pair, float64 of shape (n_pairs,)."""
+        return self.inter_px / self.union_px
+
+
+def _check_pair(gt: np.ndarray, pred: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    gt = np.asarray(gt)
+    pred = np.asarray(pred)
+    for name, arr in (("ground truth", gt), ("prediction", pred)):
+        if arr.ndim != 2:
+            raise InputError(f"{name} label image must be 2-D (H, W), got shape {arr.shape}")
+        if arr.dtype.kind not in "uib":
+            raise InputError(f"{name} label image must have an integer dtype, got {arr.dtype}")
+        if arr.dtype.kind == "i" and arr.size and arr.min() < 0:
+            raise InputError(f"{name} label image has negative labels (min {arr.min()})")
+    if gt.shape != pred.shape:
+        raise InputError(f"label images differ in shape: ground truth {gt.shape} vs prediction {pred.shape}")
+    return gt, pred
+
+
+def _compact(labels: np.ndarray) -> tuple[np.ndarray, int]:
+    """Map labels to 0..n (0 stays background) preserving order; return (indices int64, n)."""
+    flat = labels.ravel()
+    if flat.dtype == bool:
+        flat = flat.astype(np.uint8)
+    top = int(flat.max()) if flat.size else 0
+    if top <= 4 * flat.size + 1024:  # lookup table: O(N), no sort
+        present = np.zeros(top + 1, dtype=bool)
+        present[flat] = True
+        present[0] = True
+        lut = np.cumsum(present, dtype=np.int64) - 1
+        return lut[flat], int(lut[-1])
+    ids = np.unique(flat)
+    if ids[0] != 0:
+        ids = np.concatenate([[0], ids])
+    return np.searchsorted(ids, flat).astype(np.int64), int(ids.size - 1)
+
+
+def overlap_table(gt: np.ndarray, pred: np.ndarray) -> Overlap:
+    """Build the sparse (GT object, predicted object) overlap table.
+
+    Parameters
+    ----------
+    gt, pred : ndarray of shape (H, W), integer
+        Instance label images, 0 = background.
+
+    Returns
+    -------
+    Overlap
+
+    Raises
+    ------
+    InputError
+        For non-2-D, non-integer, negative or differently shaped inputs.
+    """
+    gt, pred = _check_pair(gt, pred)
+    g, n_true = _compact(gt)
+    p, n_pred = _compact(pred)
+    gt_area = np.bincount(g, minlength=n_true + 1)[1:].astype(np.int64)
+    pred_area = np.bincount(p, minlength=n_pred + 1)[1:].astype(np.int64)
+    both = (g > 0) & (p > 0)
+    codes = (g[both] - 1) * np.int64(n_pred) + (p[both] - 1)
+    codes, inter = np.unique(codes, return_counts=True)
+    if n_pred:
+        gi, pi = np.divmod(codes, np.int64(n_pred))
+    else:
+        gi = pi = np.zeros(0, dtype=np.int64)
+    return Overlap(gt_area, pred_area, gi.astype(np.int64), pi.astype(np.int64), inter.astype(np.int64))
+
+
+def _ratio(num: float, den: float, agree: bool) -> float:
+    if den == 0:
+        return 1.0 if agree else 0.0
+    return float(num) / float(den)
+
+
+def aji_parts(ov: Overlap) -> tuple[int, int]:
+    """Intersection ``C`` and union ``U`` of the original (Kumar 2017) AJI, in pixels.
+
+    Parameters
+    ----------
+    ov : Overlap
+        From :func:`overlap_table`.
+
+    Returns
+    -------
+    (int, int)
+        ``C``, ``U``; ``aji = C / U``.
+    """
+    if ov.inter_px.size == 0:
+        return 0, int(ov.gt_area_px.sum() + ov.pred_area_px.sum())
+    iou = ov.iou
+    # best prediction per GT object: sort by gt, then IoU descending, then pred label ascending
+    order = np.lexsort((ov.pred_idx, -iou, ov.gt_idx))
+    first = np.ones(order.size, dtype=bool)
+    first[1:] = ov.gt_idx[order][1:] != ov.gt_idx[order][:-1]
+    best = order[first]
+    inter = int(ov.inter_px[best].sum())
+    union = int(ov.union_px[best].sum())
+    matched_gt = np.zeros(ov.n_true, dtype=bool)
+    matched_gt[ov.gt_idx[best]] = True
+    used_pred = np.zeros(ov.n_pred, dtype=bool)
+    used_pred[ov.pred_idx[best]] = True
+    union += int(ov.gt_area_px[~matched_gt].sum()) + int(ov.pred_area_px[~used_pred].sum())
+    return inter, union
+
+
+def aji(gt: np.ndarray, pred: np.ndarray) -> float:
+    """Aggregated Jaccard Index (original MoNuSeg definition, Kumar et al. 2017).
+
+    Parameters
+    ----------
+    gt, pred : ndarray of shape (H, W), integer
+        Instance label images, 0 = background.
+
+    Returns
+    -------
+    float
+        In [0, 1]; 1.0 when both images have no objects.
+
+    Raises
+    ------
+    InputError
+        For invalid or differently shaped label images.
+    """
+    ov = overlap_table(gt, pred)
+    c, u = aji_parts(ov)
+    return _ratio(c, u, ov.n_true == 0 and ov.n_pred == 0)
+
+
+def _matches(ov: Overlap, iou_threshold: float) -> np.ndarray:
+    if not 0.5 <= iou_threshold < 1.0:
+        raise InputError(f"iou_threshold must be in [0.5, 1) for unique matching, got {iou_threshold}")
+    return ov.iou > iou_threshold
+
+
+def _pq_from(ov: Overlap, iou_threshold: float) -> dict:
+    hit = _matches(ov, iou_threshold)
+    tp = int(hit.sum())
+    fp = ov.n_pred - tp
+    fn = ov.n_true - tp
+    agree = ov.n_true == 0 and ov.n_pred == 0
+    dq = _ratio(tp, tp + 0.5 * fp + 0.5 * fn, agree)
+    sq = _ratio(float(ov.iou[hit].sum()), tp, agree)
+    return {
+        "pq": dq * sq,
+        "dq": dq,
+        "sq": sq,
+        "tp": tp,
+        "fp": fp,
+        "fn": fn,
+        "n_true": ov.n_true,
+        "n_pred": ov.n_pred,
+        "obj_precision": _ratio(tp, ov.n_pred, agree),
+        "obj_recall": _ratio(tp, ov.n_true, agree),
+        "obj_f1": dq,
+    }
+
+
+def panoptic_quality(gt: np.ndarray, pred: np.ndarray, iou_threshold: float = 0.5) -> dict:
+    """Panoptic quality with unique matching at IoU > ``iou_threshold``.
+
+    Parameters
+    ----------
+    gt, pred : ndarray of shape (H, W), integer
+        Instance label images, 0 = background.
+    iou_threshold : float
+        Strict IoU threshold, in [0.5, 1) (>= 0.5 keeps the matching unique).
+
+    Returns
+    -------
+    dict
+        ``pq``, ``dq`` (F1 of matches), ``sq`` (mean IoU of matches), ``tp``, ``fp``, ``fn``,
+        ``n_true``, ``n_pred``, ``obj_precision``, ``obj_recall``, ``obj_f1``.
+
+    Raises
+    ------
+    InputError
+        For invalid label images or a threshold below 0.5.
+    """
+    return _pq_from(overlap_table(gt, pred), iou_threshold)
+
+
+def object_scores(gt: np.ndarray, pred: np.ndarray, iou_threshold: float = 0.5) -> dict:
+    """Object precision, recall and F1 at IoU > ``iou_threshold`` (see :func:`panoptic_quality`)."""
+    pq = panoptic_quality(gt, pred, iou_threshold)
+    return {k: pq[k] for k in ("obj_precision", "obj_recall", "obj_f1")}
+
+
+def pixel_scores(gt: np.ndarray, pred: np.ndarray) -> dict:
+    """Foreground-mask scores.
+
+    Parameters
+    ----------
+    gt, pred : ndarray of shape (H, W), integer or bool
+        Label images or masks; foreground is ``> 0``.
+
+    Returns
+    -------
+    dict
+        ``dice``, ``pixel_accuracy``, ``pixel_precision``, ``pixel_recall`` (foreground recall)
+        and ``mean_class_accuracy`` (mean of foreground and background recall), floats in [0, 1].
+
+    Raises
+    ------
+    InputError
+        For invalid or differently shaped inputs.
+    """
+    gt, pred = _check_pair(gt, pred)
+    g = gt > 0
+    p = pred > 0
+    n = g.size
+    tp = int(np.count_nonzero(g & p))
+    n_g = int(np.count_nonzero(g))
+    n_p = int(np.count_nonzero(p))
+    fp = n_p - tp
+    fn = n_g - tp
+    tn = n - tp - fp - fn
+    agree = fp == 0 and fn == 0
+    fg_recall = _ratio(tp, n_g, agree)
+    bg_recall = _ratio(tn, n - n_g, agree)
+    return {
+        "dice": _ratio(2 * tp, n_g + n_p, agree),
+        "pixel_accuracy": _ratio(tp + tn, n, agree),
+        "pixel_precision": _ratio(tp, n_p, agree),
+        "pixel_recall": fg_recall,
+        "mean_class_accuracy": 0.5 * (fg_recall + bg_recall),
+    }
+
+
+def dice(gt: np.ndarray, pred: np.ndarray) -> float:
+    """Binary foreground Dice, ``2 |G & P| / (|G| + |P|)``; 1.0 for two empty masks."""
+    return pixel_scores(gt, pred)["dice"]
+
+
+def evaluate_pair(gt: np.ndarray, pred: np.ndarray) -> dict:
+    """All metrics of one image pair (see the module docstring for the keys).
+
+    Parameters
+    ----------
+    gt, pred : ndarray of shape (H, W), integer
+        Instance label images, 0 = background.
+
+    Returns
+    -------
+    dict
+        Scores (floats, ``SCORE_KEYS``) and counts (ints, ``COUNT_KEYS``); never NaN.
+
+    Raises
+    ------
+    InputError
+        For invalid or differently shaped label images.
+    """
+    ov = overlap_table(gt, pred)
+    c, u = aji_parts(ov)
+    out = {"aji": _ratio(c, u, ov.n_true == 0 and ov.n_pred == 0), "aji_intersection_px": c, "aji_union_px": u}
+    out.update(_pq_from(ov, 0.5))
+    out.update(pixel_scores(gt, pred))
+    return out
+
+
+def aggregate(per_image: Mapping[str, Mapping] | Sequence[Mapping]) -> dict:
+    """Combine per-image results of :func:`evaluate_pair`.
+
+    Scores (``SCORE_KEYS``) are the unweighted mean over images; counts (``COUNT_KEYS``) are
+    summed. ``aji_pooled`` is the AJI over all images pooled as one (sum of ``C`` over sum of
+    ``U``), which weights images by their nucleus area, unlike the mean ``aji``. ``pq_pooled``
+    and ``dq_pooled``/``sq_pooled`` are the same pooling for PQ (summed tp/fp/fn; SQ weighted by
+    matches). ``n_images`` is the number of images.
+
+    Parameters
+    ----------
+    per_image : mapping of name -> dict, or sequence of dict
+        Results of :func:`evaluate_pair`.
+
+    Returns
+    -------
+    dict
+        Means, sums, pooled values and ``n_images``; scores are 0.0 for no images.
+    """
+    rows = list(per_image.values()) if isinstance(per_image, Mapping) else list(per_image)
+    out: dict = {"n_images": len(rows)}
+    for key in SCORE_KEYS:
+        out[key] = float(np.mean([r[key] for r in rows])) if rows else 0.0
+    for key in COUNT_KEYS:
+        out[key] = int(sum(int(r[key]) for r in rows))
+    agree = bool(rows) and out["n_true"] == 0 and out["n_pred"] == 0
+    out["aji_pooled"] = _ratio(out["aji_intersection_px"], out["aji_union_px"], agree)
+    tp, fp, fn = out["tp"], out["fp"], out["fn"]
+    iou_sum = float(sum(r["sq"] * r["tp"] for r in rows))
+    out["dq_pooled"] = _ratio(tp, tp + 0.5 * fp + 0.5 * fn, agree)
+    out["sq_pooled"] = _ratio(iou_sum, tp, agree)
+    out["pq_pooled"] = out["dq_pooled"] * out["sq_pooled"]
+    return out
