@@ -264,3 +264,136 @@ def test_aggregate_mean_and_pooled():
     assert agg == metrics.aggregate([a, b])
     empty = metrics.aggregate([])
     assert empty["n_images"] == 0 and empty["aji"] == 0.0 and empty["aji_pooled"] == 0.0
+
+
+# --- cellsam evaluate ------------------------------------------------------------------------
+
+
+def _write_labels(directory, stems_seeds):
+    import tifffile
+
+    directory.mkdir(parents=True, exist_ok=True)
+    for stem, seed in stems_seeds:
+        gt, _ = _random_pair(seed)
+        tifffile.imwrite(directory / f"{stem}.tif", gt)
+
+
+def test_cli_evaluate_identical_dirs(tmp_path, capsys):
+    import json
+
+    from pipeline.cli import main
+
+    _write_labels(tmp_path / "pred", [("a", 0), ("b", 1), ("c", 2)])
+    out = tmp_path / "res.json"
+    assert main(["evaluate", "--pred", str(tmp_path / "pred"), "--truth", str(tmp_path / "pred"), "-o", str(out)]) == 0
+    doc = json.loads(out.read_text())
+    assert sorted(doc["per_image"]) == ["a", "b", "c"]
+    assert doc["overall"]["aji"] == 1.0 and doc["overall"]["aji_pooled"] == 1.0 and doc["overall"]["pq"] == 1.0
+    assert doc["overall"]["n_images"] == 3 and doc["schema_version"] == 1
+    table = capsys.readouterr().out
+    assert "AJI" in table and "overall 1.0000" in table
+    # deterministic bytes, sorted keys
+    first = out.read_bytes()
+    main(["--quiet", "evaluate", "--pred", str(tmp_path / "pred"), "--truth", str(tmp_path / "pred"), "-o", str(out)])
+    assert out.read_bytes() == first
+    assert list(json.loads(first)) == sorted(json.loads(first))
+    assert not list(tmp_path.glob("*.tmp-*"))
+
+
+def test_cli_evaluate_scores_a_perturbed_prediction(tmp_path, capsys):
+    import json
+
+    import tifffile
+
+    from pipeline.cli import main
+
+    (tmp_path / "truth").mkdir()
+    (tmp_path / "pred").mkdir()
+    gt, pred = _random_pair(5)
+    tifffile.imwrite(tmp_path / "truth" / "x.tif", gt)
+    tifffile.imwrite(tmp_path / "pred" / "x.tif", pred)
+    out = tmp_path / "r.json"
+    assert main(["--quiet", "evaluate", "--pred", str(tmp_path / "pred"), "--truth", str(tmp_path / "truth"), "-o", str(out)]) == 0
+    doc = json.loads(out.read_text())
+    assert doc["per_image"]["x"]["aji"] == pytest.approx(metrics.aji(gt, pred))
+    assert doc["per_image"]["x"]["pq"] == pytest.approx(metrics.panoptic_quality(gt, pred)["pq"])
+
+
+@pytest.mark.parametrize(
+    "case,pattern",
+    [
+        ("unpaired", "no ground truth with stem 'c'"),
+        ("missing", "does not exist"),
+        ("empty", "no prediction files"),
+        ("baseline_no_mpp", "needs --baseline-mpp"),
+    ],
+)
+def test_cli_evaluate_bad_inputs_one_line_error(tmp_path, capsys, case, pattern):
+    from pipeline.cli import main
+
+    _write_labels(tmp_path / "pred", [("a", 0), ("b", 1), ("c", 2)])
+    _write_labels(tmp_path / "truth", [("a", 0), ("b", 1)])
+    pred, truth = tmp_path / "pred", tmp_path / "truth"
+    extra = []
+    if case == "missing":
+        truth = tmp_path / "nope"
+    elif case == "empty":
+        pred = tmp_path / "empty"
+        pred.mkdir()
+    elif case == "baseline_no_mpp":
+        truth = pred
+        extra = ["--baseline", str(tmp_path)]
+    rc = main(["evaluate", "--pred", str(pred), "--truth", str(truth), *extra])
+    err = capsys.readouterr().err.strip()
+    assert rc != 0
+    assert err.startswith("cellsam: error:") and "\n" not in err and "Traceback" not in err
+    assert pattern in err
+
+
+def test_cli_evaluate_monuseg_xml_truth(tmp_path, capsys):
+    """XML ground truth is rasterised at the prediction's shape; its own raster scores 1."""
+    import json
+    import shutil
+
+    import tifffile
+
+    from pipeline.cli import main
+    from pipeline.data.readers import read_monuseg_xml
+
+    stem = "TCGA-21-5784-01Z-00-DX1"
+    xml = shared_file(f"nuclei/monuseg2018_train/annotations/{stem}.xml")
+    (tmp_path / "truth").mkdir()
+    (tmp_path / "pred").mkdir()
+    shutil.copy(xml, tmp_path / "truth" / xml.name)
+    raster = read_monuseg_xml(xml, (1000, 1000))
+    assert raster.max() > 100
+    tifffile.imwrite(tmp_path / "pred" / f"{stem}.tif", raster)
+    out = tmp_path / "r.json"
+    assert main(["--quiet", "evaluate", "--pred", str(tmp_path / "pred"), "--truth", str(tmp_path / "truth"), "-o", str(out)]) == 0
+    doc = json.loads(out.read_text())
+    assert doc["per_image"][stem]["aji"] == 1.0 and doc["per_image"][stem]["truth"] == xml.name
+
+
+def test_cli_evaluate_with_baseline(tmp_path, capsys):
+    import json
+
+    import tifffile
+
+    from pipeline.cli import main
+
+    for d in ("pred", "truth", "images"):
+        (tmp_path / d).mkdir()
+    gt = tifffile.imread(shared_file("nuclei/cpm15/labels/image06.tif"))
+    shutil_src = shared_file("nuclei/cpm15/images/image06.png")
+    (tmp_path / "images" / "image06.png").write_bytes(shutil_src.read_bytes())
+    tifffile.imwrite(tmp_path / "truth" / "image06.tif", gt)
+    tifffile.imwrite(tmp_path / "pred" / "image06.tif", gt)  # a perfect "prediction"
+    out = tmp_path / "r.json"
+    args = ["--quiet", "evaluate", "--pred", str(tmp_path / "pred"), "--truth", str(tmp_path / "truth")]
+    args += ["--baseline", str(tmp_path / "images"), "--baseline-mpp", "0.5", "-o", str(out)]
+    assert main(args) == 0
+    doc = json.loads(out.read_text())
+    base = doc["baseline"]["overall"]
+    assert 0.45 < base["aji"] < 1.0 and base["dice"] > 0.7
+    assert doc["comparison"]["aji"]["delta"] == pytest.approx(1.0 - base["aji"])
+    assert "classical baseline" in capsys.readouterr().out
