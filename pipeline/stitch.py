@@ -1,0 +1,416 @@
+"""Seam-free stitching: "halo + unique ownership + boundary-band dedup" (pure, no torch, no I/O).
+
+The slide (store level 0, ``mpp`` µm/px) is cut into *cores*: a gap-free grid of half-open boxes
+``[r0, r1) x [c0, c1)`` (the store's chunks). Each core is segmented inside a *window* = core
+expanded by the halo on every side, clipped to the slide. Per window
+(:func:`extract_chunk_instances`):
+
+1. masks touching a window edge that is not a slide edge are dropped (they are truncated);
+2. anchor = mask centroid (store px, continuous coordinates: pixel (r, c) covers [r, r+1));
+3. an instance is kept iff its anchor lies in the core expanded by ``eps_px``; it is *owned* iff
+   the anchor lies in the core itself (half-open), so every nucleus has exactly one owner;
+4. kept instances are polygonised (:mod:`pipeline.geometry`) and measured (:mod:`pipeline.measure`).
+
+Precondition: ``halo_px >= largest nucleus diameter + eps_px`` (:func:`check_halo`), so every owned
+nucleus is seen whole by its owner; nothing is ever cut or glued across a seam.
+
+Across windows (:func:`resolve_duplicates`), only instances near a core boundary can overlap an
+instance of another chunk; those go through an STRtree. Overlapping pairs from different chunks
+are resolved greedily under a total order; finally :func:`assign_ids` numbers nuclei 1..N in a
+position order. Same inputs -> same table, whatever the order chunks were processed in.
+
+Chunk table schema (:data:`CHUNK_SCHEMA`, one row per kept instance, sorted by ``local_id``):
+
+=================  =========  =====================================================================
+column             dtype      meaning
+=================  =========  =====================================================================
+chunk_row          int32      core grid row of the window that produced the instance
+chunk_col          int32      core grid column
+local_id           int32      label value in that window's label image
+score              float32    model score of the label (``scores[local_id - 1]``)
+anchor_y_px        float64    mask centroid, store px, continuous (row + 0.5 = pixel centre)
+anchor_x_px        float64    mask centroid, store px, continuous (col + 0.5)
+owned              bool       anchor inside the core (half-open)
+core_margin_px     float32    L-inf distance of the polygon's bbox to the core boundary (sides on
+                              the slide edge ignored): > 0 inside by that much, <= 0 touching or
+                              sticking out by ``-value``; selects the dedup band
+geometry           binary     WKB Polygon, store px (x = col, y = row, continuous coordinates)
+<measurements>     float64    :data:`pipeline.measure.MEASUREMENT_COLUMNS` (µm, OD)
+=================  =========  =====================================================================
+
+:func:`assign_ids` prepends ``nucleus_id`` (int64, 1..N).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pyarrow as pa
+import shapely
+
+from . import geometry, measure
+from .config import SegmentConfig
+from .errors import InputError, ModelError, StitchError
+
+log = logging.getLogger(__name__)
+
+CHUNK_SCHEMA = pa.schema(
+    [
+        ("chunk_row", pa.int32()),
+        ("chunk_col", pa.int32()),
+        ("local_id", pa.int32()),
+        ("score", pa.float32()),
+        ("anchor_y_px", pa.float64()),
+        ("anchor_x_px", pa.float64()),
+        ("owned", pa.bool_()),
+        ("core_margin_px", pa.float32()),
+        ("geometry", pa.binary()),
+    ]
+    + [(c, pa.float64()) for c in measure.MEASUREMENT_COLUMNS]
+)
+
+#: After clipping by a better-ranked overlapping nucleus, a nucleus keeping less than this
+#: fraction of its area is dropped (the rule of QuPath's StarDist extension, ``filterNuclei``).
+MIN_KEEP_FRACTION = 0.5
+
+
+def empty_chunk_table():
+    """A zero-row table with :data:`CHUNK_SCHEMA`."""
+    return CHUNK_SCHEMA.empty_table()
+
+
+def check_halo(halo_px, max_diameter_px, eps_px):
+    """Check the stitching precondition ``halo_px >= max_diameter_px + eps_px``.
+
+    Parameters
+    ----------
+    halo_px : int
+        Context read on each side of a core, store px.
+    max_diameter_px : float
+        Largest nucleus extent expected (or observed), store px.
+    eps_px : float
+        Anchor tolerance, store px.
+
+    Raises
+    ------
+    StitchError
+        Naming ``halo_px`` and the smallest value that satisfies the precondition.
+    """
+    need = float(max_diameter_px) + float(eps_px)
+    if halo_px < need:
+        raise StitchError(
+            f"halo_px={halo_px} is smaller than the largest nucleus ({max_diameter_px:.1f} px) + "
+            f"anchor_eps_px ({eps_px:g}): nuclei at core edges would be cut; "
+            f"set halo_px (--halo-px) to at least {int(np.ceil(need))}"
+        )
+
+
+def _check_window(labels, scores, rgb, window_origin_rc, core_box_rc, store_shape_rc):
+    if not isinstance(labels, np.ndarray) or labels.ndim != 2 or labels.dtype != np.uint32:
+        raise ModelError(f"model labels must be a uint32 (H, W) array, got {getattr(labels, 'dtype', type(labels))} "
+                         f"{getattr(labels, 'shape', '')}")
+    if not isinstance(rgb, np.ndarray) or rgb.dtype != np.uint8 or rgb.shape != labels.shape + (3,):
+        raise InputError(f"window pixels must be uint8 {labels.shape + (3,)}, got "
+                         f"{getattr(rgb, 'dtype', type(rgb))} {getattr(rgb, 'shape', '')}")
+    scores = np.asarray(scores)
+    if scores.ndim != 1:
+        raise ModelError(f"model scores must be 1-D, got shape {scores.shape}")
+    top = int(labels.max()) if labels.size else 0
+    if top > scores.shape[0]:
+        raise ModelError(f"model returned {scores.shape[0]} scores but label {top} (scores[i] is for label i+1)")
+    if top > np.iinfo(np.int32).max:
+        raise ModelError(f"label {top} does not fit int32 local ids")
+    r0, c0 = (int(v) for v in window_origin_rc)
+    h, w = labels.shape
+    H, W = (int(v) for v in store_shape_rc)
+    cr0, cc0, cr1, cc1 = (int(v) for v in core_box_rc)
+    if r0 < 0 or c0 < 0 or r0 + h > H or c0 + w > W:
+        raise StitchError(f"window {r0, c0, r0 + h, c0 + w} (r0, c0, r1, c1) lies outside the slide {H, W}")
+    if not (r0 <= cr0 < cr1 <= r0 + h and c0 <= cc0 < cc1 <= c0 + w):
+        raise StitchError(f"core {cr0, cc0, cr1, cc1} is not inside its window {r0, c0, r0 + h, c0 + w}")
+    return scores.astype(np.float32, copy=False), (r0, c0), (h, w), (H, W), (cr0, cc0, cr1, cc1)
+
+
+def extract_chunk_instances(labels, scores, rgb, *, window_origin_rc, core_box_rc, store_shape_rc,
+                            mpp, eps_px, min_area_um2, chunk_rc):
+    """Instances one window contributes to the slide (steps 1-4 of the module docstring).
+
+    Parameters
+    ----------
+    labels : numpy.ndarray, uint32, shape (h, w)
+        Model label image of the window (0 = background).
+    scores : numpy.ndarray, float32, shape (L,)
+        ``scores[i]`` is the score of label ``i + 1``; ``L >= labels.max()``.
+    rgb : numpy.ndarray, uint8, shape (h, w, 3)
+        The window's pixels (for intensity measurements).
+    window_origin_rc : tuple of int
+        Store px (row, col) of ``labels[0, 0]``.
+    core_box_rc : tuple of int
+        Core ``(r0, c0, r1, c1)``, store px, half-open, inside the window.
+    store_shape_rc : tuple of int
+        Slide size (H, W) at store level 0; window sides on the slide edge keep their masks.
+    mpp : float
+        µm per store px.
+    eps_px : float
+        Anchor tolerance: anchors within the core expanded by this many px are kept.
+    min_area_um2 : float
+        Instances whose polygon area is below this are dropped.
+    chunk_rc : tuple of int
+        Core grid (row, col) written to ``chunk_row``/``chunk_col``.
+
+    Returns
+    -------
+    pyarrow.Table
+        :data:`CHUNK_SCHEMA`, sorted by ``local_id``. The schema metadata
+        ``{b"n_truncated_owned": ...}`` counts masks dropped for touching an inner window edge
+        whose anchor was inside the core (nonzero means the halo is too small, see
+        :func:`check_halo`); a warning is logged in that case.
+
+    Raises
+    ------
+    ModelError
+        If the labels are not uint32 (h, w) or a label has no score.
+    InputError
+        If ``rgb`` does not match ``labels``.
+    StitchError
+        If the window is outside the slide or the core outside the window.
+    """
+    scores, (r0, c0), (h, w), (H, W), (cr0, cc0, cr1, cc1) = _check_window(
+        labels, scores, rgb, window_origin_rc, core_box_rc, store_shape_rc)
+    if not labels.any():
+        return empty_chunk_table()
+    flat = labels.ravel().astype(np.int64)
+    nbins = int(flat.max()) + 1
+    count = np.bincount(flat, minlength=nbins).astype(np.float64)
+    rows = np.repeat(np.arange(h, dtype=np.float64), w)
+    cols = np.tile(np.arange(w, dtype=np.float64), h)
+    # global integer sums first, so anchors do not depend on the window's origin (exact in float64)
+    sum_r = np.bincount(flat, weights=rows, minlength=nbins) + count * r0
+    sum_c = np.bincount(flat, weights=cols, minlength=nbins) + count * c0
+    ids = np.flatnonzero(count)
+    ids = ids[ids > 0]
+    with np.errstate(invalid="ignore"):
+        ay = sum_r[ids] / count[ids] + 0.5
+        ax = sum_c[ids] / count[ids] + 0.5
+
+    # 1. drop masks touching an inner window edge (not on the slide edge)
+    inner_edges = []
+    if r0 > 0:
+        inner_edges.append(labels[0, :])
+    if r0 + h < H:
+        inner_edges.append(labels[-1, :])
+    if c0 > 0:
+        inner_edges.append(labels[:, 0])
+    if c0 + w < W:
+        inner_edges.append(labels[:, -1])
+    truncated = np.zeros(nbins, dtype=bool)
+    if inner_edges:
+        truncated[np.concatenate(inner_edges)] = True
+        truncated[0] = False
+    cut = truncated[ids]
+
+    # 3. keep iff anchor in core expanded by eps; owned iff anchor in core (half-open)
+    in_core = (ay >= cr0) & (ay < cr1) & (ax >= cc0) & (ax < cc1)
+    n_trunc_owned = int((cut & in_core).sum())
+    if n_trunc_owned:
+        log.warning("chunk %s: %d nuclei anchored in the core touch the window edge and were dropped; "
+                    "increase halo_px (--halo-px)", tuple(chunk_rc), n_trunc_owned)
+    near = (ay >= cr0 - eps_px) & (ay < cr1 + eps_px) & (ax >= cc0 - eps_px) & (ax < cc1 + eps_px)
+    keep = near & ~cut
+    ids, ay, ax, owned = ids[keep], ay[keep], ax[keep], in_core[keep]
+    if not len(ids):
+        return empty_chunk_table().replace_schema_metadata({b"n_truncated_owned": str(n_trunc_owned).encode()})
+
+    # 4. polygonise only the kept labels
+    keep_mask = np.zeros(nbins, dtype=bool)
+    keep_mask[ids] = True
+    kept_labels = np.where(keep_mask[labels], labels, 0).astype(np.uint32)
+    pid, polys = geometry.labels_to_polygons(kept_labels, offset_rc=(r0, c0))
+    # pid == ids (both ascending, same set); polygons may collapse only for degenerate masks
+    shape = measure.shape_measurements(polys, mpp)
+    big = (shape["area_um2"] >= min_area_um2) & ~shapely.is_empty(polys)
+    ids, ay, ax, owned, polys = ids[big], ay[big], ax[big], owned[big], polys[big]
+    shape = {k: v[big] for k, v in shape.items()}
+    inten = measure.intensity_measurements(labels, rgb, ids)
+
+    bounds = shapely.bounds(polys)  # (K, 4): minx, miny, maxx, maxy
+    inside = np.stack([
+        bounds[:, 1] - cr0 if cr0 > 0 else np.full(len(ids), np.inf),
+        bounds[:, 0] - cc0 if cc0 > 0 else np.full(len(ids), np.inf),
+        cr1 - bounds[:, 3] if cr1 < H else np.full(len(ids), np.inf),
+        cc1 - bounds[:, 2] if cc1 < W else np.full(len(ids), np.inf),
+    ])
+    margin = inside.min(axis=0)  # negative = sticks out by -margin (largest overshoot)
+    margin = np.where(np.isfinite(margin), margin, np.finfo(np.float32).max)
+
+    n = len(ids)
+    cols = {
+        "chunk_row": np.full(n, chunk_rc[0], np.int32),
+        "chunk_col": np.full(n, chunk_rc[1], np.int32),
+        "local_id": ids.astype(np.int32),
+        "score": scores[ids - 1],
+        "anchor_y_px": ay,
+        "anchor_x_px": ax,
+        "owned": owned,
+        "core_margin_px": margin.astype(np.float32),
+        "geometry": geometry.to_wkb(polys),
+        **shape,
+        **inten,
+    }
+    table = pa.Table.from_pydict({f.name: pa.array(cols[f.name], type=f.type) for f in CHUNK_SCHEMA},
+                                 schema=CHUNK_SCHEMA)
+    return table.replace_schema_metadata({b"n_truncated_owned": str(n_trunc_owned).encode()})
+
+
+def _rank(table):
+    """Position of each row in the total order (owned desc, score desc, chunk_row, chunk_col, local_id)."""
+    score = table["score"].to_numpy().astype(np.float64)
+    score = np.where(np.isnan(score), -np.inf, score)
+    order = np.lexsort((
+        table["local_id"].to_numpy(),
+        table["chunk_col"].to_numpy(),
+        table["chunk_row"].to_numpy(),
+        -score,
+        ~table["owned"].to_numpy(zero_copy_only=False),
+    ))
+    rank = np.empty(len(order), dtype=np.int64)
+    rank[order] = np.arange(len(order))
+    return rank
+
+
+def resolve_duplicates(table, *, mpp, dedup_iou=SegmentConfig.dedup_iou, min_area_px=None):
+    """Resolve overlaps between instances of different chunks (boundary band only).
+
+    Candidates: ``S`` = instances whose bbox touches or leaves their core
+    (``core_margin_px <= 0``); ``D`` = the largest overshoot in ``S``. An instance overlapping one
+    of another chunk is always within ``D`` of its own core boundary, so only instances with
+    ``core_margin_px <= D`` (a thin band) go into the STRtree. Pairs from different chunks whose
+    intersection has positive area are processed in the order (rank of winner, rank of loser),
+    where the winner is the better instance under the total order
+    (``owned`` desc, ``score`` desc, ``chunk_row``, ``chunk_col``, ``local_id``):
+
+    - a pair with a dropped member is skipped (suppressed instances suppress nothing);
+    - IoU >= ``dedup_iou`` (recomputed if either polygon was clipped before): drop the loser;
+    - otherwise the loser becomes ``loser.difference(winner)`` (largest part, on the 0.01 px
+      grid), dropped if smaller than ``min_area_px`` or than :data:`MIN_KEEP_FRACTION` of its
+      area. Clipped nuclei get their shape measurements recomputed; their intensity measurements
+      stay those of the model's mask.
+
+    Parameters
+    ----------
+    table : pyarrow.Table
+        Concatenated chunk tables (:data:`CHUNK_SCHEMA`).
+    mpp : float
+        µm per store px (to recompute shape measurements of clipped nuclei).
+    dedup_iou : float
+        IoU at or above which the lower-ranked instance is dropped.
+    min_area_px : float, optional
+        Minimum area of a clipped nucleus, store px^2; default
+        ``SegmentConfig.min_area_um2 / mpp**2``.
+
+    Returns
+    -------
+    pyarrow.Table
+        Same schema, surviving rows in their input order.
+    """
+    if min_area_px is None:
+        min_area_px = SegmentConfig.min_area_um2 / (mpp * mpp)
+    n = table.num_rows
+    if n == 0:
+        return table
+    margin = table["core_margin_px"].to_numpy().astype(np.float64)
+    out_of_core = margin <= 0
+    if not out_of_core.any():
+        return table
+    reach = float(-margin[out_of_core].min())
+    band = np.flatnonzero(margin <= reach + 1e-6)
+    sub = table.take(band)
+    geoms = geometry.from_wkb(sub["geometry"])
+    chunk = sub["chunk_row"].to_numpy().astype(np.int64) * (1 << 32) + sub["chunk_col"].to_numpy()
+    tree = shapely.STRtree(geoms)
+    left, right = tree.query(geoms, predicate="intersects")
+    sel = (left < right) & (chunk[left] != chunk[right])
+    left, right = left[sel], right[sel]
+    iou, inter = geometry.pair_iou(geoms[left], geoms[right])
+    pos = inter > 0
+    left, right, iou = left[pos], right[pos], iou[pos]
+    rank = _rank(sub)
+    win = np.where(rank[left] < rank[right], left, right)
+    lose = np.where(rank[left] < rank[right], right, left)
+    order = np.lexsort((rank[lose], rank[win]))
+    alive = np.ones(len(sub), dtype=bool)
+    clipped = np.zeros(len(sub), dtype=bool)
+    n_dropped = n_clipped = 0
+    for w, l, pair_iou in zip(win[order].tolist(), lose[order].tolist(), iou[order].tolist()):
+        if not (alive[w] and alive[l]):
+            continue
+        if clipped[w] or clipped[l]:
+            pair_iou, inter_area = geometry.pair_iou(geoms[[w]], geoms[[l]])
+            if inter_area[0] <= 0:
+                continue
+            pair_iou = pair_iou[0]
+        if pair_iou >= dedup_iou:
+            alive[l] = False
+            n_dropped += 1
+            continue
+        rest = geometry.clean_polygons(geometry.largest_polygon(
+            np.array([shapely.difference(geoms[l], geoms[w])], dtype=object)))[0]
+        area = shapely.area(rest)
+        if shapely.is_empty(rest) or area < min_area_px or area < MIN_KEEP_FRACTION * shapely.area(geoms[l]):
+            alive[l] = False
+            n_dropped += 1
+        else:
+            geoms[l] = rest
+            clipped[l] = True
+            n_clipped += 1
+    log.info("dedup: %d band instances, %d overlapping pairs, %d dropped, %d clipped",
+             len(sub), len(left), n_dropped, n_clipped)
+
+    keep = np.ones(n, dtype=bool)
+    keep[band[~alive]] = False
+    fix = np.flatnonzero(clipped & alive)
+    if not len(fix):
+        return table.filter(pa.array(keep))
+    row = pa.array(np.arange(n, dtype=np.int64))
+    base = table.append_column("_row", row)
+    keep_plain = keep.copy()
+    keep_plain[band[fix]] = False
+    fixed = base.take(band[fix])
+    new_geoms = geoms[fix]
+    shape = measure.shape_measurements(new_geoms, mpp)
+    fixed = fixed.set_column(fixed.schema.get_field_index("geometry"), "geometry",
+                             pa.array(geometry.to_wkb(new_geoms), type=pa.binary()))
+    for col, values in shape.items():
+        fixed = fixed.set_column(fixed.schema.get_field_index(col), col, pa.array(values, type=pa.float64()))
+    merged = pa.concat_tables([base.filter(pa.array(keep_plain)), fixed]).sort_by("_row")
+    return merged.drop_columns(["_row"])
+
+
+def assign_ids(table):
+    """Sort nuclei by position and number them.
+
+    Order: ``(round(anchor_y_px), round(anchor_x_px), chunk_row, chunk_col, local_id)`` with
+    round-half-up (``floor(v + 0.5)``).
+
+    Parameters
+    ----------
+    table : pyarrow.Table
+        Resolved nuclei (:data:`CHUNK_SCHEMA`).
+
+    Returns
+    -------
+    pyarrow.Table
+        Sorted, with ``nucleus_id`` (int64, 1..N) as the first column.
+    """
+    y = np.floor(table["anchor_y_px"].to_numpy() + 0.5).astype(np.int64)
+    x = np.floor(table["anchor_x_px"].to_numpy() + 0.5).astype(np.int64)
+    order = np.lexsort((
+        table["local_id"].to_numpy(),
+        table["chunk_col"].to_numpy(),
+        table["chunk_row"].to_numpy(),
+        x,
+        y,
+    ))
+    out = table.take(pa.array(order, type=pa.int64()))
+    return out.add_column(0, "nucleus_id", pa.array(np.arange(1, len(order) + 1, dtype=np.int64)))

@@ -1,0 +1,202 @@
+"""Stitching invariants: tiled equals untiled; disagreeing tiles leave one nucleus each."""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pyarrow as pa
+import pytest
+import shapely
+from skimage.draw import ellipse
+from skimage.segmentation import expand_labels, relabel_sequential
+
+from pipeline import geometry
+from pipeline.errors import ModelError, StitchError
+from pipeline.measure import MEASUREMENT_COLUMNS
+from pipeline.stitch import (
+    CHUNK_SCHEMA,
+    assign_ids,
+    check_halo,
+    extract_chunk_instances,
+    resolve_duplicates,
+)
+
+MPP = 0.5
+EPS = 3.0
+MIN_AREA_UM2 = 3.0
+
+
+def make_blobs(shape=(320, 290), n_try=400, seed=0):
+    """Non-overlapping random ellipses (10-20 px), uint32 labels 1..K, RGB and per-label scores."""
+    rng = np.random.default_rng(seed)
+    labels = np.zeros(shape, np.uint32)
+    k = 0
+    for _ in range(n_try):
+        r, c = rng.uniform(0, shape[0]), rng.uniform(0, shape[1])
+        a, b = rng.uniform(5, 10), rng.uniform(4, 8)
+        rr, cc = ellipse(r, c, a, b, shape=shape, rotation=rng.uniform(0, np.pi))
+        if len(rr) < 20 or labels[rr, cc].any():
+            continue
+        k += 1
+        labels[rr, cc] = k
+    scores = rng.uniform(0.5, 1.0, k).astype(np.float32)
+    rgb = rng.integers(0, 256, shape + (3,), dtype=np.uint8)
+    return labels, scores, rgb
+
+
+def run_tiled(labels, scores, rgb, core, halo, perturb=False):
+    """Cut the slide into cores + halo and stitch; the 'model' returns the window crop."""
+    H, W = labels.shape
+    tables = []
+    for i, r0 in enumerate(range(0, H, core)):
+        for j, c0 in enumerate(range(0, W, core)):
+            r1, c1 = min(r0 + core, H), min(c0 + core, W)
+            wr0, wc0 = max(r0 - halo, 0), max(c0 - halo, 0)
+            wr1, wc1 = min(r1 + halo, H), min(c1 + halo, W)
+            crop = labels[wr0:wr1, wc0:wc1]
+            if perturb and (i + j) % 2:
+                crop = expand_labels(crop, 1)
+            local, fw, _ = relabel_sequential(crop)  # model ids are window-local
+            present = np.unique(crop[crop > 0]).astype(np.int64)
+            local_scores = np.zeros(int(local.max()), np.float32)
+            present = present[present > 0]
+            local_scores[fw[present] - 1] = scores[present - 1]
+            tables.append(extract_chunk_instances(
+                local.astype(np.uint32), local_scores, rgb[wr0:wr1, wc0:wc1],
+                window_origin_rc=(wr0, wc0), core_box_rc=(r0, c0, r1, c1), store_shape_rc=(H, W),
+                mpp=MPP, eps_px=EPS, min_area_um2=MIN_AREA_UM2, chunk_rc=(i, j)))
+    table = pa.concat_tables(tables)
+    return assign_ids(resolve_duplicates(table, mpp=MPP, dedup_iou=0.5, min_area_px=MIN_AREA_UM2 / MPP**2))
+
+
+def run_untiled(labels, scores, rgb):
+    H, W = labels.shape
+    t = extract_chunk_instances(labels, scores, rgb, window_origin_rc=(0, 0), core_box_rc=(0, 0, H, W),
+                                store_shape_rc=(H, W), mpp=MPP, eps_px=EPS, min_area_um2=MIN_AREA_UM2,
+                                chunk_rc=(0, 0))
+    return assign_ids(resolve_duplicates(t, mpp=MPP))
+
+
+@pytest.fixture(scope="module")
+def blobs():
+    return make_blobs()
+
+
+@pytest.fixture(scope="module")
+def untiled(blobs):
+    return run_untiled(*blobs)
+
+
+def test_untiled_keeps_every_blob(blobs, untiled):
+    labels = blobs[0]
+    assert untiled.num_rows == labels.max() > 100
+    assert untiled["nucleus_id"].to_pylist() == list(range(1, untiled.num_rows + 1))
+    assert untiled.schema.remove(0).equals(CHUNK_SCHEMA, check_metadata=False)
+
+
+@pytest.mark.parametrize("core", [64, 100, 128])
+def test_tiled_equals_untiled(blobs, untiled, core):
+    tiled = run_tiled(*blobs, core=core, halo=24)
+    assert tiled.num_rows == untiled.num_rows
+    for col in ["nucleus_id", "score", "anchor_y_px", "anchor_x_px", "geometry", *MEASUREMENT_COLUMNS]:
+        assert tiled[col].equals(untiled[col]), col
+    # exactly one owner per nucleus, and nothing was dropped by dedup
+    assert all(tiled["owned"].to_pylist())
+
+
+def test_nuclei_on_tile_lines_are_whole(blobs, untiled):
+    labels = blobs[0]
+    core = 64
+    tiled = run_tiled(*blobs, core=core, halo=24)
+    polys = geometry.from_wkb(tiled["geometry"])
+    minx, miny, maxx, maxy = shapely.bounds(polys).T
+    straddle = (np.floor(minx / core) != np.floor((maxx - 1e-9) / core)) | (
+        np.floor(miny / core) != np.floor((maxy - 1e-9) / core))
+    assert straddle.sum() > 20
+    # each straddling polygon covers its whole blob: area = pixel count up to simplification
+    counts = np.bincount(labels.ravel())
+    cy = tiled["anchor_y_px"].to_numpy()[straddle].astype(int)
+    cx = tiled["anchor_x_px"].to_numpy()[straddle].astype(int)
+    ids = labels[cy, cx]
+    assert (ids > 0).all()
+    area = shapely.area(polys[straddle])
+    assert np.allclose(area, counts[ids], rtol=0.06)
+
+
+def test_tiles_that_disagree_leave_one_nucleus_each(blobs, untiled):
+    labels = blobs[0]
+    tiled = run_tiled(*blobs, core=64, halo=24, perturb=True)
+    polys = geometry.from_wkb(tiled["geometry"])
+    # match every survivor to the true blob under its anchor
+    cy = np.floor(tiled["anchor_y_px"].to_numpy()).astype(int)
+    cx = np.floor(tiled["anchor_x_px"].to_numpy()).astype(int)
+    ids = labels[cy, cx]
+    assert (ids > 0).all()
+    assert np.array_equal(np.sort(ids), np.arange(1, labels.max() + 1))  # one survivor per nucleus
+    tree = shapely.STRtree(polys)
+    a, b = tree.query(polys, predicate="intersects")
+    sel = a < b
+    iou, _ = geometry.pair_iou(polys[a[sel]], polys[b[sel]])
+    assert sel.sum() > 0 and iou.max() <= 0.1
+    assert shapely.is_valid(polys).all()
+
+
+def test_result_is_independent_of_chunk_order(blobs):
+    labels, scores, rgb = blobs
+    H, W = labels.shape
+    tabs = []
+    for r0, c0 in [(0, 0), (0, 100), (100, 0), (100, 100)]:
+        crop = (slice(max(r0 - 24, 0), min(r0 + 124, H)), slice(max(c0 - 24, 0), min(c0 + 124, W)))
+        tabs.append(extract_chunk_instances(
+            expand_labels(labels[crop], 1 if r0 else 0).astype(np.uint32), scores, rgb[crop],
+            window_origin_rc=(crop[0].start, crop[1].start), core_box_rc=(r0, c0, min(r0 + 100, H), min(c0 + 100, W)),
+            store_shape_rc=(H, W), mpp=MPP, eps_px=EPS, min_area_um2=MIN_AREA_UM2, chunk_rc=(r0 // 100, c0 // 100)))
+    fwd = assign_ids(resolve_duplicates(pa.concat_tables(tabs), mpp=MPP))
+    rev = assign_ids(resolve_duplicates(pa.concat_tables(tabs[::-1]), mpp=MPP))
+    assert fwd.equals(rev)
+
+
+def test_window_edge_masks_are_dropped_and_counted(blobs, caplog):
+    labels, scores, rgb = blobs
+    H, W = labels.shape
+    # halo 0: nuclei crossing the core edge are truncated in their owner window
+    with caplog.at_level(logging.WARNING):
+        t = extract_chunk_instances(labels[:100, :100].copy(), scores, rgb[:100, :100], window_origin_rc=(0, 0),
+                                    core_box_rc=(0, 0, 100, 100), store_shape_rc=(H, W), mpp=MPP, eps_px=EPS,
+                                    min_area_um2=MIN_AREA_UM2, chunk_rc=(0, 0))
+    edge = np.unique(np.concatenate([labels[99, :100], labels[:100, 99]]))
+    edge = set(edge[edge > 0].tolist())
+    assert edge and not edge & set(t["local_id"].to_pylist())
+    assert int(t.schema.metadata[b"n_truncated_owned"]) > 0
+    assert "halo_px" in caplog.text
+
+
+def test_empty_window_gives_empty_table():
+    labels = np.zeros((50, 60), np.uint32)
+    t = extract_chunk_instances(labels, np.zeros(0, np.float32), np.zeros((50, 60, 3), np.uint8),
+                                window_origin_rc=(0, 0), core_box_rc=(0, 0, 50, 60), store_shape_rc=(50, 60),
+                                mpp=MPP, eps_px=EPS, min_area_um2=MIN_AREA_UM2, chunk_rc=(0, 0))
+    assert t.num_rows == 0 and t.schema.equals(CHUNK_SCHEMA, check_metadata=False)
+    out = assign_ids(resolve_duplicates(t, mpp=MPP))
+    assert out.num_rows == 0 and out.column_names[0] == "nucleus_id"
+
+
+def test_bad_model_output_raises():
+    labels = np.zeros((10, 10), np.uint32)
+    labels[2:5, 2:5] = 3
+    rgb = np.zeros((10, 10, 3), np.uint8)
+    kw = dict(window_origin_rc=(0, 0), core_box_rc=(0, 0, 10, 10), store_shape_rc=(10, 10), mpp=MPP,
+              eps_px=EPS, min_area_um2=0.0, chunk_rc=(0, 0))
+    with pytest.raises(ModelError, match="scores"):
+        extract_chunk_instances(labels, np.ones(2, np.float32), rgb, **kw)
+    with pytest.raises(ModelError, match="uint32"):
+        extract_chunk_instances(labels.astype(np.int64), np.ones(3, np.float32), rgb, **kw)
+    with pytest.raises(StitchError, match="outside the slide"):
+        extract_chunk_instances(labels, np.ones(3, np.float32), rgb, **{**kw, "store_shape_rc": (8, 8)})
+
+
+def test_check_halo_names_the_parameter():
+    check_halo(64, 40.0, 3.0)
+    with pytest.raises(StitchError, match=r"halo_px.*at least 44"):
+        check_halo(32, 40.2, 3.0)
