@@ -1,10 +1,36 @@
-"""`cellsam train` (placeholder: being implemented)."""
+"""`cellsam train`: train or fine-tune the CellSAM model (resumable; see pipeline/train.py)."""
+
+from __future__ import annotations
+
+from dataclasses import fields
 
 
 def register(sub):
-    p = sub.add_parser("train", help="(not yet implemented)")
+    from ..train import TrainConfig
+
+    p = sub.add_parser("train", help="train / resume / fine-tune the CellSAM model on annotated tiles",
+                       description="Train the CellSAM dense heads. Rerunning the same command resumes "
+                                   "from OUT.run/last.pt. --init fine-tunes an existing checkpoint.")
+    p.add_argument("--data", required=True,
+                   help="annotated data: ../shared/data/nuclei (built-in split) or a folder with "
+                        "images/, labels/ (label TIFF/PNG, ImageScope XML or QuPath GeoJSON) and mpp.txt")
+    p.add_argument("--out", required=True, help="final checkpoint path (run state in OUT.run/)")
+    p.add_argument("--init", default=None, help="checkpoint to fine-tune from ('default' = shipped weights)")
+    for f in fields(TrainConfig):
+        p.add_argument(f"--{f.name.replace('_', '-')}", type=type(f.default), default=None,
+                       help=f"default {f.default}")
+    p.add_argument("--no-tune", action="store_true", help="skip the post-processing threshold search")
     p.set_defaults(func=run)
 
 
 def run(args):
-    raise NotImplementedError("train")
+    from ..config import with_overrides
+    from ..model.checkpoint import DEFAULT_WEIGHTS
+    from ..train import TrainConfig, train
+
+    cfg = with_overrides(TrainConfig(), **{f.name: getattr(args, f.name) for f in fields(TrainConfig)})
+    init = DEFAULT_WEIGHTS if args.init == "default" else args.init
+    meta = train(args.data, args.out, init=init, cfg=cfg, tune=not args.no_tune)
+    val = meta.get("validation")
+    print(f"wrote {args.out}" + (f" (validation AJI {val['aji']:.3f} PQ {val['pq']:.3f})" if val else ""))
+    return 0

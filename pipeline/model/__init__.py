@@ -10,3 +10,5 @@ Public API used by the rest of the pipeline:
 - :meth:`Segmenter.segment_batch(images)` for a list/array of ``uint8 (H, W, 3)`` tiles already at
   ``Segmenter.mpp``; returns a list of ``(labels, scores)``.
 """
+
+from .segmenter import Segmenter, load_model  # noqa: E402,F401

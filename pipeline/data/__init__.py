@@ -1,0 +1,1 @@
+"""Annotated nucleus data: readers (label images, ImageScope XML, QuPath GeoJSON), datasets, augmentation."""

@@ -1,0 +1,91 @@
+"""The CellSAM network (see docs/model.md).
+
+``CellSAM`` = lightweight student encoder (+ optional frozen SAM ViT teacher and a gated fusion of
+both embeddings, "dual" mode) -> dense decoder (nucleus logit + HoVer maps) -> prompt-free instances
+(:mod:`pipeline.model.postprocess`) -> optional SAM prompt encoder + mask decoder refinement and mask
+fusion (:mod:`pipeline.model.refine`). "lite" mode = student only (CPU).
+
+The architecture is fully described by a JSON-able ``arch`` dict stored in every checkpoint.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+from .student import EMBED_DIM, DenseDecoder, StudentEncoder
+
+# SAM's preprocessing (segment_anything.modeling.Sam.pixel_mean / pixel_std), RGB in 0..255
+PIXEL_MEAN = (123.675, 116.28, 103.53)
+PIXEL_STD = (58.395, 57.12, 57.375)
+
+DEFAULT_ARCH = {
+    "student": {"widths": [24, 32, 64, 128], "depths": [1, 2, 3, 3], "expand": 4},
+    "decoder": {"dec": [96, 64, 48, 24, 16]},
+    "fusion": False,  # gated teacher/student fusion present ("dual" capable)
+    "sam_decoder": False,  # SAM prompt encoder + mask decoder present (refinement capable)
+}
+
+
+class GatedFusion(nn.Module):
+    """Aggregation of teacher and student embeddings: ``f = s + g * (t - s)``, with a per-pixel,
+    per-channel gate ``g = sigmoid(conv1x1([s, t]))`` (initialised to 0.5)."""
+
+    def __init__(self, dim: int = EMBED_DIM) -> None:
+        super().__init__()
+        self.gate = nn.Conv2d(2 * dim, dim, 1)
+        nn.init.zeros_(self.gate.weight)
+        nn.init.zeros_(self.gate.bias)
+
+    def forward(self, s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        g = torch.sigmoid(self.gate(torch.cat([s, t], 1)))
+        return s + g * (t - s)
+
+
+class CellSAM(nn.Module):
+    """Input ``float32 (N, 3, H, W)`` RGB 0..255 (H, W multiples of 16). ``forward`` returns a dict:
+    ``maps`` (N, 3, H, W) [nucleus logit, h, v], ``embed`` (N, 256, H/16, W/16) used by the decoders,
+    ``student_embed``, and ``teacher_embed`` (None in lite mode)."""
+
+    def __init__(self, arch: dict | None = None) -> None:
+        super().__init__()
+        arch = copy.deepcopy(arch or DEFAULT_ARCH)
+        self.arch = arch
+        st = arch["student"]
+        self.student = StudentEncoder(tuple(st["widths"]), tuple(st["depths"]), st.get("expand", 4))
+        self.decoder = DenseDecoder(tuple(st["widths"]), tuple(arch["decoder"]["dec"]))
+        self.fusion = GatedFusion() if arch.get("fusion") else None
+        self.teacher = None  # frozen SAM image encoder, attached at run time (never saved)
+        self.prompt_encoder = None
+        self.mask_decoder = None
+        if arch.get("sam_decoder"):
+            from .refine import build_sam_decoder
+
+            self.prompt_encoder, self.mask_decoder = build_sam_decoder(arch.get("sam_decoder_cfg"))
+        self.register_buffer("pixel_mean", torch.tensor(PIXEL_MEAN).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("pixel_std", torch.tensor(PIXEL_STD).view(1, 3, 1, 1), persistent=False)
+
+    @property
+    def mode(self) -> str:
+        return "dual" if (self.teacher is not None and self.fusion is not None) else "lite"
+
+    def normalize(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.pixel_mean) / self.pixel_std
+
+    def forward(self, x: torch.Tensor, use_teacher: bool = True) -> dict:
+        xn = self.normalize(x)
+        feats = self.student(xn)
+        s_emb = feats["embed"]
+        t_emb = None
+        embed = s_emb
+        if use_teacher and self.teacher is not None and self.fusion is not None:
+            t_emb = self.teacher(xn)
+            embed = self.fusion(s_emb, t_emb)
+        maps = self.decoder(xn, feats, embed)
+        return {"maps": maps, "embed": embed, "student_embed": s_emb, "teacher_embed": t_emb}
+
+    def trainable_state_dict(self) -> dict:
+        """State dict without the (frozen, user-supplied) teacher."""
+        return {k: v for k, v in self.state_dict().items() if not k.startswith("teacher.")}

@@ -1,0 +1,72 @@
+"""CellSAM checkpoint format (one format for lite and dual models).
+
+A checkpoint is a ``torch.save`` of a plain dict (loads with ``torch.load(weights_only=True)``)::
+
+    {"format": "cellsam-checkpoint", "format_version": 1,
+     "arch": {...},                 # CellSAM architecture (JSON-able)
+     "metadata": {"mpp": 0.5,       # µm/px the model works at
+                  "input": "RGB uint8 0..255, SAM pixel mean/std",
+                  "pixel_mean": [...], "pixel_std": [...],
+                  "version": "...", "mode": "lite"|"dual", "postprocess": {...},
+                  "teacher": null | {"type": "vit_b", ...}, "trained_on": ..., "metrics": {...}},
+     "state_dict": {...}}           # without the frozen SAM teacher
+
+Training checkpoints (``last.pt``) add ``optimizer``, ``scheduler``, ``epoch``, ``rng`` entries.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+from ..errors import ModelError
+from .cellsam import CellSAM
+
+FORMAT = "cellsam-checkpoint"
+DEFAULT_WEIGHTS = Path(__file__).resolve().parents[1] / "weights" / "cellsam_default.pt"
+
+
+def save_checkpoint(path, model: CellSAM, metadata: dict, **extra) -> None:
+    """Write atomically (tmp + rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    obj = {"format": FORMAT, "format_version": 1, "arch": model.arch, "metadata": metadata,
+           "state_dict": model.trainable_state_dict(), **extra}
+    tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def read_checkpoint(path) -> dict:
+    """Load a checkpoint dict safely (``weights_only=True``); raise ModelError with one line."""
+    path = Path(path)
+    if not path.exists():
+        raise ModelError(f"{path}: model checkpoint not found")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - pickle refusal, truncation, not-a-zip, ...
+        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else exc.__class__.__name__
+        if "weights_only" in str(exc) or "Unsupported global" in str(exc):
+            msg = "refused: contains non-tensor Python objects (unsafe pickle)"
+        raise ModelError(f"{path}: not a loadable CellSAM checkpoint ({msg[:200]})") from None
+    if not isinstance(obj, dict) or obj.get("format") != FORMAT:
+        raise ModelError(f"{path}: not a CellSAM checkpoint (missing format marker '{FORMAT}')")
+    return obj
+
+
+def load_checkpoint(path=None) -> tuple[CellSAM, dict]:
+    """Build the model from a checkpoint (default: shipped weights). Returns ``(model.eval(), metadata)``."""
+    path = DEFAULT_WEIGHTS if path is None else Path(path)
+    obj = read_checkpoint(path)
+    try:
+        model = CellSAM(obj["arch"])
+        missing, unexpected = model.load_state_dict(obj["state_dict"], strict=False)
+    except Exception as exc:  # noqa: BLE001
+        raise ModelError(f"{path}: checkpoint does not match the CellSAM architecture ({str(exc)[:200]})") from None
+    missing = [k for k in missing if not k.startswith("teacher.")]
+    if missing or unexpected:
+        raise ModelError(f"{path}: checkpoint does not match the architecture "
+                         f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
+    return model.eval(), dict(obj.get("metadata", {}))

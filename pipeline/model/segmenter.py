@@ -1,0 +1,173 @@
+"""Inference API: :func:`load_model` -> :class:`Segmenter` (``segment`` / ``segment_batch``)."""
+
+from __future__ import annotations
+
+import time
+from contextlib import nullcontext
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..errors import InputError, ModelError
+from .checkpoint import load_checkpoint
+from .postprocess import PostprocessParams, instances_from_maps
+
+PAD_MULTIPLE = 16
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    """``auto`` -> cuda if available else cpu; ``cuda`` without a GPU raises ModelError."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ModelError("--device cuda requested but no CUDA device is available (use --device cpu)")
+    if device not in ("cpu",) and not device.startswith("cuda"):
+        raise ModelError(f"unknown device {device!r} (use auto, cpu or cuda)")
+    return torch.device(device)
+
+
+def _check_batch(images) -> np.ndarray:
+    arr = np.asarray(images)
+    if arr.ndim == 3:
+        arr = arr[None]
+    if arr.ndim != 4 or arr.shape[-1] != 3 or arr.dtype != np.uint8:
+        raise InputError(f"expected uint8 images of shape (N, H, W, 3), got {arr.dtype} {arr.shape}")
+    return arr
+
+
+class Segmenter:
+    """A loaded CellSAM model with its own metadata (µm/px, thresholds) and device.
+
+    Attributes
+    ----------
+    mpp : float
+        µm/px the model works at; ``segment_batch`` inputs must already be at this resolution.
+    metadata : dict
+        Checkpoint metadata (version, mode, postprocess thresholds, metrics...).
+    """
+
+    def __init__(self, model, metadata: dict, device: str = "auto", refine: bool = False) -> None:
+        self.device = resolve_device(device)
+        self.metadata = dict(metadata)
+        self.mpp = float(metadata.get("mpp", 0.5))
+        self.params = PostprocessParams.from_dict(metadata.get("postprocess"))
+        self.refine = bool(refine)
+        if self.refine and getattr(model, "mask_decoder", None) is None:
+            raise ModelError("this checkpoint has no SAM mask decoder: refinement is not available")
+        self.model = model.to(self.device).eval()
+        if self.device.type == "cpu":
+            self.model = self.model.to(memory_format=torch.channels_last)
+        self.metadata["mode"] = self.model.mode
+
+    @property
+    def mode(self) -> str:
+        return self.model.mode
+
+    def _autocast(self):
+        if self.device.type == "cuda":
+            dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+            return torch.autocast("cuda", dtype=dtype)
+        return nullcontext()
+
+    @torch.inference_mode()
+    def forward(self, batch: np.ndarray) -> dict:
+        """Run the network on ``uint8 (N, H, W, 3)``; returns numpy ``prob`` (N, H, W) float32,
+        ``hv`` (N, 2, H, W) float32 and the torch ``embed`` (for refinement)."""
+        batch = _check_batch(batch)
+        n, h, w, _ = batch.shape
+        ph = (-h) % PAD_MULTIPLE
+        pw = (-w) % PAD_MULTIPLE
+        x = torch.from_numpy(np.ascontiguousarray(batch)).to(self.device).permute(0, 3, 1, 2).float()
+        if ph or pw:
+            x = F.pad(x, (0, pw, 0, ph), mode="reflect" if min(h, w) > max(ph, pw) else "replicate")
+        if self.device.type == "cpu":
+            x = x.contiguous(memory_format=torch.channels_last)
+        with self._autocast():
+            out = self.model(x)
+        maps = out["maps"].float()[:, :, :h, :w]
+        prob = torch.sigmoid(maps[:, 0]).cpu().numpy()
+        hv = maps[:, 1:].cpu().numpy()
+        return {"prob": prob, "hv": hv, "embed": out["embed"], "padded_hw": (h + ph, w + pw)}
+
+    def segment_batch(self, images, timings: dict | None = None) -> list[tuple[np.ndarray, np.ndarray]]:
+        """Segment tiles already at :attr:`mpp`.
+
+        Parameters
+        ----------
+        images : ndarray of shape (N, H, W, 3), uint8
+        timings : dict, optional
+            Accumulates ``model_s`` and ``postprocess_s`` (seconds).
+
+        Returns
+        -------
+        list of (labels uint32 (H, W), scores float32 (K,))
+        """
+        t0 = time.perf_counter()
+        out = self.forward(images)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+        t1 = time.perf_counter()
+        results = []
+        for i in range(out["prob"].shape[0]):
+            lab, sc = instances_from_maps(out["prob"][i], out["hv"][i], self.mpp, self.params)
+            if self.refine:
+                from .refine import refine_and_fuse
+
+                lab, sc = refine_and_fuse(self.model, out["embed"][i:i + 1], lab, sc, out["prob"][i],
+                                          out["padded_hw"], self.mpp, self.metadata.get("refine", {}))
+            results.append((lab, sc))
+        if timings is not None:
+            timings["model_s"] = timings.get("model_s", 0.0) + (t1 - t0)
+            timings["postprocess_s"] = timings.get("postprocess_s", 0.0) + (time.perf_counter() - t1)
+        return results
+
+    def predict_maps(self, image: np.ndarray, mpp: float) -> tuple[np.ndarray, np.ndarray]:
+        """Network maps for an image at ``mpp``, computed at the model's µm/px and resampled back to
+        the image size: ``prob`` (H, W) and ``hv`` (2, H, W)."""
+        image = _check_batch(image)[0]
+        if mpp <= 0:
+            raise InputError(f"µm/px must be > 0, got {mpp}")
+        h, w = image.shape[:2]
+        factor = mpp / self.mpp
+        if abs(factor - 1.0) > 0.01:
+            x = torch.from_numpy(image).permute(2, 0, 1)[None].float()
+            size = (max(16, int(round(h * factor))), max(16, int(round(w * factor))))
+            x = F.interpolate(x, size=size, mode="bilinear", antialias=factor < 1, align_corners=False)
+            small = x.round().clamp(0, 255).to(torch.uint8)[0].permute(1, 2, 0).numpy()
+        else:
+            small = image
+        out = self.forward(small[None])
+        prob, hv = out["prob"][0], out["hv"][0]
+        if small.shape[:2] != (h, w):
+            t = torch.from_numpy(np.concatenate([prob[None], hv], 0))[None]
+            t = F.interpolate(t, size=(h, w), mode="bilinear", align_corners=False)[0].numpy()
+            prob, hv = t[0], t[1:]
+        return prob, hv
+
+    def segment(self, image: np.ndarray, mpp: float | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Segment one RGB image at ``mpp`` µm/px (default: the model's); labels at the input size.
+
+        Parameters
+        ----------
+        image : ndarray of shape (H, W, 3), uint8
+        mpp : float, optional
+            µm/px of ``image``. The model resamples internally to its own :attr:`mpp`.
+
+        Returns
+        -------
+        labels : ndarray of shape (H, W), uint32
+        scores : ndarray of shape (K,), float32
+        """
+        mpp = self.mpp if mpp is None else float(mpp)
+        if self.refine or abs(mpp / self.mpp - 1.0) <= 0.01:
+            if abs(mpp / self.mpp - 1.0) <= 0.01:
+                return self.segment_batch(_check_batch(image))[0]
+        prob, hv = self.predict_maps(image, mpp)
+        return instances_from_maps(prob, hv, mpp, self.params)
+
+
+def load_model(path=None, device: str = "auto", refine: bool = False) -> Segmenter:
+    """Load a CellSAM checkpoint (default: the shipped weights) as a :class:`Segmenter`."""
+    model, meta = load_checkpoint(path)
+    return Segmenter(model, meta, device=device, refine=refine)

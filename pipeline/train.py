@@ -1,0 +1,248 @@
+"""Training of the CellSAM dense heads (lite student) on annotated nucleus tiles.
+
+Resumable: the run directory ``<out>.run/`` holds ``last.pt`` (model + optimiser + scheduler +
+epoch + RNG-free state, written atomically every epoch), ``best.pt`` (best validation AJI+PQ) and
+``log.csv`` (one row per epoch: losses, validation metrics, seconds). Deterministic given ``seed``:
+each epoch draws its crops from ``numpy.random.default_rng([seed, epoch])``, so an interrupted run
+resumed from ``last.pt`` continues like an uninterrupted one (up to floating-point
+non-associativity of multithreaded CPU kernels).
+
+Losses (HoVer-Net style): nucleus BCE + soft Dice; HV maps MSE (x2) + MSGE (mean squared error of
+the maps' spatial gradients inside nuclei).
+"""
+
+from __future__ import annotations
+
+import csv
+import itertools
+import logging
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .data.augment import augment
+from .data.datasets import builtin_samples, prepare, split_samples, user_samples
+from .errors import InputError
+from .model.cellsam import DEFAULT_ARCH, CellSAM
+from .model.checkpoint import load_checkpoint, read_checkpoint, save_checkpoint
+from .model.postprocess import PostprocessParams, instances_from_maps
+from .model.segmenter import Segmenter
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    epochs: int = 60
+    iters_per_epoch: int = 100
+    batch_size: int = 8
+    crop_px: int = 256
+    lr: float = 2e-3
+    weight_decay: float = 1e-4
+    warmup_iters: int = 100
+    mpp: float = 0.5
+    seed: int = 0
+    aug_strength: float = 1.0
+    threads: int = 0  # 0 = torch default
+
+
+def load_data(spec: str, mpp: float, *, validation: bool = True):
+    """``spec`` = a folder with ``monuseg2018_train/`` + ``cpm15/`` (built-in split) or a user folder
+    (``images/``, ``labels/``, ``mpp.txt``; all used for training). Returns (train, val) lists of
+    prepared dicts (see :func:`pipeline.data.datasets.prepare`) and the val samples."""
+    root = Path(spec)
+    if not root.exists():
+        raise InputError(f"{root}: training data folder not found")
+    if (root / "monuseg2018_train").exists() or (root / "cpm15").exists():
+        tr, va = split_samples(builtin_samples(root))
+    else:
+        tr, va = user_samples(root), []
+    if not validation:
+        va = []
+    return [prepare(s, mpp) for s in tr], va
+
+
+def _soft_dice(logit, target):
+    p = torch.sigmoid(logit)
+    inter = (p * target).sum((1, 2))
+    return 1 - ((2 * inter + 1) / (p.sum((1, 2)) + target.sum((1, 2)) + 1)).mean()
+
+
+def _grad(x):
+    gx = x[..., :, 1:] - x[..., :, :-1]
+    gy = x[..., 1:, :] - x[..., :-1, :]
+    return gx, gy
+
+
+def losses(maps, fg, hv) -> dict:
+    logit = maps[:, 0]
+    bce = F.binary_cross_entropy_with_logits(logit, fg)
+    dice = _soft_dice(logit, fg)
+    mse = F.mse_loss(maps[:, 1:], hv)
+    ph, pv = maps[:, 1], maps[:, 2]
+    gh_p, _ = _grad(ph)
+    _, gv_p = _grad(pv)
+    gh_t, _ = _grad(hv[:, 0])
+    _, gv_t = _grad(hv[:, 1])
+    m_h = fg[..., :, 1:] * fg[..., :, :-1]
+    m_v = fg[..., 1:, :] * fg[..., :-1, :]
+    msge = (((gh_p - gh_t) ** 2) * m_h).sum() / (m_h.sum() + 1) + (((gv_p - gv_t) ** 2) * m_v).sum() / (m_v.sum() + 1)
+    total = bce + dice + 2 * mse + msge
+    return {"loss": total, "bce": bce, "dice": dice, "mse": mse, "msge": msge}
+
+
+def make_batch(rng, data, weights, cfg: TrainConfig):
+    imgs, fgs, hvs = [], [], []
+    for _ in range(cfg.batch_size):
+        d = data[int(rng.choice(len(data), p=weights))]
+        img, lab, hv = augment(rng, d["image"], d["labels"], d["hv"], cfg.crop_px, cfg.aug_strength)
+        imgs.append(img)
+        fgs.append(lab > 0)
+        hvs.append(hv)
+    x = torch.from_numpy(np.stack(imgs)).permute(0, 3, 1, 2).float().contiguous(memory_format=torch.channels_last)
+    return x, torch.from_numpy(np.stack(fgs)).float(), torch.from_numpy(np.stack(hvs)).float()
+
+
+def evaluate_model(model, metadata, val_samples, params: PostprocessParams | None = None) -> dict:
+    """Validation metrics (native resolution of each tile): mean AJI, PQ, Dice, pixel P/R."""
+    from .metrics import aggregate, evaluate_pair
+
+    seg = Segmenter(model, {**metadata, "postprocess": (params or PostprocessParams()).to_dict()}, device="cpu")
+    per = {}
+    for s in val_samples:
+        img, lab = s.load()
+        pred, _ = seg.segment(img, s.mpp)
+        per[s.name] = evaluate_pair(lab, pred)
+    model.train()
+    return aggregate(per)
+
+
+def tune_postprocess(model, metadata, val_samples) -> tuple[PostprocessParams, dict]:
+    """Grid-search the decoding thresholds on the validation split (maps computed once)."""
+    from .metrics import aggregate, evaluate_pair
+
+    seg = Segmenter(model, metadata, device="cpu")
+    cache = []
+    for s in val_samples:
+        img, lab = s.load()
+        prob, hv = seg.predict_maps(img, s.mpp)
+        cache.append((s, lab, prob, hv))
+    best, best_score, best_res = PostprocessParams(), -1.0, {}
+    for fg_t, mk_t, sig in itertools.product((0.4, 0.5, 0.6), (0.3, 0.45, 0.6, 0.8, 1.0, 1.3), (0.35, 0.6, 1.0)):
+        p = PostprocessParams(fg_threshold=fg_t, marker_threshold=mk_t, sigma_um=sig)
+        per = {s.name: evaluate_pair(lab, instances_from_maps(prob, hv, s.mpp, p)[0]) for s, lab, prob, hv in cache}
+        res = aggregate(per)
+        score = res["aji"] + res["pq"]
+        if score > best_score:
+            best, best_score, best_res = p, score, res
+    model.train()
+    return best, best_res
+
+
+def base_metadata(cfg: TrainConfig, arch_mode="lite") -> dict:
+    from .model.cellsam import PIXEL_MEAN, PIXEL_STD
+    from . import __version__
+
+    return {"mpp": cfg.mpp, "input": "RGB uint8 0..255 normalised with SAM pixel mean/std",
+            "pixel_mean": list(PIXEL_MEAN), "pixel_std": list(PIXEL_STD), "version": __version__,
+            "mode": arch_mode, "postprocess": PostprocessParams().to_dict(), "teacher": None,
+            "train_config": asdict(cfg)}
+
+
+def train(data: str, out, *, init=None, cfg: TrainConfig = TrainConfig(), tune: bool = True) -> dict:
+    """Train (or resume, or fine-tune from ``init``) and write the final checkpoint to ``out``."""
+    out = Path(out)
+    run = out.with_name(out.name + ".run")
+    run.mkdir(parents=True, exist_ok=True)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    torch.manual_seed(cfg.seed)
+    train_data, val_samples = load_data(data, cfg.mpp)
+    if not train_data:
+        raise InputError(f"{data}: no training tiles")
+    areas = np.array([d["labels"].size for d in train_data], float)
+    weights = areas / areas.sum()
+
+    if init is not None:
+        model, meta0 = load_checkpoint(init)
+        model.train()
+        metadata = {**base_metadata(cfg), **{k: v for k, v in meta0.items() if k in ("postprocess", "mpp")}}
+        metadata["init"] = str(init)
+    else:
+        model = CellSAM(DEFAULT_ARCH).train()
+        metadata = base_metadata(cfg)
+    model = model.to(memory_format=torch.channels_last)
+    params = [p for n, p in model.named_parameters() if not n.startswith("teacher.") and p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    total = cfg.epochs * cfg.iters_per_epoch
+
+    def lr_at(it):
+        if it < cfg.warmup_iters:
+            return (it + 1) / cfg.warmup_iters
+        prog = (it - cfg.warmup_iters) / max(1, total - cfg.warmup_iters)
+        return 0.02 + 0.98 * 0.5 * (1 + np.cos(np.pi * min(prog, 1.0)))
+
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
+    start_epoch, best_score = 0, -1.0
+    last = run / "last.pt"
+    if last.exists():
+        obj = read_checkpoint(last)
+        model.load_state_dict(obj["state_dict"], strict=False)
+        opt.load_state_dict(obj["optimizer"])
+        sched.load_state_dict(obj["scheduler"])
+        start_epoch = int(obj["epoch"]) + 1
+        best_score = float(obj.get("best_score", -1.0))
+        log.info("resumed from %s at epoch %d", last, start_epoch)
+    log_path = run / "log.csv"
+    for epoch in range(start_epoch, cfg.epochs):
+        rng = np.random.default_rng([cfg.seed, epoch])
+        torch.manual_seed(cfg.seed * 100003 + epoch)
+        t0 = time.time()
+        sums: dict = {}
+        for _ in range(cfg.iters_per_epoch):
+            x, fg, hv = make_batch(rng, train_data, weights, cfg)
+            out_maps = model(x)["maps"]
+            ls = losses(out_maps, fg, hv)
+            opt.zero_grad(set_to_none=True)
+            ls["loss"].backward()
+            torch.nn.utils.clip_grad_norm_(params, 5.0)
+            opt.step()
+            sched.step()
+            for k, v in ls.items():
+                sums[k] = sums.get(k, 0.0) + float(v.detach())
+        row = {"epoch": epoch, "lr": opt.param_groups[0]["lr"], "train_s": round(time.time() - t0, 1)}
+        row.update({k: round(v / cfg.iters_per_epoch, 5) for k, v in sums.items()})
+        if val_samples:
+            model.eval()
+            res = evaluate_model(model, metadata, val_samples, PostprocessParams.from_dict(metadata["postprocess"]))
+            row.update({f"val_{k}": round(res[k], 4) for k in ("aji", "pq", "dice", "pixel_precision", "pixel_recall")})
+            score = res["aji"] + res["pq"]
+            if score > best_score:
+                best_score = score
+                save_checkpoint(run / "best.pt", model, {**metadata, "epoch": epoch})
+        save_checkpoint(last, model, metadata, optimizer=opt.state_dict(), scheduler=sched.state_dict(),
+                        epoch=epoch, best_score=best_score)
+        new = not log_path.exists()
+        with open(log_path, "a", newline="") as fh:
+            w = csv.DictWriter(fh, fieldnames=list(row))
+            if new:
+                w.writeheader()
+            w.writerow(row)
+        log.info("epoch %d %s", epoch, row)
+    # final: best (or last) weights, decoding thresholds tuned on validation
+    src = run / "best.pt" if (run / "best.pt").exists() else last
+    model, meta = load_checkpoint(src)
+    final_meta = {**metadata, **{k: v for k, v in meta.items() if k == "epoch"}}
+    if val_samples and tune:
+        best_p, res = tune_postprocess(model, final_meta, val_samples)
+        final_meta["postprocess"] = best_p.to_dict()
+        final_meta["validation"] = {k: round(float(v), 4) for k, v in res.items() if isinstance(v, float)}
+    save_checkpoint(out, model, final_meta)
+    shutil.copyfile(log_path, out.with_name(out.name + ".log.csv")) if log_path.exists() else None
+    return final_meta
