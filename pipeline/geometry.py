@@ -173,8 +173,10 @@ def largest_polygon(geoms):
 def clean_polygons(geoms, *, drop_holes=False):
     """Snap to the 0.01 px grid and make every geometry one valid Polygon.
 
-    ``shapely.set_precision(g, 0.01)``; invalid results go through ``make_valid`` and keep their
-    largest Polygon part, so QuPath >= 0.6's precision reduction cannot fail on them.
+    Invalid inputs go through ``make_valid`` and keep their largest Polygon part, then
+    ``shapely.set_precision(g, 0.01)`` (valid-output mode) snaps them to the grid; parts that
+    split on the grid keep the largest Polygon. QuPath >= 0.6's precision reduction to the same
+    grid cannot fail on the result.
 
     Parameters
     ----------
@@ -187,10 +189,11 @@ def clean_polygons(geoms, *, drop_holes=False):
     numpy.ndarray of shapely.Polygon, shape (K,)
         Valid polygons (possibly empty if a geometry collapsed on the grid).
     """
-    geoms = shapely.set_precision(np.asarray(geoms, dtype=object), PRECISION_PX)
+    geoms = np.array(geoms, dtype=object)  # copy
     bad = ~shapely.is_valid(geoms)
-    if bad.any():
-        geoms[bad] = shapely.set_precision(shapely.make_valid(geoms[bad]), PRECISION_PX)
+    if bad.any():  # set_precision needs valid input
+        geoms[bad] = largest_polygon(shapely.make_valid(geoms[bad]))
+    geoms = shapely.set_precision(geoms, PRECISION_PX)  # valid in -> valid out ("valid_output")
     not_poly = shapely.get_type_id(geoms) != 3
     if not_poly.any():
         geoms[not_poly] = largest_polygon(geoms[not_poly])
