@@ -1,10 +1,60 @@
-"""`cellsam infer` (placeholder: being implemented)."""
+"""`cellsam infer STORE -o CHUNKS_DIR`: segment the tissue chunks of a tile store (GPU job, resumable)."""
+
+from __future__ import annotations
+
+from ..config import SegmentConfig
+
+_D = SegmentConfig()
+
+
+def add_model_args(p) -> None:
+    """Model/scheduling flags shared by ``infer`` and ``segment`` (defaults from pipeline/config.py)."""
+    p.add_argument(
+        "--model",
+        metavar="CKPT",
+        default=None,
+        help="model checkpoint (.pt); 'classical' = the classical baseline; default: shipped weights",
+    )
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default=None, help=f"default: {_D.device}")
+    p.add_argument("--batch-size", type=int, default=None, metavar="N", help=f"tiles per forward pass (default: {_D.batch_size})")
+    p.add_argument("--workers", type=int, default=None, metavar="N", help=f"dask threads (default: {_D.workers})")
+    p.add_argument("--halo", type=int, default=None, metavar="PX", help=f"context around each chunk, store px (default: {_D.halo_px})")
+    p.add_argument("--refine", action="store_true", default=None, help="SAM-decoder refinement (slower)")
+    p.add_argument("--scheduler", metavar="ADDRESS", default=None, help="dask.distributed scheduler address (default: local threads)")
+
+
+def segment_overrides(args) -> dict:
+    return {
+        "device": args.device,
+        "batch_size": args.batch_size,
+        "workers": args.workers,
+        "halo_px": args.halo,
+        "refine": args.refine,
+    }
 
 
 def register(sub):
-    p = sub.add_parser("infer", help="(not yet implemented)")
+    p = sub.add_parser(
+        "infer",
+        help="segment the tissue chunks of a tile store into per-chunk parquet files",
+        description="Run the model over every tissue chunk of STORE (written by `cellsam tile`); one "
+        "parquet per chunk in CHUNKS_DIR. Rerunning skips finished chunks.",
+    )
+    p.add_argument("store", metavar="STORE", help="OME-Zarr tile store (.ome.zarr)")
+    p.add_argument("-o", "--output", required=True, metavar="CHUNKS_DIR", help="directory for the chunk files")
+    add_model_args(p)
     p.set_defaults(func=run)
 
 
-def run(args):
-    raise NotImplementedError("infer")
+def run(args) -> int:
+    from ..config import with_overrides
+    from ..infer import run_infer
+
+    cfg = with_overrides(SegmentConfig(), **segment_overrides(args))
+    result = run_infer(args.store, args.output, model=args.model, cfg=cfg, scheduler=args.scheduler, quiet=args.quiet)
+    import logging
+
+    logging.getLogger("pipeline.cli").info(
+        "infer: %d chunks (%d reused) -> %s", result["chunks_total"], result["chunks_reused"], args.output
+    )
+    return 0

@@ -1,0 +1,668 @@
+"""Whole-slide inference: run a segmentation model over the tissue chunks of an OME-Zarr store.
+
+Stage ``infer``: ``store.ome.zarr`` -> ``chunks/<row>_<col>.parquet`` (one file per tissue chunk).
+
+Grid
+    The *cores* are the store's chunks (``attrs["chunk_px"]``): chunk ``(row, col)`` covers the
+    half-open store-pixel box ``[row*c, min((row+1)*c, H)) x [col*c, min((col+1)*c, W))``. Each
+    core is read with ``SegmentConfig.halo_px`` of context on every side; outside the slide the
+    window is white (``store.read_window``), so every window has the same size
+    ``chunk_px + 2*halo_px`` and windows batch. Only the chunks listed in
+    ``attrs["tissue_chunks"]`` are processed.
+
+Per chunk
+    model -> ``(labels uint32 (H, W), scores float32 (K,))`` -> :func:`pipeline.stitch.extract_chunk_instances`
+    (drops truncated masks, keeps instances whose anchor lies in the core + eps, polygonizes in
+    store pixels, measures) -> ``chunks/<row>_<col>.parquet`` written atomically (temp + rename).
+    A chunk without nuclei still gets a (zero-row) file: the file's existence means "done".
+
+Resume
+    A rerun skips chunks whose parquet exists. ``chunks/_meta.json`` records everything the
+    chunk files depend on (store identity, model identity, halo, eps, min area, chunk, mpp); if it
+    differs from the current run, the stale chunk files are removed first.
+
+Scheduling
+    Batches of ``batch_size`` chunks are dask tasks (``read -> model -> extract -> write``), run
+    by the threaded scheduler with ``workers`` threads, or by a ``dask.distributed`` scheduler
+    (``scheduler="tcp://host:port"``; the model is then loaded once per worker process through a
+    cached loader). The model call itself is serialized per process (one forward at a time on the
+    GPU) while the other threads read/decode the next windows and polygonize the previous ones,
+    so at most ``workers * batch_size`` windows are in memory (the bounded prefetch queue):
+    memory does not grow with the slide.
+
+Determinism
+    Chunk files depend only on the store, the model and the parameters: the batches are formed
+    from the sorted chunk list, results are written per chunk, nothing depends on thread timing.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import json
+import logging
+import os
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from .config import SegmentConfig
+from .errors import InputError, ModelError, StoreError
+from .paths import atomic_target
+
+log = logging.getLogger(__name__)
+
+META_NAME = "_meta.json"
+TIMINGS_NAME = "_timings.json"  # stage timings of the last run (the only non-deterministic file)
+META_SCHEMA_VERSION = 1
+CLASSICAL = "classical"  # model spec: the classical (non-learned) baseline segmenter
+TIMING_KEYS = ("read_s", "model_s", "postprocess_s", "extract_s", "write_s")
+
+# One forward pass at a time per process (the GPU); models flagged thread-safe skip it.
+_MODEL_LOCK = threading.Lock()
+
+
+# --------------------------------------------------------------------------------------------
+# Pure core: grid and batches
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ChunkWindow:
+    """Geometry of one chunk, in store pixels (row, col).
+
+    Attributes
+    ----------
+    chunk_rc : (int, int)
+        Chunk index (row, col) in the store's chunk grid.
+    core_box_rc : (int, int, int, int)
+        ``(row0, col0, row1, col1)`` half-open core box, clipped to the store.
+    window_origin_rc : (int, int)
+        Store pixel of the window's top-left pixel (may be negative at the slide border).
+    window_px : int
+        Edge of the square read window, ``chunk_px + 2 * halo_px``. The model sees the whole
+        window (white outside the store); its labels are cropped to :meth:`clipped_box_rc`
+        before extraction, so masks are only ever cut at the slide edge.
+    """
+
+    chunk_rc: tuple[int, int]
+    core_box_rc: tuple[int, int, int, int]
+    window_origin_rc: tuple[int, int]
+    window_px: int
+
+    def clipped_box_rc(self, shape_rc: Sequence[int]) -> tuple[int, int, int, int]:
+        """The part of the window inside the store, ``(row0, col0, row1, col1)`` half-open."""
+        r0, c0 = self.window_origin_rc
+        return (
+            max(r0, 0),
+            max(c0, 0),
+            min(r0 + self.window_px, int(shape_rc[0])),
+            min(c0 + self.window_px, int(shape_rc[1])),
+        )
+
+
+def chunk_windows(
+    shape_rc: Sequence[int], chunk_px: int, halo_px: int, chunks_rc: Sequence[Sequence[int]]
+) -> list[ChunkWindow]:
+    """Windows of the given chunks, sorted by (row, col).
+
+    Parameters
+    ----------
+    shape_rc : (int, int)
+        Store level-0 shape (rows, cols), store pixels.
+    chunk_px : int
+        Chunk (core) edge, store pixels.
+    halo_px : int
+        Context read on every side of the core, store pixels.
+    chunks_rc : sequence of (int, int)
+        Chunk indices to process.
+
+    Raises
+    ------
+    StoreError
+        If a chunk index lies outside the store.
+    """
+    height, width = int(shape_rc[0]), int(shape_rc[1])
+    n_rows = -(-height // chunk_px)
+    n_cols = -(-width // chunk_px)
+    out = []
+    for row, col in sorted({(int(r), int(c)) for r, c in chunks_rc}):
+        if not (0 <= row < n_rows and 0 <= col < n_cols):
+            raise StoreError(f"tissue chunk ({row}, {col}) outside the {n_rows}x{n_cols} chunk grid of the store")
+        r0, c0 = row * chunk_px, col * chunk_px
+        core = (r0, c0, min(r0 + chunk_px, height), min(c0 + chunk_px, width))
+        out.append(ChunkWindow((row, col), core, (r0 - halo_px, c0 - halo_px), chunk_px + 2 * halo_px))
+    return out
+
+
+def make_batches(items: Sequence[Any], batch_size: int) -> list[list[Any]]:
+    """Split ``items`` into consecutive batches of at most ``batch_size``."""
+    return [list(items[i : i + batch_size]) for i in range(0, len(items), batch_size)]
+
+
+def chunk_path(chunks_dir: str | os.PathLike, chunk_rc: Sequence[int]) -> Path:
+    """``chunks_dir/<row>_<col>.parquet``."""
+    return Path(chunks_dir) / f"{int(chunk_rc[0])}_{int(chunk_rc[1])}.parquet"
+
+
+def parse_chunk_name(name: str) -> tuple[int, int] | None:
+    """``"3_7.parquet"`` -> ``(3, 7)``; anything else -> ``None``."""
+    if not name.endswith(".parquet"):
+        return None
+    parts = name[: -len(".parquet")].split("_")
+    if len(parts) != 2 or not all(p.isdigit() for p in parts):
+        return None
+    return int(parts[0]), int(parts[1])
+
+
+# --------------------------------------------------------------------------------------------
+# Model boundary: a callable ``segment_batch(images uint8 (N,H,W,3)) -> [(labels, scores)]``
+# --------------------------------------------------------------------------------------------
+
+
+class Model:
+    """A segmentation callable plus what the pipeline needs to know about it.
+
+    Parameters
+    ----------
+    segment_batch : callable
+        ``segment_batch(images uint8 (N, H, W, 3)[, timings=dict]) -> list of (labels uint32 (H, W),
+        scores float32 (K,))`` where ``scores[i]`` belongs to label ``i + 1``.
+    mpp : float or None
+        µm/px the model expects its input at; ``None`` = any (the store's mpp is used).
+    info : dict
+        JSON-serializable identity (name, version, weights hash...), recorded in ``_meta.json``
+        and the summary; a change invalidates existing chunk files.
+    thread_safe : bool
+        If False (default), calls are serialized per process.
+    """
+
+    def __init__(self, segment_batch: Callable, *, mpp: float | None, info: dict, thread_safe: bool = False):
+        self.segment_batch = segment_batch
+        self.mpp = mpp
+        self.info = info
+        self.thread_safe = thread_safe
+        try:
+            params = inspect.signature(segment_batch).parameters
+            self.accepts_timings = "timings" in params or any(
+                p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()
+            )
+        except (TypeError, ValueError):  # builtins without a signature
+            self.accepts_timings = False
+
+    def __call__(self, images: np.ndarray, timings: dict) -> list[tuple[np.ndarray, np.ndarray]]:
+        start = time.perf_counter()
+        if self.accepts_timings:
+            out = self.segment_batch(images, timings=timings)
+        else:
+            out = self.segment_batch(images)
+            timings["model_s"] = timings.get("model_s", 0.0) + time.perf_counter() - start
+        out = list(out)
+        if len(out) != len(images):
+            raise ModelError(f"model returned {len(out)} results for a batch of {len(images)} tiles")
+        return out
+
+
+def classical_segment_batch(mpp: float) -> Callable:
+    """Batch wrapper around the classical segmenter ``pipeline.baseline.segment_classical``.
+
+    Falls back to :func:`standin_segment_classical` if ``pipeline.baseline`` is not available.
+    """
+    try:
+        from .baseline import segment_classical
+    except ImportError:  # pragma: no cover - baseline module is part of the package
+        segment_classical = standin_segment_classical
+
+    def segment_batch(images):
+        return [segment_classical(np.asarray(img), mpp) for img in images]
+
+    return segment_batch
+
+
+def standin_segment_classical(image_rgb: np.ndarray, mpp: float) -> tuple[np.ndarray, np.ndarray]:
+    """Stand-in classical segmenter: dark-pixel threshold + connected components.
+
+    Used only when ``pipeline.baseline`` is missing. Purely local (an instance depends only on
+    its own pixels and their 1-px neighbourhood), hence exactly tile-independent.
+
+    Parameters
+    ----------
+    image_rgb : ndarray of shape (H, W, 3), uint8
+    mpp : float
+        µm/px of ``image_rgb`` (sets the minimum object size, 3 µm²).
+
+    Returns
+    -------
+    labels : ndarray of shape (H, W), uint32
+    scores : ndarray of shape (K,), float32
+        Mean darkness (0..1) of each label.
+    """
+    from scipy import ndimage
+
+    gray = image_rgb.astype(np.float32).mean(axis=2)
+    labels, n = ndimage.label(gray < 120.0)
+    if n == 0:
+        return labels.astype(np.uint32), np.zeros(0, np.float32)
+    idx = np.arange(1, n + 1)
+    area = ndimage.sum_labels(np.ones_like(gray), labels, idx)
+    keep = area * mpp * mpp >= 3.0
+    remap = np.zeros(n + 1, np.uint32)
+    remap[idx[keep]] = np.arange(1, int(keep.sum()) + 1, dtype=np.uint32)
+    dark = 1.0 - ndimage.mean(gray, labels, idx)[keep] / 255.0
+    return remap[labels], dark.astype(np.float32)
+
+
+@functools.lru_cache(maxsize=4)
+def _load_model_cached(spec: str | None, device: str, refine: bool, store_mpp: float) -> Model:
+    """Load a model once per process (dask workers reuse it across tasks)."""
+    if spec == CLASSICAL:
+        return Model(
+            classical_segment_batch(store_mpp),
+            mpp=None,
+            info={"name": CLASSICAL, "module": "pipeline.baseline"},
+            thread_safe=True,
+        )
+    from .model import load_model  # heavy import (torch) only when needed
+
+    seg = load_model(spec, device=device, refine=refine)
+    return _wrap_segmenter(seg)
+
+
+def _wrap_segmenter(seg: Any) -> Model:
+    meta = dict(getattr(seg, "metadata", {}) or {})
+    info = {k: v for k, v in meta.items() if isinstance(v, (str, int, float, bool)) and k not in {"path", "device"}}
+    info.setdefault("name", type(seg).__name__)
+    mpp = getattr(seg, "mpp", None)
+    return Model(seg.segment_batch, mpp=float(mpp) if mpp is not None else None, info=info)
+
+
+def resolve_model(model: Any, *, device: str, refine: bool, store_mpp: float) -> Model:
+    """Turn a model spec into a :class:`Model`.
+
+    Parameters
+    ----------
+    model : None, str, path, Model, object with ``segment_batch`` or callable
+        ``None`` = the shipped default weights; ``"classical"`` = the classical baseline; a path =
+        a checkpoint for :func:`pipeline.model.load_model`; an object with ``segment_batch`` (a
+        ``Segmenter``); a plain callable ``segment_batch(images) -> [(labels, scores)]``.
+    device, refine
+        Passed to :func:`pipeline.model.load_model`.
+    store_mpp : float
+        µm/px of the store (used by resolution-agnostic models).
+    """
+    if isinstance(model, Model):
+        return model
+    if model is None or isinstance(model, (str, os.PathLike)):
+        spec = None if model is None else str(model)
+        if spec not in (None, CLASSICAL) and not Path(spec).exists():
+            raise ModelError(f"{spec}: model checkpoint not found (use a .pt file, 'classical', or omit --model)")
+        return _load_model_cached(spec, device, bool(refine), float(store_mpp))
+    if hasattr(model, "segment_batch"):
+        return _wrap_segmenter(model)
+    if callable(model):
+        name = getattr(model, "__qualname__", type(model).__name__)
+        return Model(model, mpp=None, info={"name": f"callable:{name}"})
+    raise ModelError(f"unsupported model spec {model!r}")
+
+
+# --------------------------------------------------------------------------------------------
+# I/O shell
+# --------------------------------------------------------------------------------------------
+
+
+@functools.lru_cache(maxsize=8)
+def _open_store_cached(store_path: str):
+    from .store import open_store
+
+    return open_store(store_path)
+
+
+def _write_table_atomic(table: Any, path: Path) -> None:
+    import pyarrow.parquet as pq
+
+    tmp = atomic_target(path)
+    try:
+        pq.write_table(table, tmp, compression="zstd")
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def process_batch(
+    store_path: str,
+    windows: Sequence[ChunkWindow],
+    chunks_dir: str,
+    model_spec: Any,
+    cfg: SegmentConfig,
+) -> dict:
+    """Read, segment, extract and write one batch of chunks (one dask task).
+
+    Returns
+    -------
+    dict
+        ``{"chunks": n, "instances": n, "timings_s": {...}}``.
+    """
+    from .stitch import extract_chunk_instances
+    from .store import read_window
+
+    group, attrs = _open_store_cached(str(store_path))
+    mpp = float(attrs["mpp"])
+    model = resolve_model(model_spec, device=cfg.device, refine=cfg.refine, store_mpp=mpp)
+    timings = dict.fromkeys(TIMING_KEYS, 0.0)
+
+    t0 = time.perf_counter()
+    images = np.empty((len(windows), windows[0].window_px, windows[0].window_px, 3), np.uint8)
+    for i, w in enumerate(windows):
+        images[i] = read_window(group, w.window_origin_rc[0], w.window_origin_rc[1], w.window_px, w.window_px)
+    timings["read_s"] += time.perf_counter() - t0
+
+    model_timings: dict = {}
+    if model.thread_safe:
+        results = model(images, model_timings)
+    else:
+        with _MODEL_LOCK:
+            results = model(images, model_timings)
+    timings["model_s"] += float(model_timings.get("model_s", 0.0))
+    timings["postprocess_s"] += float(model_timings.get("postprocess_s", 0.0))
+
+    n_inst = 0
+    shape_rc = tuple(int(v) for v in attrs["shape_rc"])
+    for w, img, (labels, scores) in zip(windows, images, results):
+        labels = np.asarray(labels)
+        if labels.shape != img.shape[:2] or labels.dtype != np.uint32:
+            raise ModelError(
+                f"model returned labels {labels.dtype}{labels.shape} for a {img.shape[:2]} tile (need uint32 of the tile size)"
+            )
+        t0 = time.perf_counter()
+        (r0, c0, r1, c1) = w.clipped_box_rc(shape_rc)
+        dr, dc = r0 - w.window_origin_rc[0], c0 - w.window_origin_rc[1]
+        table = extract_chunk_instances(
+            np.ascontiguousarray(labels[dr : dr + r1 - r0, dc : dc + c1 - c0]),
+            np.asarray(scores, np.float32),
+            np.ascontiguousarray(img[dr : dr + r1 - r0, dc : dc + c1 - c0]),
+            window_origin_rc=(r0, c0),
+            core_box_rc=w.core_box_rc,
+            store_shape_rc=shape_rc,
+            mpp=mpp,
+            eps_px=cfg.anchor_eps_px,
+            min_area_um2=cfg.min_area_um2,
+            chunk_rc=w.chunk_rc,
+        )
+        t1 = time.perf_counter()
+        _write_table_atomic(table, chunk_path(chunks_dir, w.chunk_rc))
+        timings["extract_s"] += t1 - t0
+        timings["write_s"] += time.perf_counter() - t1
+        n_inst += len(table)
+    return {"chunks": len(windows), "instances": n_inst, "timings_s": timings}
+
+
+def chunks_meta(attrs: dict, model: Model, cfg: SegmentConfig) -> dict:
+    """Everything the chunk files depend on (compared on resume)."""
+    return {
+        "schema_version": META_SCHEMA_VERSION,
+        "store": {
+            "slide_id": attrs.get("slide_id"),
+            "source_sha256": attrs.get("source_sha256"),
+            "mpp": float(attrs["mpp"]),
+            "shape_rc": [int(v) for v in attrs["shape_rc"]],
+            "chunk_px": int(attrs["chunk_px"]),
+        },
+        "model": model.info,
+        "refine": bool(cfg.refine),
+        "halo_px": int(cfg.halo_px),
+        "anchor_eps_px": float(cfg.anchor_eps_px),
+        "min_area_um2": float(cfg.min_area_um2),
+    }
+
+
+def _write_json_atomic(obj: Any, path: Path) -> None:
+    tmp = atomic_target(path)
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def prepare_chunks_dir(chunks_dir: Path, meta: dict) -> set[tuple[int, int]]:
+    """Create ``chunks_dir``, drop stale files, record ``_meta.json``; return the chunks already done.
+
+    Leftover temp files of killed runs are removed. If ``_meta.json`` is missing or differs from
+    ``meta`` every chunk file is removed (logged), since it was computed with other parameters.
+    """
+    chunks_dir.mkdir(parents=True, exist_ok=True)
+    for tmp in chunks_dir.glob("*.tmp-*"):
+        pid = tmp.name.rsplit("-", 1)[-1]
+        if pid.isdigit() and int(pid) != os.getpid() and _pid_alive(int(pid)):
+            continue  # another live process is writing it
+        tmp.unlink(missing_ok=True)
+    done = {rc for rc in (parse_chunk_name(p.name) for p in chunks_dir.iterdir()) if rc is not None}
+    meta_path = chunks_dir / META_NAME
+    old = None
+    if meta_path.exists():
+        try:
+            old = json.loads(meta_path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            old = None
+    if old != meta:
+        if done:
+            log.warning(
+                "infer: %d chunk files in %s were computed with other parameters/model; recomputing", len(done), chunks_dir
+            )
+            for rc in done:
+                chunk_path(chunks_dir, rc).unlink(missing_ok=True)
+            done = set()
+        _write_json_atomic(meta, meta_path)
+    return done
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _progress(total: int, quiet: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, unit="chunk", desc="infer", disable=quiet or total == 0, leave=False)
+
+
+def _run_threaded(tasks, workers: int, on_done: Callable[[dict], None]) -> None:
+    import dask
+    from dask.callbacks import Callback
+
+    keys = {t.key for t in tasks}
+
+    class _Progress(Callback):
+        def _posttask(self, key, result, dsk, state, worker_id):
+            if key in keys:
+                on_done(result)
+
+    with _Progress():
+        dask.compute(*tasks, scheduler="threads", num_workers=workers)
+
+
+def _run_distributed(tasks, address: str, on_done: Callable[[dict], None]) -> None:
+    try:
+        from distributed import Client, as_completed
+    except ImportError as exc:  # pragma: no cover - distributed is a dependency
+        raise InputError(f"--scheduler {address}: dask.distributed is not installed") from exc
+    try:
+        client = Client(address, timeout="30s", set_as_default=False)
+    except (OSError, TimeoutError) as exc:
+        raise InputError(f"--scheduler {address}: cannot connect to the dask scheduler ({exc})") from exc
+    try:
+        futures = client.compute(list(tasks))
+        for fut in as_completed(futures):
+            on_done(fut.result())
+    finally:
+        client.close()
+
+
+def run_infer(
+    store_path: str | os.PathLike,
+    chunks_dir: str | os.PathLike,
+    *,
+    model: Any = None,
+    cfg: SegmentConfig = SegmentConfig(),
+    scheduler: str | None = None,
+    quiet: bool = False,
+) -> dict:
+    """Segment every tissue chunk of a store into ``chunks_dir`` (resumable).
+
+    Parameters
+    ----------
+    store_path : path
+        OME-Zarr store written by ``cellsam tile`` (complete).
+    chunks_dir : path
+        Output directory for ``<row>_<col>.parquet`` files and ``_meta.json``.
+    model : see :func:`resolve_model`
+        ``None`` = shipped default weights, ``"classical"``, a checkpoint path, a ``Segmenter`` or a
+        callable.
+    cfg : SegmentConfig
+        ``halo_px``, ``anchor_eps_px``, ``min_area_um2``, ``batch_size``, ``workers``, ``device``,
+        ``refine``.
+    scheduler : str, optional
+        Address of a ``dask.distributed`` scheduler; default: local threads.
+    quiet : bool
+        No progress bar.
+
+    Returns
+    -------
+    dict
+        ``chunks_total``, ``chunks_reused``, ``chunks_processed``, ``instances`` (candidates
+        written in this run), ``model`` (identity), ``timings_s`` (per stage, summed over threads,
+        plus ``wall_s``).
+
+    Raises
+    ------
+    StoreError
+        Missing/incomplete store, or a store resolution the model cannot use.
+    ModelError
+        Missing checkpoint or a model returning malformed output.
+    """
+    import dask
+
+    t_start = time.perf_counter()
+    store_path = str(store_path)
+    chunks_dir = Path(chunks_dir)
+    _open_store_cached.cache_clear()  # the store may have been rewritten since the last call
+    group, attrs = _open_store_cached(store_path)
+    store_mpp = float(attrs["mpp"])
+    resolved = resolve_model(model, device=cfg.device, refine=cfg.refine, store_mpp=store_mpp)
+    if resolved.mpp is not None and abs(resolved.mpp - store_mpp) > 1e-3 * resolved.mpp:
+        raise StoreError(
+            f"{store_path}: store is at {store_mpp:g} µm/px but the model expects {resolved.mpp:g} µm/px; "
+            f"re-tile with `cellsam tile --mpp {resolved.mpp:g}`"
+        )
+    chunk_px = int(attrs["chunk_px"])
+    windows = chunk_windows(attrs["shape_rc"], chunk_px, int(cfg.halo_px), attrs.get("tissue_chunks", []))
+    meta = chunks_meta(attrs, resolved, cfg)
+    done = prepare_chunks_dir(chunks_dir, meta)
+    todo = [w for w in windows if w.chunk_rc not in done]
+    reused = len(windows) - len(todo)
+    log.info(
+        "infer: %d tissue chunks of %d px (+%d px halo), %d already done, model %s",
+        len(windows),
+        chunk_px,
+        cfg.halo_px,
+        reused,
+        resolved.info.get("name"),
+    )
+
+    totals = dict.fromkeys(TIMING_KEYS, 0.0)
+    counts = {"chunks": 0, "instances": 0}
+    # Distributed workers get the spec (a path or name, loaded once per worker by the cached
+    # loader) instead of the weights; in-process threads share the already loaded model.
+    spec = resolved
+    if scheduler and (model is None or isinstance(model, (str, os.PathLike))):
+        spec = None if model is None else str(model)
+    batches = make_batches(todo, max(1, int(cfg.batch_size)))
+    task = dask.delayed(process_batch)
+    tasks = [task(store_path, b, str(chunks_dir), spec, cfg, dask_key_name=f"infer-batch-{i}") for i, b in enumerate(batches)]
+    with _progress(len(todo), quiet) as bar:
+
+        def on_done(result: dict) -> None:
+            counts["chunks"] += result["chunks"]
+            counts["instances"] += result["instances"]
+            for k, v in result["timings_s"].items():
+                totals[k] = totals.get(k, 0.0) + v
+            bar.update(result["chunks"])
+
+        if tasks:
+            if scheduler:
+                _run_distributed(tasks, scheduler, on_done)
+            else:
+                _run_threaded(tasks, max(1, int(cfg.workers)), on_done)
+    wall = time.perf_counter() - t_start
+    totals = {k: round(v, 3) for k, v in totals.items()}
+    totals["wall_s"] = round(wall, 3)
+    log.info(
+        "infer: %d chunks segmented, %d candidate nuclei in %.1f s (read %.1f, model %.1f, post %.1f, extract %.1f, write %.1f s)",
+        counts["chunks"],
+        counts["instances"],
+        wall,
+        *(totals[k] for k in TIMING_KEYS),
+    )
+    _write_json_atomic({"infer_s": totals["wall_s"], **{k: totals[k] for k in TIMING_KEYS}}, chunks_dir / TIMINGS_NAME)
+    return {
+        "chunks_total": len(windows),
+        "chunks_reused": reused,
+        "chunks_processed": counts["chunks"],
+        "instances": counts["instances"],
+        "model": resolved.info,
+        "model_mpp": resolved.mpp,
+        "timings_s": totals,
+    }
+
+
+def list_chunk_files(chunks_dir: str | os.PathLike) -> dict[tuple[int, int], Path]:
+    """Chunk files present in ``chunks_dir``, keyed by (row, col)."""
+    chunks_dir = Path(chunks_dir)
+    if not chunks_dir.is_dir():
+        return {}
+    out = {}
+    for p in chunks_dir.iterdir():
+        rc = parse_chunk_name(p.name)
+        if rc is not None:
+            out[rc] = p
+    return dict(sorted(out.items()))
+
+
+def read_chunks_meta(chunks_dir: str | os.PathLike) -> dict:
+    """``chunks_dir/_meta.json``.
+
+    Raises
+    ------
+    InputError
+        If it is missing or unreadable (not an ``infer`` output directory).
+    """
+    path = Path(chunks_dir) / META_NAME
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise InputError(f"{path}: missing; {chunks_dir} is not the output of `cellsam infer`") from None
+    except (OSError, ValueError) as exc:
+        raise InputError(f"{path}: unreadable ({exc}); rerun `cellsam infer`") from None
+
+
+__all__ = [
+    "CLASSICAL",
+    "ChunkWindow",
+    "Model",
+    "chunk_path",
+    "chunk_windows",
+    "list_chunk_files",
+    "make_batches",
+    "read_chunks_meta",
+    "resolve_model",
+    "run_infer",
+    "standin_segment_classical",
+]

@@ -1,0 +1,368 @@
+"""One slide end to end: slide -> tile store -> chunked inference -> stitching -> exports.
+
+:func:`run_segment` (``cellsam segment``) = ``write_store`` (``cellsam tile``) + :func:`run_infer`
+(``cellsam infer``, the GPU part) + :func:`run_export` (``cellsam export``, CPU only). The
+Snakemake workflow runs the three commands as separate jobs; ``segment`` runs them in one process.
+
+Outputs (names from :mod:`pipeline.paths`, all written to a temp sibling and renamed):
+
+* ``<id>.geojson.gz`` (and ``<id>.geojson`` with ``geojson_plain``): QuPath detections;
+* ``<id>.nuclei.parquet``: GeoParquet, one row per nucleus;
+* ``<id>.summary.json``: counts, per-slide statistics, parameters, software and model versions,
+  stage timings;
+* ``<id>.qc.png``: QC image (:mod:`pipeline.qc`).
+
+Determinism: every output is a function of (slide, parameters, model, software versions) only.
+The single exception is the ``"timings_s"`` block of the summary (wall-clock seconds per stage):
+compare summaries without it.
+
+A slide without tissue, or with tissue but no nuclei, gives valid empty outputs and a summary with
+``"nuclei": 0`` and a ``"note"`` saying why.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import platform
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from . import __version__
+from .config import Config
+from .errors import InputError
+from .infer import list_chunk_files, read_chunks_meta, run_infer
+from .paths import SlidePaths, atomic_target, slide_id_from_path, slide_paths
+
+log = logging.getLogger(__name__)
+
+SUMMARY_SCHEMA_VERSION = 1
+from .infer import TIMINGS_NAME
+
+
+def _software_versions() -> dict:
+    import importlib.metadata as md
+
+    out = {"cellsam": __version__, "python": platform.python_version()}
+    for dist in ("numpy", "shapely", "pyarrow", "zarr", "scikit-image", "openslide-python", "torch"):
+        try:
+            out[dist] = md.version(dist)
+        except md.PackageNotFoundError:
+            out[dist] = None
+    return out
+
+
+def _write_json_atomic(obj: Any, path: Path) -> None:
+    tmp = atomic_target(path)
+    try:
+        tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, ensure_ascii=False, allow_nan=False) + "\n", encoding="utf-8")
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def _check_chunks(chunks_dir: Path, attrs: dict, store_path: str) -> dict:
+    """The chunk files of every tissue chunk, after checking they belong to this store."""
+    meta = read_chunks_meta(chunks_dir)
+    got = meta.get("store", {})
+    for key in ("source_sha256", "mpp", "shape_rc", "chunk_px"):
+        want = attrs.get(key)
+        if key == "mpp":
+            want = float(want)
+        if key == "shape_rc":
+            want = [int(v) for v in want]
+        if got.get(key) != want:
+            raise InputError(
+                f"{chunks_dir}: chunk files were computed from another store ({key} {got.get(key)!r} != "
+                f"{want!r} in {store_path}); rerun `cellsam infer {store_path} -o {chunks_dir}`"
+            )
+    files = list_chunk_files(chunks_dir)
+    expected = sorted(tuple(int(v) for v in rc) for rc in attrs.get("tissue_chunks", []))
+    missing = [rc for rc in expected if rc not in files]
+    if missing:
+        raise InputError(
+            f"{chunks_dir}: {len(missing)} of {len(expected)} chunk files missing (e.g. {missing[0][0]}_{missing[0][1]}.parquet); "
+            f"rerun `cellsam infer {store_path} -o {chunks_dir}`"
+        )
+    return {rc: files[rc] for rc in expected}
+
+
+def stitch_chunks(files: dict, *, mpp: float, dedup_iou: float, min_area_um2: float):
+    """Concatenate chunk tables, resolve duplicates across chunks and number the nuclei.
+
+    Parameters
+    ----------
+    files : dict of (int, int) -> Path
+        Chunk parquet files in (row, col) order.
+    mpp : float
+        µm per store px.
+
+    Returns
+    -------
+    table : pyarrow.Table
+        Final nuclei, ``nucleus_id`` 1..N first (schema of :func:`pipeline.stitch.assign_ids`).
+    n_truncated_owned : int
+        Nuclei dropped because they touched an inner window edge (halo too small if > 0).
+    """
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from .stitch import assign_ids, empty_chunk_table, resolve_duplicates
+
+    tables, n_trunc = [], 0
+    for path in files.values():
+        t = pq.read_table(path)
+        md = t.schema.metadata or {}
+        n_trunc += int(md.get(b"n_truncated_owned", b"0") or 0)
+        tables.append(t.replace_schema_metadata(None))
+    table = pa.concat_tables(tables) if tables else empty_chunk_table()
+    table = table.replace_schema_metadata(None)
+    table = resolve_duplicates(table, mpp=mpp, dedup_iou=dedup_iou, min_area_px=min_area_um2 / (mpp * mpp))
+    return assign_ids(table), n_trunc
+
+
+def _parameters(attrs: dict, meta: dict, cfg: Config) -> dict:
+    """Everything that determines the outputs (not workers/batch size/device)."""
+    seg = cfg.segment
+    return {
+        "store": {
+            "mpp": float(attrs["mpp"]),
+            "chunk_px": int(attrs["chunk_px"]),
+            "tissue": attrs.get("tissue_config"),
+        },
+        "segment": {
+            "halo_px": meta.get("halo_px"),
+            "anchor_eps_px": meta.get("anchor_eps_px"),
+            "min_area_um2": meta.get("min_area_um2"),
+            "refine": meta.get("refine"),
+            "dedup_iou": float(seg.dedup_iou),
+        },
+    }
+
+
+def run_export(
+    store_path: str | os.PathLike,
+    chunks_dir: str | os.PathLike,
+    outdir: str | os.PathLike,
+    *,
+    slide_id: str | None = None,
+    cfg: Config = Config(),
+    quiet: bool = False,
+    timings: dict | None = None,
+    started: float | None = None,
+) -> dict:
+    """Stitch the chunk files of a store and write the final outputs (``cellsam export``).
+
+    Parameters
+    ----------
+    store_path : path
+        Complete tile store the chunks were computed from.
+    chunks_dir : path
+        Output of :func:`pipeline.infer.run_infer` (all tissue chunks present).
+    outdir : path
+        Output directory; names from :class:`pipeline.paths.SlidePaths`.
+    slide_id : str, optional
+        Output prefix; default: the store's ``slide_id``.
+    cfg : Config
+        ``segment.dedup_iou``, ``segment.geojson_plain`` are used here.
+    timings : dict, optional
+        Stage timings of earlier stages (seconds) to include in the summary; default: read
+        ``chunks_dir/_timings.json`` if present.
+    started : float, optional
+        ``time.perf_counter()`` at the start of the whole run (for ``timings_s.total_s``).
+
+    Returns
+    -------
+    dict
+        The summary (as written to ``<id>.summary.json``).
+
+    Raises
+    ------
+    StoreError
+        Missing or incomplete store.
+    InputError
+        Chunk files missing or from another store.
+    """
+    from .export import write_geojson, write_geoparquet
+    from .measure import summarize
+    from .store import open_store
+
+    t_start = time.perf_counter()
+    store_path = str(store_path)
+    chunks_dir = Path(chunks_dir)
+    group, attrs = open_store(store_path)
+    sp = slide_paths(outdir, slide_id or attrs.get("slide_id") or slide_id_from_path(store_path))
+    try:
+        sp.outdir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        from .errors import OutputError
+
+        raise OutputError(f"{sp.outdir}: cannot create output directory: {exc.strerror or exc}") from exc
+    files = _check_chunks(chunks_dir, attrs, store_path)
+    meta = read_chunks_meta(chunks_dir)
+    if timings is None:
+        try:
+            timings = json.loads((chunks_dir / TIMINGS_NAME).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            timings = {}
+    timings = dict(timings)
+    mpp = float(attrs["mpp"])
+
+    t0 = time.perf_counter()
+    table, n_trunc = stitch_chunks(
+        files, mpp=mpp, dedup_iou=cfg.segment.dedup_iou, min_area_um2=float(meta.get("min_area_um2", cfg.segment.min_area_um2))
+    )
+    timings["stitch_s"] = time.perf_counter() - t0
+    log.info("stitch: %d chunk files -> %d nuclei in %.1f s", len(files), table.num_rows, timings["stitch_s"])
+
+    t0 = time.perf_counter()
+    scale = (float(attrs["scale_x_l0"]), float(attrs["scale_y_l0"]))
+    write_geojson(table, sp.geojson_gz, scale_xy_l0=scale, slide_key=sp.slide_id, gz=True)
+    if cfg.segment.geojson_plain:
+        write_geojson(table, sp.geojson, scale_xy_l0=scale, slide_key=sp.slide_id, gz=False)
+    write_geoparquet(table, sp.parquet, scale_xy_l0=scale, slide_key=sp.slide_id)
+    timings["export_s"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    from .qc import qc_image
+
+    stats = summarize(table, attrs.get("tissue_area_mm2"))
+    n = int(stats["count"])
+    caption = (
+        f"{sp.slide_id}: {n} nuclei, tissue {attrs.get('tissue_area_mm2') or 0:.2f} mm², "
+        f"{(stats['nuclei_per_mm2'] or 0):.0f} nuclei/mm², {mpp:g} µm/px"
+    )
+    qc_image(group, attrs, table, sp.qc_png, caption=caption)
+    timings["qc_s"] = time.perf_counter() - t0
+
+    if not attrs.get("tissue_chunks"):
+        note = "no tissue detected: empty outputs"
+    elif n == 0:
+        note = "tissue detected but no nuclei found: empty outputs"
+    else:
+        note = None
+    if n_trunc:
+        log.warning(
+            "%d nuclei touched the halo edge and were dropped; rerun with a larger --halo (now %s px)",
+            n_trunc,
+            meta.get("halo_px"),
+        )
+    timings["export_total_s"] = time.perf_counter() - t_start
+    if started is not None:
+        timings["total_s"] = time.perf_counter() - started
+    summary = {
+        "schema_version": SUMMARY_SCHEMA_VERSION,
+        "slide_id": sp.slide_id,
+        "source": {
+            "file": Path(str(attrs.get("source_path", ""))).name,
+            "sha256": attrs.get("source_sha256"),
+            "slide_mpp_x": attrs.get("slide_mpp_x"),
+            "slide_mpp_y": attrs.get("slide_mpp_y"),
+            "bounds_l0": attrs.get("bounds_l0"),
+        },
+        "nuclei": n,
+        "tissue_area_mm2": stats["tissue_area_mm2"],
+        "nuclei_per_mm2": stats["nuclei_per_mm2"],
+        "tissue_chunks": len(attrs.get("tissue_chunks", [])),
+        "nuclei_dropped_at_halo": n_trunc,
+        "note": note,
+        "measurements": stats["measurements"],
+        "outputs": {
+            "geojson_gz": sp.geojson_gz.name,
+            "geojson": sp.geojson.name if cfg.segment.geojson_plain else None,
+            "parquet": sp.parquet.name,
+            "qc_png": sp.qc_png.name,
+        },
+        "model": meta.get("model"),
+        "parameters": _parameters(attrs, meta, cfg),
+        "software": _software_versions(),
+        "timings_s": {k: round(float(v), 3) for k, v in sorted(timings.items()) if isinstance(v, (int, float))},
+    }
+    _write_json_atomic(summary, sp.summary)
+    log.info("export: %d nuclei -> %s (%.1f s)", n, sp.outdir, timings["export_total_s"])
+    return summary
+
+
+def run_segment(
+    slide_path: str | os.PathLike,
+    outdir: str | os.PathLike,
+    *,
+    slide_id: str | None = None,
+    slide_mpp: float | None = None,
+    store_path: str | os.PathLike | None = None,
+    model_path: Any = None,
+    cfg: Config = Config(),
+    device: str | None = None,
+    refine: bool | None = None,
+    scheduler: str | None = None,
+    geojson_plain: bool | None = None,
+    quiet: bool = False,
+) -> dict:
+    """Segment all nuclei of one slide (``cellsam segment``); resumable.
+
+    Parameters
+    ----------
+    slide_path : path
+        Whole-slide image.
+    outdir : path
+        Output directory (layout: :mod:`pipeline.paths`).
+    slide_id : str, optional
+        Output prefix; default: slide file name without extension.
+    slide_mpp : float, optional
+        µm/px of level 0 when the slide does not say.
+    store_path : path, optional
+        Tile store to write or reuse; default ``OUTDIR/.work/<id>/store.ome.zarr``.
+    model_path : optional
+        ``None`` (shipped weights), ``"classical"``, a checkpoint path, or a model object/callable
+        (see :func:`pipeline.infer.resolve_model`).
+    cfg : Config
+        All parameters; ``device``, ``refine``, ``geojson_plain`` override ``cfg.segment``.
+    scheduler : str, optional
+        dask.distributed scheduler address.
+
+    Returns
+    -------
+    dict
+        The summary written to ``<id>.summary.json``.
+    """
+    from .infer import resolve_model
+    from .slide import open_slide
+    from .store import write_store
+
+    t_start = time.perf_counter()
+    seg = cfg.segment
+    over = {k: v for k, v in {"device": device, "refine": refine, "geojson_plain": geojson_plain}.items() if v is not None}
+    if over:
+        seg = replace(seg, **over)
+    sid = slide_id or slide_id_from_path(slide_path)
+    sp: SlidePaths = slide_paths(outdir, sid)
+
+    # The store is written at the model's resolution: resolve the model first.
+    model = resolve_model(model_path, device=seg.device, refine=seg.refine, store_mpp=cfg.store.mpp)
+    store_cfg = cfg.store
+    if model.mpp is not None and abs(model.mpp - store_cfg.mpp) > 1e-6:
+        log.info("store resolution set to the model's %g µm/px (config: %g)", model.mpp, store_cfg.mpp)
+        store_cfg = replace(store_cfg, mpp=model.mpp)
+    cfg = Config(tissue=cfg.tissue, store=store_cfg, segment=seg)
+
+    timings: dict = {}
+    t0 = time.perf_counter()
+    store = Path(store_path) if store_path else sp.store
+    slide = open_slide(slide_path, slide_mpp=slide_mpp)
+    try:
+        write_store(slide, store, cfg.store, cfg.tissue, sid, tissue_png=sp.tissue_png)
+    finally:
+        slide.close()
+    timings["tile_s"] = time.perf_counter() - t0
+
+    result = run_infer(store, sp.chunks, model=model, cfg=seg, scheduler=scheduler, quiet=quiet)
+    for k, v in result["timings_s"].items():
+        timings[k if k != "wall_s" else "infer_s"] = v
+    return run_export(store, sp.chunks, sp.outdir, slide_id=sid, cfg=cfg, quiet=quiet, timings=timings, started=t_start)
+
+
+__all__ = ["run_export", "run_segment", "stitch_chunks"]

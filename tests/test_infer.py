@@ -1,0 +1,232 @@
+"""Chunked inference (pipeline/infer.py): grid, resume, determinism, scheduling, errors.
+
+The model is a deterministic classical stand-in defined here (dark-pixel threshold + connected
+components): an instance depends only on its own pixels, so it is tile-independent given a halo
+larger than a nucleus, and any difference between runs comes from the orchestration.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from scipy import ndimage
+
+from pipeline.config import SegmentConfig, StoreConfig, TissueConfig
+from pipeline.errors import ModelError, StoreError
+from pipeline.infer import (
+    META_NAME,
+    Model,
+    chunk_path,
+    chunk_windows,
+    list_chunk_files,
+    make_batches,
+    parse_chunk_name,
+    run_infer,
+)
+
+MPP = 0.5
+HALO = 40  # synthetic nuclei are <= 12 µm = 24 px across
+
+
+def threshold_model(images):
+    """Stand-in model: pixels darker than 120 (synthetic nuclei), 8-connected components."""
+    out = []
+    for img in images:
+        labels, n = ndimage.label(img.mean(axis=2) < 120, structure=np.ones((3, 3)))
+        scores = np.ones(n, np.float32)
+        if n:
+            scores = (1.0 - np.asarray(ndimage.mean(img[..., 0], labels, np.arange(1, n + 1))) / 255.0).astype(np.float32)
+        out.append((labels.astype(np.uint32), scores))
+    return out
+
+
+@pytest.fixture(scope="module")
+def slide_path(tmp_path_factory):
+    from pipeline.synthetic import write_synthetic_slide
+
+    return write_synthetic_slide(tmp_path_factory.mktemp("slide") / "syn.tif", size_px=(900, 1000), mpp=MPP, seed=3)
+
+
+def make_store(slide_path, out, chunk_px):
+    from pipeline.slide import open_slide
+    from pipeline.store import write_store
+
+    with open_slide(slide_path) as slide:
+        return write_store(slide, out, StoreConfig(chunk_px=chunk_px, pyramid_levels=2), TissueConfig(), "syn")
+
+
+@pytest.fixture(scope="module")
+def store256(slide_path, tmp_path_factory):
+    return make_store(slide_path, tmp_path_factory.mktemp("store") / "s.ome.zarr", 256)
+
+
+def cfg(**kw):
+    return SegmentConfig(**{"halo_px": HALO, "batch_size": 2, "workers": 2, **kw})
+
+
+def file_bytes(chunks_dir):
+    return {p.name: p.read_bytes() for p in sorted(Path(chunks_dir).glob("*.parquet"))}
+
+
+# ---------------------------------------------------------------------------------------------
+# pure core
+
+
+def test_chunk_windows_grid_and_clipping():
+    wins = chunk_windows((600, 530), 256, 32, [[2, 2], [0, 0], [1, 2], [0, 0]])
+    assert [w.chunk_rc for w in wins] == [(0, 0), (1, 2), (2, 2)]  # sorted, unique
+    first, mid, last = wins
+    assert first.core_box_rc == (0, 0, 256, 256)
+    assert first.window_origin_rc == (-32, -32) and first.window_px == 320
+    assert first.clipped_box_rc((600, 530)) == (0, 0, 288, 288)
+    assert mid.core_box_rc == (256, 512, 512, 530)  # clipped at the right edge
+    assert last.core_box_rc == (512, 512, 600, 530)
+    assert last.clipped_box_rc((600, 530)) == (480, 480, 600, 530)
+    with pytest.raises(StoreError, match="outside"):
+        chunk_windows((600, 530), 256, 32, [[3, 0]])
+
+
+def test_batches_and_names():
+    assert make_batches(list(range(5)), 2) == [[0, 1], [2, 3], [4]]
+    assert chunk_path("d", (3, 7)).name == "3_7.parquet"
+    assert parse_chunk_name("3_7.parquet") == (3, 7)
+    assert parse_chunk_name("_meta.json") is None and parse_chunk_name("3_7.parquet.tmp-5") is None
+
+
+# ---------------------------------------------------------------------------------------------
+# run_infer
+
+
+def test_infer_writes_one_file_per_tissue_chunk(store256, tmp_path):
+    from pipeline.store import open_store
+
+    _, attrs = open_store(store256)
+    res = run_infer(store256, tmp_path / "c", model=threshold_model, cfg=cfg(), quiet=True)
+    tissue = sorted(tuple(rc) for rc in attrs["tissue_chunks"])
+    assert 0 < len(tissue) < 16  # some background chunks are skipped
+    assert sorted(list_chunk_files(tmp_path / "c")) == tissue
+    assert res["chunks_processed"] == len(tissue) and res["chunks_reused"] == 0
+    assert set(res["timings_s"]) >= {"read_s", "model_s", "extract_s", "write_s", "wall_s"}
+    meta = json.loads((tmp_path / "c" / META_NAME).read_text())
+    assert meta["halo_px"] == HALO and meta["store"]["chunk_px"] == 256
+    n = 0
+    for rc in tissue:
+        t = pq.read_table(chunk_path(tmp_path / "c", rc))
+        assert set(t["chunk_row"].to_pylist()) <= {rc[0]} and set(t["chunk_col"].to_pylist()) <= {rc[1]}
+        # every kept anchor is in its core expanded by eps
+        ay, ax = t["anchor_y_px"].to_numpy(), t["anchor_x_px"].to_numpy()
+        eps = SegmentConfig().anchor_eps_px
+        assert np.all((ay >= rc[0] * 256 - eps) & (ay < (rc[0] + 1) * 256 + eps))
+        assert np.all((ax >= rc[1] * 256 - eps) & (ax < (rc[1] + 1) * 256 + eps))
+        n += t.num_rows
+    assert n == res["instances"] > 50
+    assert not list((tmp_path / "c").glob("*.tmp-*"))
+
+
+def test_infer_deterministic_across_workers_and_batches(store256, tmp_path):
+    run_infer(store256, tmp_path / "a", model=threshold_model, cfg=cfg(workers=1, batch_size=1), quiet=True)
+    run_infer(store256, tmp_path / "b", model=threshold_model, cfg=cfg(workers=2, batch_size=3), quiet=True)
+    a, b = file_bytes(tmp_path / "a"), file_bytes(tmp_path / "b")
+    assert a and a == b
+
+
+def test_infer_resume_skips_done_chunks(store256, tmp_path):
+    out = tmp_path / "c"
+    run_infer(store256, out, model=threshold_model, cfg=cfg(), quiet=True)
+    full = file_bytes(out)
+    names = sorted(full)
+    # simulate an interrupted run: drop half of the chunk files, leave a stale temp file
+    for name in names[::2]:
+        (out / name).unlink()
+    (out / f"{names[1]}.tmp-999999999").write_bytes(b"partial")
+    kept = {n: os.stat(out / n) for n in names[1::2]}
+    calls = []
+
+    def counting_model(images):
+        calls.append(len(images))
+        return threshold_model(images)
+
+    res = run_infer(store256, out, model=Model(counting_model, mpp=None, info={"name": "callable:threshold_model"}), cfg=cfg(), quiet=True)
+    assert res["chunks_reused"] == len(kept) and res["chunks_processed"] == len(names) - len(kept)
+    assert sum(calls) == len(names) - len(kept)
+    for n, st in kept.items():  # untouched: same inode, same mtime
+        now = os.stat(out / n)
+        assert (now.st_ino, now.st_mtime_ns) == (st.st_ino, st.st_mtime_ns)
+    assert file_bytes(out) == full
+    assert not list(out.glob("*.tmp-*"))
+
+
+def test_infer_changed_parameters_clear_stale_chunks(store256, tmp_path):
+    out = tmp_path / "c"
+    run_infer(store256, out, model=threshold_model, cfg=cfg(), quiet=True)
+    first = file_bytes(out)
+    res = run_infer(store256, out, model=threshold_model, cfg=cfg(min_area_um2=60.0), quiet=True)
+    assert res["chunks_reused"] == 0  # recomputed, not reused
+    second = file_bytes(out)
+    assert sorted(first) == sorted(second)
+    def rows(files):
+        return sum(pq.read_table(pa.BufferReader(b)).num_rows for b in files.values())
+
+    assert 0 < rows(second) < rows(first)
+    assert json.loads((out / META_NAME).read_text())["min_area_um2"] == 60.0
+
+
+def test_infer_distributed_scheduler_matches_threads(store256, tmp_path):
+    from distributed import Client, LocalCluster
+
+    run_infer(store256, tmp_path / "t", model="classical", cfg=cfg(), quiet=True)
+    with LocalCluster(n_workers=1, threads_per_worker=2, processes=False, dashboard_address=None) as cluster:
+        with Client(cluster):
+            run_infer(store256, tmp_path / "d", model="classical", cfg=cfg(), scheduler=cluster.scheduler_address, quiet=True)
+    assert file_bytes(tmp_path / "t") == file_bytes(tmp_path / "d")
+
+
+def test_infer_refuses_store_at_other_resolution(store256, tmp_path):
+    wrong = Model(threshold_model, mpp=0.25, info={"name": "x"})
+    with pytest.raises(StoreError, match="0.25"):
+        run_infer(store256, tmp_path / "c", model=wrong, cfg=cfg(), quiet=True)
+
+
+def test_infer_rejects_malformed_model_output(store256, tmp_path):
+    def bad(images):
+        return [(np.zeros(img.shape[:2], np.int64), np.zeros(0, np.float32)) for img in images]
+
+    with pytest.raises(ModelError, match="uint32"):
+        run_infer(store256, tmp_path / "c", model=bad, cfg=cfg(), quiet=True)
+
+
+def test_infer_missing_store_and_model(tmp_path, store256):
+    with pytest.raises(StoreError, match="cellsam tile"):
+        run_infer(tmp_path / "nope.ome.zarr", tmp_path / "c", model=threshold_model, cfg=cfg(), quiet=True)
+    with pytest.raises(ModelError, match="not found"):
+        run_infer(store256, tmp_path / "c", model=tmp_path / "missing.pt", cfg=cfg(), quiet=True)
+
+
+def test_cli_infer_one_line_error(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "pipeline.cli", "infer", str(tmp_path / "nope.ome.zarr"), "-o", str(tmp_path / "c")],
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == StoreError.exit_code
+    assert proc.stderr.strip().count("\n") == 0 and "nope.ome.zarr" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_cli_infer_classical(store256, tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "pipeline.cli", "--quiet", "infer", str(store256), "-o", str(tmp_path / "c"),
+         "--model", "classical", "--halo", str(HALO), "--workers", "1"],
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr == ""  # --quiet: no progress bar, no info lines
+    assert len(list_chunk_files(tmp_path / "c")) > 0
