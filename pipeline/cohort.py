@@ -1,0 +1,668 @@
+"""Cohort stage: the sample sheet, the workflow's bookkeeping paths, and the cohort summary/report.
+
+Pure core + thin I/O shell:
+
+* :func:`read_sample_sheet` parses and checks a sample sheet (used by the Snakemake workflow
+  before any job starts, and by ``cellsam cohort``);
+* :class:`CohortLayout` names the workflow's per-slide status, log and benchmark files and the
+  cohort report files (per-slide results are named by :class:`pipeline.paths.SlidePaths`);
+* :func:`slide_row` / :func:`cohort_table` turn per-slide artifacts into one table row per slide;
+* :func:`run_cohort` writes ``PREFIX.csv``, ``PREFIX.parquet``, ``PREFIX.png`` and ``PREFIX.html``.
+
+Sample sheet
+------------
+TSV (``.tsv``/``.txt``) or CSV (``.csv``) with a header row and the columns
+
+==========  ======  ==========================================================================
+column      type    meaning
+==========  ======  ==========================================================================
+slide_id    str     unique id naming every output; see :func:`pipeline.paths.check_slide_id`
+path        str     slide file; relative paths are relative to the sheet's directory
+mpp         float   optional µm/px override (> 0) for slides lacking resolution metadata
+==========  ======  ==========================================================================
+
+Cohort table (``PREFIX.csv`` / ``PREFIX.parquet``), one row per slide, sorted by ``slide_id``
+--------------------------------------------------------------------------------------------
+``slide_id`` str; ``status`` str (``ok`` | ``failed``); ``reason`` str (empty when ok);
+``path`` str; ``nuclei`` Int64; ``tissue_mm2`` float64 (mm²); ``nuclei_per_mm2`` float64;
+``<feature>_median`` float64 for each feature of :data:`FEATURES` (units of the feature);
+``runtime_s`` float64 (s, sum of the per-stage job wall times, else the summary's timings).
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+import logging
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import ConfigError, InputError
+from .paths import SlidePaths, atomic_target, check_slide_id
+
+log = logging.getLogger(__name__)
+
+SAMPLE_COLUMNS = ("slide_id", "path", "mpp")
+REQUIRED_COLUMNS = ("slide_id", "path")
+STAGES = ("check", "tile", "infer", "export")  # per-slide workflow jobs, in order
+
+# cohort column suffix -> candidate names (summary.json feature keys / parquet columns), first hit wins
+FEATURES = {
+    "area_um2": ("area_um2", "Nucleus: Area µm^2", "area"),
+    "perimeter_um": ("perimeter_um", "Nucleus: Length µm", "perimeter"),
+    "circularity": ("circularity", "Nucleus: Circularity"),
+    "solidity": ("solidity", "Nucleus: Solidity"),
+    "eccentricity": ("eccentricity", "Nucleus: Eccentricity"),
+    "hematoxylin_od_mean": ("hematoxylin_od_mean", "Nucleus: Hematoxylin OD mean", "h_od_mean"),
+}
+COLUMNS = (
+    ["slide_id", "status", "reason", "path", "nuclei", "tissue_mm2", "nuclei_per_mm2"]
+    + [f"{name}_median" for name in FEATURES]
+    + ["runtime_s"]
+)
+
+
+# --------------------------------------------------------------------------- layout
+
+
+@dataclass(frozen=True)
+class CohortLayout:
+    """Where the workflow keeps its bookkeeping under ``outdir`` (results are in ``SlidePaths``).
+
+    ``slide_id`` arguments may be a Snakemake wildcard such as ``"{slide}"``.
+    """
+
+    outdir: Path
+
+    @property
+    def status_dir(self) -> Path:
+        return self.outdir / "status"
+
+    @property
+    def logs_dir(self) -> Path:
+        return self.outdir / "logs"
+
+    @property
+    def benchmarks_dir(self) -> Path:
+        return self.outdir / "benchmarks"
+
+    @property
+    def prefix(self) -> Path:
+        return self.outdir / "cohort"
+
+    def status(self, slide_id: str) -> Path:
+        """``cellsam check`` result, JSON ``{"slide", "ok", "error"}``."""
+        return status_path(self.status_dir, slide_id)
+
+    def log(self, stage: str, slide_id: str) -> Path:
+        return log_path(self.logs_dir, stage, slide_id)
+
+    def benchmark(self, stage: str, slide_id: str) -> Path:
+        return self.benchmarks_dir / stage / f"{slide_id}.tsv"
+
+    def slide(self, slide_id: str) -> SlidePaths:
+        return SlidePaths(self.outdir, slide_id)
+
+
+def status_path(status_dir: str | os.PathLike, slide_id: str) -> Path:
+    return Path(status_dir) / f"{slide_id}.check.json"
+
+
+def log_path(logs_dir: str | os.PathLike, stage: str, slide_id: str) -> Path:
+    return Path(logs_dir) / stage / f"{slide_id}.log"
+
+
+def report_paths(prefix: str | os.PathLike) -> dict[str, Path]:
+    """Files written by :func:`run_cohort` for ``prefix`` (``results/cohort`` -> ``results/cohort.csv`` ...)."""
+    prefix = Path(prefix)
+    return {ext: prefix.with_name(f"{prefix.name}.{ext}") for ext in ("csv", "parquet", "png", "html")}
+
+
+# --------------------------------------------------------------------------- sample sheet
+
+
+def _sheet_sep(path: Path) -> str:
+    suffix = path.suffix.lower()
+    if suffix in (".tsv", ".txt"):
+        return "\t"
+    if suffix == ".csv":
+        return ","
+    raise ConfigError(f"sample sheet {path}: unknown extension {path.suffix!r}; use .tsv or .csv")
+
+
+def read_sample_table(path: str | os.PathLike):
+    """Read a sample sheet as written, without checks beyond the format.
+
+    Returns
+    -------
+    pandas.DataFrame
+        Columns as in the file; ``slide_id``/``path`` as ``str``, ``mpp`` as ``float64``
+        (NaN where empty). Blank lines and lines starting with ``#`` are skipped;
+        ``df.attrs["lines"]`` holds the file line number of each row (for messages).
+
+    Raises
+    ------
+    ConfigError
+        Missing/unreadable file, unknown extension, ragged rows or a non-numeric ``mpp``
+        (naming the line).
+    """
+    import csv
+
+    import pandas as pd
+
+    path = Path(path)
+    sep = _sheet_sep(path)
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except FileNotFoundError:
+        raise ConfigError(f"sample sheet {path}: file not found") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"sample sheet {path}: cannot read ({exc})") from None
+    numbered = [(i + 1, ln) for i, ln in enumerate(text.splitlines()) if ln.strip() and not ln.lstrip().startswith("#")]
+    if not numbered:
+        raise ConfigError(f"sample sheet {path}: empty (expected a header: slide_id, path[, mpp])")
+    rows = list(csv.reader([ln for _, ln in numbered], delimiter=sep))
+    header = [c.strip() for c in rows[0]]
+    records, lines = [], []
+    for (lineno, _), row in zip(numbered[1:], rows[1:]):
+        if len(row) > len(header):
+            raise ConfigError(f"sample sheet {path} line {lineno}: {len(row)} fields but {len(header)} columns in the header")
+        row = [c.strip() for c in row] + [""] * (len(header) - len(row))
+        records.append(dict(zip(header, row)))
+        lines.append(lineno)
+    df = pd.DataFrame(records, columns=header, dtype=object)
+    if "mpp" in df.columns:
+        values = []
+        for lineno, text_value in zip(lines, df["mpp"]):
+            try:
+                values.append(float(text_value) if text_value != "" else math.nan)
+            except ValueError:
+                raise ConfigError(
+                    f"sample sheet {path} line {lineno}: column 'mpp' must be a number, got {text_value!r}"
+                ) from None
+        df["mpp"] = pd.Series(values, index=df.index, dtype="float64")
+    df.attrs["lines"] = lines
+    return df
+
+
+def check_columns(df, sheet: str | os.PathLike) -> None:
+    """Raise :class:`ConfigError` for unknown or missing sample-sheet columns."""
+    where = f"sample sheet {sheet}"
+    unknown = [c for c in df.columns if c not in SAMPLE_COLUMNS]
+    if unknown:
+        raise ConfigError(
+            f"{where}: unknown column(s) {', '.join(map(repr, unknown))}; allowed: {', '.join(SAMPLE_COLUMNS)}"
+        )
+    missing = [c for c in REQUIRED_COLUMNS if c not in df.columns]
+    if missing:
+        raise ConfigError(f"{where}: missing column(s) {', '.join(map(repr, missing))}")
+    if len(df) == 0:
+        raise ConfigError(f"{where}: no slides listed")
+
+
+def _line_numbers(df) -> list[int]:
+    return list(df.attrs.get("lines") or range(2, len(df) + 2))
+
+
+def check_sample_table(df, sheet: str | os.PathLike, *, check_files: bool = True):
+    """Check a table from :func:`read_sample_table` and resolve its paths.
+
+    Parameters
+    ----------
+    df : pandas.DataFrame
+        As returned by :func:`read_sample_table` (not modified).
+    sheet : path
+        The sheet file: names it in errors; relative slide paths are resolved against its directory.
+    check_files : bool
+        Require every slide file to exist.
+
+    Returns
+    -------
+    pandas.DataFrame
+        Index ``slide_id`` (sorted), columns ``path`` (absolute ``str``) and ``mpp`` (float64, NaN = from
+        the slide's metadata).
+
+    Raises
+    ------
+    ConfigError
+        Unknown/missing columns, empty sheet, empty/unsafe/duplicate ``slide_id``, empty ``path``,
+        non-positive ``mpp`` or a missing slide file; the message names the sheet, line and column.
+    """
+    import pandas as pd
+
+    sheet = Path(sheet)
+    check_columns(df, sheet)
+    base = sheet.resolve().parent
+    seen: dict[str, int] = {}
+    rows = []
+    for lineno, rec in zip(_line_numbers(df), df.to_dict("records")):
+        line = f"sample sheet {sheet} line {lineno}"
+        sid = rec["slide_id"]
+        if not sid:
+            raise ConfigError(f"{line}: column 'slide_id' is empty")
+        try:
+            check_slide_id(sid)
+        except InputError as exc:
+            raise ConfigError(f"{line}: column 'slide_id': {exc}") from None
+        if sid in seen:
+            raise ConfigError(f"{line}: column 'slide_id': duplicate id {sid!r} (first on line {seen[sid]})")
+        seen[sid] = lineno
+        if not rec["path"]:
+            raise ConfigError(f"{line}: column 'path' is empty")
+        slide = Path(os.path.expanduser(rec["path"]))
+        if not slide.is_absolute():
+            slide = base / slide
+        slide = Path(os.path.normpath(slide))
+        if check_files and not slide.is_file():
+            raise ConfigError(f"{line}: column 'path': slide file not found: {slide}")
+        mpp = rec.get("mpp", math.nan)
+        if mpp is not None and not math.isnan(mpp) and not (mpp > 0 and math.isfinite(mpp)):
+            raise ConfigError(f"{line}: column 'mpp' must be > 0, got {mpp}")
+        rows.append({"slide_id": sid, "path": str(slide), "mpp": math.nan if mpp is None else float(mpp)})
+    out = pd.DataFrame(rows, columns=["slide_id", "path", "mpp"]).set_index("slide_id").sort_index()
+    out["mpp"] = out["mpp"].astype("float64")
+    return out
+
+
+def validate_rows(df, schema: dict, sheet: str | os.PathLike) -> None:
+    """Validate each row of ``df`` against a JSON schema for one record (``samples.schema.yaml``).
+
+    Raises
+    ------
+    ConfigError
+        For the first invalid row, naming the sheet, the line and the column.
+    """
+    import jsonschema
+
+    validator = jsonschema.Draft202012Validator(schema)
+    for lineno, rec in zip(_line_numbers(df), df.to_dict("records")):
+        rec = {k: v for k, v in rec.items() if not (isinstance(v, float) and math.isnan(v))}
+        error = jsonschema.exceptions.best_match(validator.iter_errors(rec))
+        if error is not None:
+            column = ".".join(str(p) for p in error.absolute_path)
+            what = f"column {column!r}: " if column else ""
+            raise ConfigError(f"sample sheet {sheet} line {lineno}: {what}{error.message}")
+
+
+def read_sample_sheet(path: str | os.PathLike, *, schema: dict | None = None, check_files: bool = True):
+    """Read, validate and resolve a sample sheet (see the module docstring for the format).
+
+    Parameters
+    ----------
+    path : path
+        TSV/CSV sample sheet.
+    schema : dict, optional
+        JSON schema of one row (``workflows/schemas/samples.schema.yaml``), checked first.
+    check_files : bool
+        Require every slide file to exist.
+
+    Returns
+    -------
+    pandas.DataFrame
+        Index ``slide_id`` (sorted), columns ``path`` (absolute str) and ``mpp`` (float64, NaN if unset).
+
+    Raises
+    ------
+    ConfigError
+        Any problem, as one line naming the sheet, line and column.
+    """
+    df = read_sample_table(path)
+    check_columns(df, path)
+    if schema is not None:
+        validate_rows(df, schema, path)
+    return check_sample_table(df, path, check_files=check_files)
+
+
+# --------------------------------------------------------------------------- per-slide rows
+
+
+def _read_json(path: Path) -> dict | None:
+    try:
+        with open(path, encoding="utf-8") as fh:
+            data = json.load(fh)
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as exc:
+        log.warning("ignoring unreadable %s: %s", path, exc)
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def _last_line(path: Path) -> str:
+    """Last ``cellsam: error:`` line of a log, else its last non-empty line ('' if none)."""
+    try:
+        lines = [ln.strip() for ln in path.read_text(encoding="utf-8", errors="replace").splitlines()]
+    except OSError:
+        return ""
+    lines = [ln for ln in lines if ln]
+    errors = [ln for ln in lines if ln.startswith("cellsam: error:")]
+    return (errors or lines or [""])[-1]
+
+
+def failure_reason(slide_id: str, logs_dir: str | os.PathLike | None) -> str:
+    """Reason for a slide without final outputs: the newest stage log's last (error) line."""
+    if logs_dir is not None:
+        logs = [(p.stat().st_mtime_ns, i, stage, p) for i, stage in enumerate(STAGES)
+                if (p := log_path(logs_dir, stage, slide_id)).is_file()]
+        if logs:
+            _, _, stage, path = max(logs)
+            line = _last_line(path)
+            return f"{stage}: {line}" if line else f"{stage}: failed (empty log {path})"
+    return "no outputs (not run, or failed before writing a log)"
+
+
+def _number(value) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return math.nan
+    return float(value)
+
+
+def _lookup(mapping: dict, *keys):
+    for key in keys:
+        if isinstance(mapping, dict) and key in mapping:
+            return mapping[key]
+    return None
+
+
+def summary_fields(summary: dict) -> dict:
+    """Cohort columns from one ``ID.summary.json`` (missing values -> NaN).
+
+    Accepts the feature statistics as ``summary["features"][name]["median"]`` (or under
+    ``"measurements"``/``"stats"``), or as a flat ``"<name>_median"`` key.
+    """
+    stats = _lookup(summary, "features", "measurements", "stats") or {}
+    out = {
+        "nuclei": _lookup(summary, "nuclei", "n_nuclei", "nucleus_count", "count"),
+        "tissue_mm2": _number(_lookup(summary, "tissue_mm2", "tissue_area_mm2")),
+        "nuclei_per_mm2": _number(_lookup(summary, "nuclei_per_mm2", "density_per_mm2")),
+    }
+    if isinstance(out["nuclei"], bool) or not isinstance(out["nuclei"], int):
+        out["nuclei"] = None
+    for name, keys in FEATURES.items():
+        value = None
+        for key in keys:
+            entry = stats.get(key) if isinstance(stats, dict) else None
+            if isinstance(entry, dict) and "median" in entry:
+                value = entry["median"]
+                break
+        if value is None:
+            value = summary.get(f"{name}_median")
+        out[f"{name}_median"] = _number(value)
+    if math.isnan(out["nuclei_per_mm2"]) and out["nuclei"] is not None and out["tissue_mm2"] > 0:
+        out["nuclei_per_mm2"] = out["nuclei"] / out["tissue_mm2"]
+    timings = _lookup(summary, "timings", "timings_s", "runtime")
+    if isinstance(timings, dict):
+        total = _lookup(timings, "total", "total_s")
+        if total is None:
+            parts = [_number(v) for v in timings.values()]
+            total = sum(p for p in parts if not math.isnan(p)) if parts else None
+        out["runtime_s"] = _number(total)
+    else:
+        out["runtime_s"] = _number(_lookup(summary, "runtime_s", "elapsed_s"))
+    return out
+
+
+def _benchmark_seconds(layout_dir: Path, slide_id: str) -> float:
+    """Sum of the Snakemake benchmark wall times (column ``s``) of the slide's stages, NaN if none."""
+    total, found = 0.0, False
+    for stage in STAGES:
+        path = layout_dir / stage / f"{slide_id}.tsv"
+        try:
+            header, values = path.read_text(encoding="utf-8").splitlines()[:2]
+        except (OSError, ValueError):
+            continue
+        cols = dict(zip(header.split("\t"), values.split("\t")))
+        try:
+            total += float(cols["s"])
+            found = True
+        except (KeyError, ValueError):
+            continue
+    return total if found else math.nan
+
+
+def slide_row(
+    slide_id: str,
+    path: str,
+    results: Path,
+    *,
+    status_dir: Path | None = None,
+    logs_dir: Path | None = None,
+    benchmarks_dir: Path | None = None,
+) -> dict:
+    """One cohort row for a slide from its status file, summary and logs (see module docstring)."""
+    row = {c: math.nan for c in COLUMNS}
+    row.update(slide_id=slide_id, path=path, status="failed", reason="", nuclei=None)
+    status = _read_json(status_path(status_dir, slide_id)) if status_dir is not None else None
+    if status is not None and status.get("ok") is False:
+        row["reason"] = f"check: {status.get('error') or 'slide not readable'}"
+        return row
+    paths = SlidePaths(Path(results), slide_id)
+    summary = _read_json(paths.summary)
+    missing = [p.name for p in paths.finals() if not p.is_file()]
+    if summary is None or missing:
+        row["reason"] = failure_reason(slide_id, logs_dir)
+        return row
+    row.update(summary_fields(summary))
+    row.update(status="ok", reason="")
+    if benchmarks_dir is not None:
+        seconds = _benchmark_seconds(Path(benchmarks_dir), slide_id)
+        if not math.isnan(seconds):
+            row["runtime_s"] = seconds
+    return row
+
+
+def cohort_table(samples, results, *, status_dir=None, logs_dir=None, benchmarks_dir=None):
+    """Cohort table: one row per slide of ``samples`` (from :func:`read_sample_sheet`), sorted by id.
+
+    Returns
+    -------
+    pandas.DataFrame
+        Columns :data:`COLUMNS` with the dtypes listed in the module docstring.
+    """
+    import pandas as pd
+
+    rows = [
+        slide_row(
+            sid, str(samples.loc[sid, "path"]), Path(results),
+            status_dir=status_dir, logs_dir=logs_dir, benchmarks_dir=benchmarks_dir,
+        )
+        for sid in sorted(samples.index)
+    ]
+    table = pd.DataFrame(rows, columns=list(COLUMNS))
+    for col in ("slide_id", "status", "reason", "path"):
+        table[col] = table[col].astype(str)
+    table["nuclei"] = table["nuclei"].astype("Int64")
+    for col in COLUMNS[5:]:
+        table[col] = table[col].astype("float64")
+    return table.reset_index(drop=True)
+
+
+# --------------------------------------------------------------------------- report
+
+
+def _area_column(columns) -> str | None:
+    for key in FEATURES["area_um2"]:
+        if key in columns:
+            return key
+    return None
+
+
+def nucleus_areas(parquet: Path):
+    """Nucleus areas (µm², float64 1-D array) from an ``ID.nuclei.parquet``; empty if unavailable."""
+    import numpy as np
+    import pyarrow.parquet as pq
+
+    try:
+        names = pq.read_schema(parquet).names
+        col = _area_column(names)
+        if col is None:
+            return np.zeros(0, dtype=np.float64)
+        values = pq.read_table(parquet, columns=[col]).column(col).to_numpy(zero_copy_only=False)
+    except (OSError, ValueError) as exc:
+        log.warning("no nucleus areas from %s: %s", parquet, exc)
+        return np.zeros(0, dtype=np.float64)
+    values = np.asarray(values, dtype=np.float64)
+    return values[np.isfinite(values)]
+
+
+def render_figure(table, areas: dict) -> bytes:
+    """PNG bytes: nucleus-area box plots and nucleus density per slide; failed slides in red.
+
+    Parameters
+    ----------
+    table : pandas.DataFrame
+        From :func:`cohort_table`.
+    areas : dict of str to ndarray
+        ``slide_id`` -> nucleus areas (µm², float64) for the slides with status ``ok``.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ids = list(table["slide_id"])[::-1]  # top-to-bottom = sorted order
+    n = max(len(ids), 1)
+    fig, (ax_area, ax_dens) = plt.subplots(
+        1, 2, figsize=(10, 1.2 + 0.35 * n), sharey=True, gridspec_kw={"width_ratios": [3, 2]}
+    )
+    status = dict(zip(table["slide_id"], table["status"]))
+    density = dict(zip(table["slide_id"], table["nuclei_per_mm2"]))
+    ys = list(range(len(ids)))
+    data = [areas.get(sid) for sid in ids]
+    with_data = [(y, d) for y, d in zip(ys, data) if d is not None and len(d)]
+    if with_data:
+        ax_area.boxplot(
+            [d for _, d in with_data], positions=[y for y, _ in with_data], vert=False,
+            widths=0.6, showfliers=False, manage_ticks=False,
+        )
+    ax_area.set_xlabel("nucleus area (µm²)")
+    ax_area.set_title("Nucleus area per slide")
+    dens = [density[sid] if status[sid] == "ok" and math.isfinite(density[sid]) else 0.0 for sid in ids]
+    ax_dens.barh(ys, dens, color="#4c72b0")
+    ax_dens.set_xlabel("nuclei per mm²")
+    ax_dens.set_title("Density per slide")
+    for y, sid in zip(ys, ids):
+        if status[sid] != "ok":
+            ax_dens.text(0, y, " failed", va="center", color="#c0392b", fontsize=8)
+    ax_area.set_yticks(ys)
+    ax_area.set_yticklabels(ids, fontsize=8)
+    for label, sid in zip(ax_area.get_yticklabels(), ids):
+        if status[sid] != "ok":
+            label.set_color("#c0392b")
+    ax_area.set_ylim(-0.7, len(ids) - 0.3)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100, metadata={"Software": None})
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def render_html(table, png: bytes) -> str:
+    """Self-contained HTML report (inline CSS, the figure as a data URI); no timestamps."""
+    ok = int((table["status"] == "ok").sum())
+    failed = table[table["status"] != "ok"]
+    shown = table.drop(columns=["path"])
+    rows_html = shown.to_html(index=False, na_rep="", float_format=lambda v: f"{v:.4g}", border=0)
+    if len(failed):
+        items = "".join(
+            f"<li><b>{html.escape(sid)}</b>: {html.escape(reason)}</li>"
+            for sid, reason in zip(failed["slide_id"], failed["reason"])
+        )
+        failed_html = f"<h2>Failed slides ({len(failed)})</h2><ul class='failed'>{items}</ul>"
+    else:
+        failed_html = "<h2>Failed slides</h2><p>None.</p>"
+    img = base64.b64encode(png).decode("ascii")
+    return (
+        "<!DOCTYPE html>\n<html lang='en'><head><meta charset='utf-8'><title>cellsam cohort report</title>"
+        "<style>body{font-family:sans-serif;margin:2em;}table{border-collapse:collapse;font-size:90%;}"
+        "th,td{padding:2px 8px;border-bottom:1px solid #ddd;text-align:right;}"
+        "th:first-child,td:first-child{text-align:left;}.failed li{color:#c0392b;}</style></head><body>\n"
+        f"<h1>cellsam cohort report</h1>\n<p>{len(table)} slides: {ok} ok, {len(failed)} failed.</p>\n"
+        f"{failed_html}\n<h2>Plots</h2>\n<img alt='nucleus area and density per slide' "
+        f"src='data:image/png;base64,{img}'>\n<h2>Per-slide summary</h2>\n{rows_html}\n</body></html>\n"
+    )
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    tmp = atomic_target(path)
+    try:
+        with open(tmp, "wb") as fh:
+            fh.write(data)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def write_report(table, areas: dict, prefix: str | os.PathLike) -> dict[str, Path]:
+    """Write the table (CSV, parquet), figure (PNG) and HTML report for ``prefix`` atomically."""
+    paths = report_paths(prefix)
+    paths["csv"].parent.mkdir(parents=True, exist_ok=True)
+    _write_atomic(paths["csv"], table.to_csv(index=False, lineterminator="\n").encode("utf-8"))
+    buf = io.BytesIO()
+    table.to_parquet(buf, index=False)
+    _write_atomic(paths["parquet"], buf.getvalue())
+    png = render_figure(table, areas)
+    _write_atomic(paths["png"], png)
+    _write_atomic(paths["html"], render_html(table, png).encode("utf-8"))
+    return paths
+
+
+def run_cohort(
+    results: str | os.PathLike,
+    samples: str | os.PathLike,
+    prefix: str | os.PathLike,
+    *,
+    status_dir: str | os.PathLike | None = None,
+    logs_dir: str | os.PathLike | None = None,
+    benchmarks_dir: str | os.PathLike | None = None,
+):
+    """Summarise a cohort: read the sheet, build the table, write the report files.
+
+    Parameters
+    ----------
+    results : path
+        Directory holding the per-slide outputs (``SlidePaths`` layout).
+    samples : path
+        Sample sheet; slide files need not exist any more.
+    prefix : path
+        Output prefix; see :func:`report_paths`.
+    status_dir, logs_dir, benchmarks_dir : path, optional
+        Workflow bookkeeping (:class:`CohortLayout`); absent ones are ignored.
+
+    Returns
+    -------
+    pandas.DataFrame
+        The cohort table.
+
+    Raises
+    ------
+    ConfigError
+        For a bad sample sheet.
+    OutputError
+        If the report cannot be written.
+    """
+    from .errors import OutputError
+
+    sheet = read_sample_sheet(samples, check_files=False)
+    dirs = [Path(d) if d is not None else None for d in (status_dir, logs_dir, benchmarks_dir)]
+    table = cohort_table(sheet, Path(results), status_dir=dirs[0], logs_dir=dirs[1], benchmarks_dir=dirs[2])
+    areas = {
+        sid: nucleus_areas(SlidePaths(Path(results), sid).parquet)
+        for sid, st in zip(table["slide_id"], table["status"])
+        if st == "ok"
+    }
+    try:
+        write_report(table, areas, prefix)
+    except OSError as exc:
+        raise OutputError(f"cannot write cohort report {prefix}: {exc.strerror or exc}") from None
+    n_failed = int((table["status"] != "ok").sum())
+    log.info("cohort: %d slides, %d failed -> %s.*", len(table), n_failed, prefix)
+    for sid, reason in zip(table["slide_id"], table["reason"]):
+        if reason:
+            log.warning("slide %s failed: %s", sid, reason)
+    return table

@@ -1,0 +1,142 @@
+# Helpers of the cohort workflow: config + sample-sheet validation and artifact names.
+# All names come from pipeline.paths.SlidePaths (results) and pipeline.cohort.CohortLayout
+# (status, logs, benchmarks, cohort report); all defaults from the schema (== pipeline/config.py).
+
+import json
+import re
+import shlex
+from pathlib import Path
+
+import yaml
+import jsonschema
+from snakemake.utils import validate
+
+from pipeline.cohort import CohortLayout, read_sample_sheet, report_paths
+from pipeline.errors import ConfigError
+
+
+SCHEMAS = Path(workflow.current_basedir) / ".." / "schemas"
+
+
+def load_schema(name):
+    with open(SCHEMAS / name, encoding="utf-8") as fh:
+        return yaml.safe_load(fh)
+
+
+def check_config(cfg):
+    """One-line ConfigError naming the first offending key (snakemake's own message is a schema dump)."""
+    error = jsonschema.exceptions.best_match(
+        jsonschema.Draft202012Validator(load_schema("config.schema.yaml")).iter_errors(cfg)
+    )
+    if error is not None:
+        key = ".".join(str(p) for p in error.absolute_path) or "(top level)"
+        raise ConfigError(f"invalid workflow config: {key}: {error.message}")
+
+
+check_config(config)
+validate(config, schema="../schemas/config.schema.yaml")  # same schema; fills in the defaults
+
+# index slide_id (sorted), columns path (absolute), mpp (NaN = from the slide's metadata)
+SAMPLES = read_sample_sheet(config["samples"], schema=load_schema("samples.schema.yaml"))
+SLIDE_IDS = list(SAMPLES.index)
+
+OUT = Path(config["output_dir"])
+LAYOUT = CohortLayout(OUT)
+REPORT = report_paths(LAYOUT.prefix)
+W = "{slide}"  # wildcard placeholder used to turn the path helpers into patterns
+
+
+def slide_file(name):
+    """Pattern of a per-slide artifact, e.g. slide_file("geojson_gz") -> results/{slide}.geojson.gz."""
+    return str(getattr(LAYOUT.slide(W), name))
+
+
+def log_file(stage):
+    return str(LAYOUT.log(stage, W))
+
+
+def cohort_log(name="cohort"):
+    return str(LAYOUT.logs_dir / f"{name}.log")
+
+
+def benchmark_file(stage):
+    return str(LAYOUT.benchmark(stage, W))
+
+
+def status_file(slide_id=W):
+    return str(LAYOUT.status(slide_id))
+
+
+def maybe_temp(path):
+    """Intermediate stores are temp() (deleted after export) unless keep_stores is set."""
+    return path if config["keep_stores"] else temp(path)
+
+
+def export_outputs():
+    names = ["geojson_gz", "parquet", "summary", "qc_png"]
+    if config["export"]["geojson_plain"]:
+        names.append("geojson")
+    return {name: slide_file(name) for name in names}
+
+
+def slide_path(wildcards):
+    return SAMPLES.loc[wildcards.slide, "path"]
+
+
+def slide_mpp_flag(wildcards):
+    mpp = SAMPLES.loc[wildcards.slide, "mpp"]
+    return "" if mpp != mpp else f"--slide-mpp {float(mpp)!r}"  # NaN -> no override
+
+
+def infer_flags():
+    cfg = config["infer"]
+    flags = [f"--device {cfg['device']}", f"--batch-size {cfg['batch_size']}", f"--halo {cfg['halo_px']}"]
+    if cfg["model"] is not None:
+        flags.append(f"--model {shlex.quote(cfg['model'])}")
+    if cfg["refine"]:
+        flags.append("--refine")
+    return " ".join(flags)
+
+
+def infer_gpus():
+    """gpu=1 unless the device is cpu: bounds concurrent GPU jobs (--resources gpu=N) and asks SLURM for one."""
+    return 0 if config["infer"]["device"] == "cpu" else 1
+
+
+def check_passed(slide_id):
+    """Read the slide's `cellsam check` status (written by the checkpoint); True if readable."""
+    with open(checkpoints.check.get(slide=slide_id).output.status) as fh:
+        return bool(json.load(fh).get("ok"))
+
+
+def cohort_inputs(wildcards):
+    """Status of every slide, plus the final outputs of the slides whose check passed.
+
+    A slide that fails its check contributes only its status file (the cohort lists it as failed),
+    so one unreadable slide never blocks the cohort summary.
+    """
+    inputs = {"sheet": config["samples"], "status": [status_file(s) for s in SLIDE_IDS]}
+    finals = []
+    for sid in SLIDE_IDS:
+        if check_passed(sid):
+            finals.extend(path.format(slide=sid) for path in export_outputs().values())
+    inputs["finals"] = finals
+    return inputs
+
+
+def run_cohort_after_error():
+    """onerror: write the cohort report anyway, listing the slides whose jobs failed (and why)."""
+    if not LAYOUT.status_dir.is_dir():
+        return
+    q = shlex.quote
+    cmd = (
+        f"cellsam cohort --results {q(str(OUT))} --samples {q(config['samples'])}"
+        f" --status-dir {q(str(LAYOUT.status_dir))} --logs {q(str(LAYOUT.logs_dir))}"
+        f" --benchmarks {q(str(LAYOUT.benchmarks_dir))} -o {q(str(LAYOUT.prefix))}"
+    )
+    try:
+        LAYOUT.logs_dir.mkdir(parents=True, exist_ok=True)
+        shell(f"{cmd} > {q(cohort_log('cohort.onerror'))} 2>&1")
+        logger.warning(f"some jobs failed; the cohort report lists them: {REPORT['html']}")
+    except Exception as exc:  # the report is best effort; the run has already failed
+        logger.warning(f"could not write the cohort report after the error: {exc}")
