@@ -167,7 +167,29 @@ class Segmenter:
         return instances_from_maps(prob, hv, mpp, self.params)
 
 
-def load_model(path=None, device: str = "auto", refine: bool = False) -> Segmenter:
-    """Load a CellSAM checkpoint (default: the shipped weights) as a :class:`Segmenter`."""
+def load_model(path=None, device: str = "auto", refine: bool = False, teacher=None) -> Segmenter:
+    """Load a CellSAM checkpoint (default: the shipped weights) as a :class:`Segmenter`.
+
+    ``teacher``: a SAM checkpoint path (or a loaded :class:`pipeline.model.teacher.SamTeacher`) for
+    dual mode; it is attached only when the checkpoint has a fusion gate (arch ``fusion``). A dual
+    checkpoint loaded without a teacher runs in lite mode (student embedding only), with a warning.
+    """
+    import logging
+
+    log = logging.getLogger(__name__)
     model, meta = load_checkpoint(path)
+    if teacher is not None:
+        from .teacher import SamTeacher, load_teacher
+
+        t = teacher if isinstance(teacher, SamTeacher) else load_teacher(teacher)
+        if model.fusion is None:
+            log.warning("%s: lite checkpoint (no fusion gate): the SAM teacher is ignored", path or "default weights")
+        else:
+            want = (meta.get("teacher") or {}).get("type")
+            if want and want != t.type:
+                log.warning("checkpoint was trained with a %s teacher, got %s: fused features may be off", want, t.type)
+            model.teacher = t
+    elif model.fusion is not None:
+        log.warning("%s: dual-mode checkpoint loaded without --teacher: running lite (student embedding only)",
+                    path or "default weights")
     return Segmenter(model, meta, device=device, refine=refine)
