@@ -13,6 +13,7 @@ QuPath's reader rules.
 from __future__ import annotations
 
 import gzip
+import hashlib
 import json
 import logging
 import math
@@ -34,6 +35,7 @@ log = logging.getLogger(__name__)
 
 #: Namespace of the nucleus UUIDs: ``uuid5(NUCLEUS_NAMESPACE, f"{slide_key}/{nucleus_id}")``.
 NUCLEUS_NAMESPACE = uuid.UUID("6f1c2a3e-5b7d-4e8f-9a0b-c1d2e3f4a5b6")
+_NS_BYTES = NUCLEUS_NAMESPACE.bytes
 #: QuPath classification of every exported nucleus.
 NUCLEUS_CLASS = {"name": "Nucleus", "color": [0, 128, 255]}
 #: Version of the schemas written here (GeoJSON properties, GeoParquet columns, metadata).
@@ -45,8 +47,16 @@ _JSON = dict(allow_nan=False, ensure_ascii=False, separators=(",", ":"))
 
 
 def nucleus_uuid(slide_key, nucleus_id):
-    """Stable UUID string of a nucleus: ``uuid5(NUCLEUS_NAMESPACE, f"{slide_key}/{nucleus_id}")``."""
-    return str(uuid.uuid5(NUCLEUS_NAMESPACE, f"{slide_key}/{int(nucleus_id)}"))
+    """Stable UUID string of a nucleus: ``uuid5(NUCLEUS_NAMESPACE, f"{slide_key}/{nucleus_id}")``.
+
+    Same value as :func:`uuid.uuid5` (RFC 4122 SHA-1 name-based), computed with ``hashlib``
+    directly (about 10x faster, which matters for millions of nuclei).
+    """
+    digest = bytearray(hashlib.sha1(_NS_BYTES + f"{slide_key}/{int(nucleus_id)}".encode("utf-8")).digest()[:16])
+    digest[6] = (digest[6] & 0x0F) | 0x50  # version 5
+    digest[8] = (digest[8] & 0x3F) | 0x80  # RFC 4122 variant
+    h = digest.hex()
+    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
 
 
 def _atomic(path, write):

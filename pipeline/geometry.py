@@ -173,9 +173,10 @@ def largest_polygon(geoms):
 def clean_polygons(geoms, *, drop_holes=False):
     """Snap to the 0.01 px grid and make every geometry one valid Polygon.
 
-    Invalid inputs go through ``make_valid`` and keep their largest Polygon part, then
-    ``shapely.set_precision(g, 0.01)`` (valid-output mode) snaps them to the grid; parts that
-    split on the grid keep the largest Polygon. QuPath >= 0.6's precision reduction to the same
+    Coordinates are rounded to the grid (``shapely.set_precision(g, 0.01, mode="pointwise")``);
+    geometries that are invalid after rounding are instead repaired (``make_valid``, largest
+    Polygon part) and reduced with GEOS's topology-aware ``set_precision`` (valid-output mode);
+    parts that split on the grid keep the largest Polygon. QuPath >= 0.6's precision reduction to the same
     grid cannot fail on the result.
 
     Parameters
@@ -190,10 +191,16 @@ def clean_polygons(geoms, *, drop_holes=False):
         Valid polygons (possibly empty if a geometry collapsed on the grid).
     """
     geoms = np.array(geoms, dtype=object)  # copy
-    bad = ~shapely.is_valid(geoms)
-    if bad.any():  # set_precision needs valid input
-        geoms[bad] = largest_polygon(shapely.make_valid(geoms[bad]))
-    geoms = shapely.set_precision(geoms, PRECISION_PX)  # valid in -> valid out ("valid_output")
+    # fast path: round every coordinate to the grid and keep what stays valid
+    snapped = shapely.set_precision(geoms, PRECISION_PX, mode="pointwise")
+    bad = ~shapely.is_valid(snapped)
+    if bad.any():  # slow path: repair, then the topology-aware reduction (needs valid input)
+        fix = geoms[bad]
+        invalid = ~shapely.is_valid(fix)
+        if invalid.any():
+            fix[invalid] = largest_polygon(shapely.make_valid(fix[invalid]))
+        snapped[bad] = shapely.set_precision(fix, PRECISION_PX, mode="valid_output")
+    geoms = snapped
     not_poly = shapely.get_type_id(geoms) != 3
     if not_poly.any():
         geoms[not_poly] = largest_polygon(geoms[not_poly])

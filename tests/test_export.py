@@ -153,3 +153,8 @@ def test_write_json_atomic(tmp_path):
     assert not (tmp_path / "s2.json").exists()
     with pytest.raises(OutputError, match="cannot write"):
         export.write_json_atomic({}, tmp_path / "missing-dir" / "s.json")
+
+
+def test_nucleus_uuid_is_uuid5():
+    for key, i in [("abc", 1), ("µ-slide", 123456789), ("", 0)]:
+        assert export.nucleus_uuid(key, i) == str(uuid.uuid5(export.NUCLEUS_NAMESPACE, f"{key}/{i}"))
