@@ -43,10 +43,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..errors import InputError, ModelError
+from ..errors import InputError
 from .cellsam import DEFAULT_ARCH, PIXEL_MEAN, PIXEL_STD, CellSAM, GatedFusion
 from .checkpoint import load_checkpoint, read_checkpoint, save_checkpoint
-from .student import EMBED_DIM, EMBED_STRIDE
+from .student import EMBED_STRIDE
 
 log = logging.getLogger(__name__)
 
@@ -373,10 +373,8 @@ def train_dual(data, out, teacher, *, init=None, cfg: DistillConfig = DistillCon
     """Dual mode: attach the teacher, add the gated fusion, train fusion gate + dense decoder with the
     supervised losses of :mod:`pipeline.train` (student frozen). Returns the final metadata
     (``mode`` "dual", ``teacher`` = the teacher's identity; arch ``fusion`` = True)."""
-    from ..train import losses, make_batch
+    from ..train import load_data, losses, make_batch
     from .teacher import SamTeacher, load_teacher
-
-    from ..train import load_data
 
     dev = _resolve_device(device)
     if cfg.threads:
@@ -421,6 +419,3 @@ def check_out(out) -> Path:
         raise InputError(f"{out}: is a directory (give a checkpoint file path)")
     return out
 
-
-__all__ = ["DistillConfig", "distill", "train_dual", "fit", "crop_grid", "TeacherCache", "embedding_loss",
-           "dihedral_pair", "ModelError", "EMBED_DIM"]
