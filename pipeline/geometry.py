@@ -98,7 +98,7 @@ def labels_to_polygons(labels, *, offset_rc=(0, 0)):
     coords = np.concatenate(rings)
     ring_index = np.repeat(np.arange(len(ids)), ring_len)
     polys = shapely.polygons(shapely.linearrings(coords, indices=ring_index))
-    polys = shapely.simplify(polys, SIMPLIFY_PX, preserve_topology=True)
+    polys = shapely.simplify(polys, SIMPLIFY_PX, preserve_topology=False)  # validity enforced below
     polys = translate(polys, np.asarray(shifts, dtype=np.float64))
     return np.asarray(ids, dtype=np.int64), clean_polygons(polys, drop_holes=True)
 

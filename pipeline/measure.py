@@ -16,7 +16,6 @@ import math
 
 import numpy as np
 import shapely
-from scipy import ndimage
 
 from .errors import InputError
 
@@ -247,7 +246,7 @@ def shape_measurements(polygons, mpp):
         return {c: np.zeros(0) for c in SHAPE_COLUMNS}
     g = shapely.transform(polygons, lambda c: c * mpp)
     area = shapely.area(g)
-    smooth = shapely.simplify(g, PERIMETER_SIMPLIFY_PX * mpp, preserve_topology=True)
+    smooth = shapely.simplify(g, PERIMETER_SIMPLIFY_PX * mpp, preserve_topology=False)
     length = shapely.length(smooth)
     ext = shapely.get_exterior_ring(smooth)
     ext_area = shapely.area(shapely.polygons(ext))
@@ -312,22 +311,29 @@ def intensity_measurements(labels, rgb, ids):
     out = {}
     if not len(ids):
         return {c: np.zeros(0) for c in INTENSITY_COLUMNS}
-    conc = stain_od(rgb)
     flat = labels.ravel().astype(np.int64)
     nbins = int(flat.max()) + 1
-    count = np.bincount(flat, minlength=nbins)[ids].astype(np.float64)
+    wanted = np.zeros(nbins, dtype=bool)
+    wanted[ids] = True
+    fg = np.flatnonzero(wanted[flat])  # only pixels of the requested labels
+    lab = flat[fg]
+    conc = stain_od(rgb.reshape(-1, 3)[fg])  # (n_fg, 3): deconvolve only the measured pixels
+    count = np.bincount(lab, minlength=nbins)[ids].astype(np.float64)
     for k, stain in enumerate(STAINS):
-        values = np.ascontiguousarray(conc[..., k])
-        v = values.ravel()
-        s = np.bincount(flat, weights=v, minlength=nbins)[ids]
-        ss = np.bincount(flat, weights=v * v, minlength=nbins)[ids]
+        v = np.ascontiguousarray(conc[:, k])
+        s = np.bincount(lab, weights=v, minlength=nbins)[ids]
+        ss = np.bincount(lab, weights=v * v, minlength=nbins)[ids]
         with np.errstate(divide="ignore", invalid="ignore"):
             mean = s / count
             var = np.where(count > 1, (ss - s * mean) / (count - 1), np.nan)
+        vmax = np.full(nbins, -np.inf)
+        vmin = np.full(nbins, np.inf)
+        np.maximum.at(vmax, lab, v)
+        np.minimum.at(vmin, lab, v)
         out[f"{stain}_od_mean"] = mean
         out[f"{stain}_od_std"] = np.sqrt(np.maximum(var, 0.0))
-        out[f"{stain}_od_max"] = np.asarray(ndimage.maximum(values, labels, ids), dtype=np.float64)
-        out[f"{stain}_od_min"] = np.asarray(ndimage.minimum(values, labels, ids), dtype=np.float64)
+        out[f"{stain}_od_max"] = vmax[ids]
+        out[f"{stain}_od_min"] = vmin[ids]
     return {c: out[c] for c in INTENSITY_COLUMNS}
 
 

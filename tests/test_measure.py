@@ -9,6 +9,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 import shapely
+import shapely.affinity
 from skimage.draw import disk
 
 from pipeline import geometry, measure
