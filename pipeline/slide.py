@@ -44,7 +44,7 @@ log = logging.getLogger(__name__)
 MPP_TOLERANCE = 0.01
 
 #: Largest source-side edge (pixels) read at once by :meth:`SlideReader.thumbnail`.
-_THUMB_BLOCK_SRC_PX = 4096
+_THUMB_BLOCK_SRC_PX = 2048
 
 
 def _composite_on_white(rgba: np.ndarray) -> np.ndarray:
@@ -293,7 +293,12 @@ class OpenSlideReader(SlideReader):
             img = self._osr.read_region((x_l0, y_l0), level, (width, height))
         except openslide.OpenSlideError as exc:
             raise SlideReadError(f"{self.path}: file is truncated or corrupt: {exc}") from exc
-        return _composite_on_white(np.asarray(img))
+        alpha = img.getchannel("A")
+        if alpha.getextrema()[0] == 255:
+            return np.asarray(img.convert("RGB"))
+        out = Image.new("RGB", img.size, (255, 255, 255))
+        out.paste(img.convert("RGB"), mask=alpha)  # un-premultiplied RGBA over white
+        return np.asarray(out)
 
     def close(self):
         self._osr.close()
