@@ -550,7 +550,10 @@ def run_infer(
     """
     import dask
 
+    from .store import _fix_malloc_mmap_threshold
+
     t_start = time.perf_counter()
+    _fix_malloc_mmap_threshold()  # multi-MB window buffers: keep peak RSS flat over many chunks
     store_path = str(store_path)
     chunks_dir = Path(chunks_dir)
     _open_store_cached.cache_clear()  # the store may have been rewritten since the last call

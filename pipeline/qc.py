@@ -27,6 +27,7 @@ from .paths import atomic_target
 PANEL_PX = 512  # edge of each panel
 CROP_PX = 512  # edge of the full-resolution crop, store pixels
 TEXT_PX = 28  # height of the caption band
+DENSITY_BINS = 48  # density grid cells along the longer side of the thumbnail
 TISSUE_RGB = (0, 170, 0)
 OUTLINE_RGB = (0, 90, 255)
 
@@ -82,7 +83,7 @@ def render_qc(
     crop_rings_rc : sequence of ndarray of shape (M, 2), float
         Nucleus outlines (row, col) in crop pixels.
     caption : str
-        One line of text under the panels.
+        One line of text under the panels (ASCII; other characters become "?").
 
     Returns
     -------
@@ -102,21 +103,28 @@ def render_qc(
         panel1[outline] = TISSUE_RGB
     canvas.paste(Image.fromarray(panel1), (0, 0))
 
-    # panel 2: density heatmap (nuclei per panel pixel, smoothed), blended on the grey thumbnail
+    # panel 2: nucleus density (anchors binned on a coarse grid, smoothed) over the grey thumbnail
     grey = np.asarray(small.convert("L"), np.float32)[..., None].repeat(3, axis=2)
     px_um = thumb_mpp / scale  # µm per panel pixel
-    counts = np.zeros((sh, sw), np.float32)
+    cell_px = max(4.0, max(sw, sh) / DENSITY_BINS)  # panel px per density bin
+    gh, gw = int(np.ceil(sh / cell_px)), int(np.ceil(sw / cell_px))
+    density = np.zeros((gh, gw), np.float32)
     if len(anchors_rc_um):
-        rc = np.floor(np.asarray(anchors_rc_um, np.float64) / px_um).astype(np.int64)
-        ok = (rc[:, 0] >= 0) & (rc[:, 0] < sh) & (rc[:, 1] >= 0) & (rc[:, 1] < sw)
-        np.add.at(counts, (rc[ok, 0], rc[ok, 1]), 1.0)
-        from scipy.ndimage import uniform_filter
+        rc = np.floor(np.asarray(anchors_rc_um, np.float64) / (px_um * cell_px)).astype(np.int64)
+        ok = (rc[:, 0] >= 0) & (rc[:, 0] < gh) & (rc[:, 1] >= 0) & (rc[:, 1] < gw)
+        np.add.at(density, (rc[ok, 0], rc[ok, 1]), 1.0)
+        from scipy.ndimage import gaussian_filter
 
-        counts = uniform_filter(counts, size=max(3, PANEL_PX // 32), mode="constant")
-    top = float(counts.max())
-    heat = _heat_rgb(counts / top if top > 0 else counts)
-    alpha = np.where(counts > 0, 0.75, 0.0)[..., None]
-    panel2 = (grey * (1 - alpha) + heat * alpha).astype(np.uint8)
+        density = gaussian_filter(density, sigma=1.0, mode="constant")
+    top = float(density.max())
+    density = density / top if top > 0 else density
+    up = np.asarray(
+        Image.fromarray(density).resize((round(gw * cell_px), round(gh * cell_px)), Image.Resampling.BILINEAR),
+        np.float32,
+    )[:sh, :sw]
+    up = np.pad(up, ((0, sh - up.shape[0]), (0, sw - up.shape[1])))
+    alpha = np.clip(up * 4.0, 0.0, 0.8)[..., None]  # faint where sparse, opaque where dense
+    panel2 = (grey * (1 - alpha) + _heat_rgb(up) * alpha).astype(np.uint8)
     canvas.paste(Image.fromarray(panel2), (PANEL_PX, 0))
 
     # panel 3: full-resolution crop with outlines
@@ -132,7 +140,10 @@ def render_qc(
         canvas.paste(crop, (2 * PANEL_PX, 0))
 
     draw = ImageDraw.Draw(canvas)
-    draw.text((6, PANEL_PX + 6), caption, fill=(0, 0, 0), font=ImageFont.load_default())
+    font = ImageFont.load_default()
+    for i, title in enumerate(("tissue outline", "nucleus density", "densest chunk, full resolution")):
+        draw.text((i * PANEL_PX + 6, 4), title, fill=(0, 0, 0), font=font)
+    draw.text((6, PANEL_PX + 8), caption.encode("ascii", "replace").decode(), fill=(0, 0, 0), font=font)
     return canvas
 
 

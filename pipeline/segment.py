@@ -35,7 +35,7 @@ from . import __version__
 from .config import Config
 from .errors import InputError
 from .infer import list_chunk_files, read_chunks_meta, run_infer
-from .paths import SlidePaths, atomic_target, slide_id_from_path, slide_paths
+from .paths import SlidePaths, slide_id_from_path, slide_paths
 
 log = logging.getLogger(__name__)
 
@@ -53,16 +53,6 @@ def _software_versions() -> dict:
         except md.PackageNotFoundError:
             out[dist] = None
     return out
-
-
-def _write_json_atomic(obj: Any, path: Path) -> None:
-    tmp = atomic_target(path)
-    try:
-        tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, ensure_ascii=False, allow_nan=False) + "\n", encoding="utf-8")
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
 
 
 def _check_chunks(chunks_dir: Path, attrs: dict, store_path: str) -> dict:
@@ -187,7 +177,7 @@ def run_export(
     InputError
         Chunk files missing or from another store.
     """
-    from .export import write_geojson, write_geoparquet
+    from .export import write_geojson, write_geoparquet, write_json_atomic
     from .measure import summarize
     from .store import open_store
 
@@ -221,10 +211,12 @@ def run_export(
 
     t0 = time.perf_counter()
     scale = (float(attrs["scale_x_l0"]), float(attrs["scale_y_l0"]))
-    write_geojson(table, sp.geojson_gz, scale_xy_l0=scale, slide_key=sp.slide_id, gz=True)
+    # UUIDs derive from the slide's content hash: stable across reruns and renames, distinct across slides
+    key = str(attrs.get("source_sha256") or sp.slide_id)
+    write_geojson(table, sp.geojson_gz, scale_xy_l0=scale, slide_key=key, gz=True)
     if cfg.segment.geojson_plain:
-        write_geojson(table, sp.geojson, scale_xy_l0=scale, slide_key=sp.slide_id, gz=False)
-    write_geoparquet(table, sp.parquet, scale_xy_l0=scale, slide_key=sp.slide_id)
+        write_geojson(table, sp.geojson, scale_xy_l0=scale, slide_key=key, gz=False)
+    write_geoparquet(table, sp.parquet, scale_xy_l0=scale, slide_key=key)
     timings["export_s"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
@@ -233,8 +225,8 @@ def run_export(
     stats = summarize(table, attrs.get("tissue_area_mm2"))
     n = int(stats["count"])
     caption = (
-        f"{sp.slide_id}: {n} nuclei, tissue {attrs.get('tissue_area_mm2') or 0:.2f} mm², "
-        f"{(stats['nuclei_per_mm2'] or 0):.0f} nuclei/mm², {mpp:g} µm/px"
+        f"{sp.slide_id}: {n} nuclei, tissue {attrs.get('tissue_area_mm2') or 0:.2f} mm2, "
+        f"{(stats['nuclei_per_mm2'] or 0):.0f} nuclei/mm2, store {mpp:g} um/px, model {(meta.get('model') or {}).get('name')}"
     )
     qc_image(group, attrs, table, sp.qc_png, caption=caption)
     timings["qc_s"] = time.perf_counter() - t0
@@ -282,7 +274,7 @@ def run_export(
         "software": _software_versions(),
         "timings_s": {k: round(float(v), 3) for k, v in sorted(timings.items()) if isinstance(v, (int, float))},
     }
-    _write_json_atomic(summary, sp.summary)
+    write_json_atomic(summary, sp.summary)
     log.info("export: %d nuclei -> %s (%.1f s)", n, sp.outdir, timings["export_total_s"])
     return summary
 
