@@ -267,9 +267,24 @@ def _load_model_cached(spec: str | None, device: str, refine: bool, store_mpp: f
             thread_safe=True,
         )
     from .model import load_model  # heavy import (torch) only when needed
+    from .model.checkpoint import DEFAULT_WEIGHTS
 
     seg = load_model(spec, device=device, refine=refine)
-    return _wrap_segmenter(seg)
+    model = _wrap_segmenter(seg)
+    weights = Path(spec) if spec else DEFAULT_WEIGHTS
+    model.info["weights_file"] = weights.name
+    model.info["weights_sha256"] = _sha256(weights)
+    return model
+
+
+def _sha256(path: Path) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def _wrap_segmenter(seg: Any) -> Model:

@@ -220,7 +220,7 @@ def test_cli_export_matches_segment(tiled, tmp_path):
     assert plain == json.loads(gzip.decompress(sp.geojson_gz.read_bytes()))
 
 
-def test_export_refuses_incomplete_chunks(tiled, tmp_path):
+def test_export_refuses_incomplete_chunks(tiled, tmp_path, capsys):
     import shutil
 
     sp = slide_paths(tiled, "syn")
@@ -231,13 +231,10 @@ def test_export_refuses_incomplete_chunks(tiled, tmp_path):
     with pytest.raises(InputError, match=victim.name):
         run_export(sp.store, chunks, tmp_path / "out")
     assert not (tmp_path / "out" / "syn.geojson.gz").exists()
-    proc = subprocess.run(
-        [sys.executable, "-m", "pipeline.cli", "export", str(sp.store), str(chunks), "-o", str(tmp_path / "out")],
-        capture_output=True,
-        text=True,
-    )
-    assert proc.returncode == InputError.exit_code and "Traceback" not in proc.stderr
-    assert proc.stderr.count("\n") == 1 and "cellsam infer" in proc.stderr
+    capsys.readouterr()
+    assert cli_main(["export", str(sp.store), str(chunks), "-o", str(tmp_path / "out")]) == InputError.exit_code
+    err = capsys.readouterr().err
+    assert err.startswith("cellsam: error: ") and err.count("\n") == 1 and "cellsam infer" in err
 
 
 # ---------------------------------------------------------------------------------------------
@@ -315,11 +312,21 @@ def test_tissue_without_nuclei(slide_path, tmp_path):
 # CLI
 
 
-def test_cli_segment_missing_slide_one_line(tmp_path):
-    proc = subprocess.run(_cli("segment", tmp_path / "nope.svs", "-o", tmp_path / "o", "--model", "classical"),
-                          capture_output=True, text=True)
-    assert proc.returncode != 0 and "Traceback" not in proc.stderr
-    assert proc.stderr.count("\n") == 1 and "nope.svs" in proc.stderr
+def test_cli_segment_missing_slide_one_line(tmp_path, capsys):
+    code = cli_main(["segment", str(tmp_path / "nope.svs"), "-o", str(tmp_path / "o"), "--model", "classical"])
+    err = capsys.readouterr().err
+    assert code == InputError.exit_code or code == 3
+    assert err.startswith("cellsam: error: ") and err.count("\n") == 1 and "nope.svs" in err
+    assert not (tmp_path / "o" / "nope.geojson.gz").exists()
+
+
+def test_cli_segment_bad_values_one_line(slide_path, tmp_path, capsys):
+    from pipeline.errors import ConfigError, ModelError
+
+    assert cli_main(["segment", str(slide_path), "-o", str(tmp_path), "--halo", "-5"]) == ConfigError.exit_code
+    assert cli_main(["segment", str(slide_path), "-o", str(tmp_path), "--model", str(tmp_path / "x.pt")]) == ModelError.exit_code
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 2 and "halo_px" in err[0] and "x.pt" in err[1]
 
 
 def test_cli_demo(tmp_path, monkeypatch, capsys):
