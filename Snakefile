@@ -17,8 +17,7 @@ include: "workflows/rules/slide.smk"
 
 rule all:
     input:
-        [status_file(s) for s in SLIDE_IDS],
-        REPORT.values(),
+        all_inputs,
     default_target: True
 
 

@@ -11,7 +11,8 @@ import yaml
 import jsonschema
 from snakemake.utils import validate
 
-from pipeline.cohort import CohortLayout, read_sample_sheet, report_paths
+from pipeline.cohort import CohortLayout, report_paths
+from pipeline.samples import read_sample_sheet
 from pipeline.errors import ConfigError
 
 
@@ -103,10 +104,31 @@ def infer_gpus():
     return 0 if config["infer"]["device"] == "cpu" else 1
 
 
-def check_passed(slide_id):
-    """Read the slide's `cellsam check` status (written by the checkpoint); True if readable."""
-    with open(checkpoints.check.get(slide=slide_id).output.status) as fh:
+def known_status(slide_id):
+    """The slide's check status if its status file exists and is newer than the slide, else None."""
+    status = Path(status_file(slide_id))
+    slide = Path(SAMPLES.loc[slide_id, "path"])
+    if not (status.is_file() and status.stat().st_mtime >= slide.stat().st_mtime):
+        return None
+    with open(status, encoding="utf-8") as fh:
         return bool(json.load(fh).get("ok"))
+
+
+def check_passed(slide_id):
+    """True if the slide's `cellsam check` status (written by the checkpoint) says it is readable.
+
+    An up-to-date status file is read directly; only a missing or stale one goes through
+    ``checkpoints.check.get``, which defers the decision until the check has run.
+    """
+    ok = known_status(slide_id)
+    if ok is None:
+        with open(checkpoints.check.get(slide=slide_id).output.status, encoding="utf-8") as fh:
+            ok = bool(json.load(fh).get("ok"))
+    return ok
+
+
+def slide_finals(slide_ids):
+    return [path.format(slide=sid) for sid in slide_ids for path in export_outputs().values()]
 
 
 def cohort_inputs(wildcards):
@@ -115,13 +137,18 @@ def cohort_inputs(wildcards):
     A slide that fails its check contributes only its status file (the cohort lists it as failed),
     so one unreadable slide never blocks the cohort summary.
     """
-    inputs = {"sheet": config["samples"], "status": [status_file(s) for s in SLIDE_IDS]}
-    finals = []
-    for sid in SLIDE_IDS:
-        if check_passed(sid):
-            finals.extend(path.format(slide=sid) for path in export_outputs().values())
-    inputs["finals"] = finals
-    return inputs
+    passed = [sid for sid in SLIDE_IDS if check_passed(sid)]
+    return {"status": [status_file(s) for s in SLIDE_IDS], "finals": slide_finals(passed)}
+
+
+def all_inputs(wildcards):
+    """Default target: every status file (so all checks start at once), the cohort report, and
+    the finals of the slides already known to pass their check. Those finals are targets
+    themselves so that deleting one reruns its slide: snakemake does not rebuild a missing
+    intermediate file whose consumer (the cohort report) is up to date. No checkpoint here:
+    on a first run the cohort rule pulls in the finals once the checks have run."""
+    known = [sid for sid in SLIDE_IDS if known_status(sid)]
+    return [status_file(s) for s in SLIDE_IDS] + [str(p) for p in REPORT.values()] + slide_finals(known)
 
 
 def run_cohort_after_error():

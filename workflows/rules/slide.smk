@@ -83,6 +83,7 @@ rule export:
 rule cohort:
     input:
         unpack(cohort_inputs),
+        sheet=config["samples"],
     output:
         **{ext: str(path) for ext, path in REPORT.items()},
     log:
