@@ -50,6 +50,24 @@ class SegmentConfig:
 
 
 @dataclass(frozen=True)
+class TrainConfig:
+    """Training of the CellSAM dense heads (``cellsam train``)."""
+
+    epochs: int = 60
+    iters_per_epoch: int = 100
+    batch_size: int = 8
+    crop_px: int = 256
+    lr: float = 2e-3
+    weight_decay: float = 1e-4
+    warmup_iters: int = 100
+    mpp: float = 0.5  # µm/px the model is trained at
+    seed: int = 0
+    aug_strength: float = 1.0
+    threads: int = 0  # 0 = torch default
+    log_every: int = 20  # iterations between progress log lines
+
+
+@dataclass(frozen=True)
 class Config:
     tissue: TissueConfig = field(default_factory=TissueConfig)
     store: StoreConfig = field(default_factory=StoreConfig)

@@ -19,7 +19,7 @@ import logging
 import os
 import shutil
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +28,7 @@ import torch.nn.functional as F
 
 from .data.augment import augment
 from .data.datasets import builtin_samples, prepare, split_samples, user_samples
+from .config import TrainConfig
 from .errors import InputError
 from .model.cellsam import DEFAULT_ARCH, CellSAM
 from .model.checkpoint import load_checkpoint, read_checkpoint, save_checkpoint
@@ -35,21 +36,6 @@ from .model.postprocess import PostprocessParams, instances_from_maps
 from .model.segmenter import Segmenter
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    epochs: int = 60
-    iters_per_epoch: int = 100
-    batch_size: int = 8
-    crop_px: int = 256
-    lr: float = 2e-3
-    weight_decay: float = 1e-4
-    warmup_iters: int = 100
-    mpp: float = 0.5
-    seed: int = 0
-    aug_strength: float = 1.0
-    threads: int = 0  # 0 = torch default
 
 
 def load_data(spec: str, mpp: float, *, validation: bool = True):
@@ -184,9 +170,9 @@ def train(data: str, out, *, init=None, cfg: TrainConfig = TrainConfig(), tune: 
 
     def lr_at(it):
         if it < cfg.warmup_iters:
-            return (it + 1) / cfg.warmup_iters
+            return float((it + 1) / cfg.warmup_iters)
         prog = (it - cfg.warmup_iters) / max(1, total - cfg.warmup_iters)
-        return 0.02 + 0.98 * 0.5 * (1 + np.cos(np.pi * min(prog, 1.0)))
+        return float(0.02 + 0.98 * 0.5 * (1 + np.cos(np.pi * min(prog, 1.0))))
 
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
     start_epoch, best_score = 0, -1.0
@@ -205,7 +191,7 @@ def train(data: str, out, *, init=None, cfg: TrainConfig = TrainConfig(), tune: 
         torch.manual_seed(cfg.seed * 100003 + epoch)
         t0 = time.time()
         sums: dict = {}
-        for _ in range(cfg.iters_per_epoch):
+        for it in range(cfg.iters_per_epoch):
             x, fg, hv = make_batch(rng, train_data, weights, cfg)
             out_maps = model(x)["maps"]
             ls = losses(out_maps, fg, hv)
@@ -216,6 +202,9 @@ def train(data: str, out, *, init=None, cfg: TrainConfig = TrainConfig(), tune: 
             sched.step()
             for k, v in ls.items():
                 sums[k] = sums.get(k, 0.0) + float(v.detach())
+            if cfg.log_every and (it + 1) % cfg.log_every == 0:
+                log.info("epoch %d iter %d/%d loss %.4f (%.1f s)", epoch, it + 1, cfg.iters_per_epoch,
+                         sums["loss"] / (it + 1), time.time() - t0)
         row = {"epoch": epoch, "lr": opt.param_groups[0]["lr"], "train_s": round(time.time() - t0, 1)}
         row.update({k: round(v / cfg.iters_per_epoch, 5) for k, v in sums.items()})
         if val_samples:

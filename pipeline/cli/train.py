@@ -6,7 +6,7 @@ from dataclasses import fields
 
 
 def register(sub):
-    from ..train import TrainConfig
+    from ..config import TrainConfig
 
     p = sub.add_parser("train", help="train / resume / fine-tune the CellSAM model on annotated tiles",
                        description="Train the CellSAM dense heads. Rerunning the same command resumes "
@@ -26,7 +26,8 @@ def register(sub):
 def run(args):
     from ..config import with_overrides
     from ..model.checkpoint import DEFAULT_WEIGHTS
-    from ..train import TrainConfig, train
+    from ..config import TrainConfig
+    from ..train import train
 
     cfg = with_overrides(TrainConfig(), **{f.name: getattr(args, f.name) for f in fields(TrainConfig)})
     init = DEFAULT_WEIGHTS if args.init == "default" else args.init
