@@ -96,6 +96,8 @@ def infer_flags():
         flags.append(f"--model {shlex.quote(cfg['model'])}")
     if cfg["refine"]:
         flags.append("--refine")
+    if cfg["scheduler"] is not None:
+        flags.append(f"--scheduler {shlex.quote(cfg['scheduler'])}")
     return " ".join(flags)
 
 

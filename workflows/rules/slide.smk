@@ -29,6 +29,7 @@ rule tile:
         status=status_file(),
     output:
         store=maybe_temp(directory(slide_file("store"))),
+        tissue_png=slide_file("tissue_png"),
     log:
         log_file("tile"),
     benchmark:
@@ -41,7 +42,7 @@ rule tile:
     shell:
         "cellsam tile {input.slide:q} -o {output.store:q} --slide-id {wildcards.slide}"
         " --mpp {params.mpp} --chunk {params.chunk_px} {params.slide_mpp} --workers {threads}"
-        " > {log:q} 2>&1"
+        " --tissue-png {output.tissue_png:q} > {log:q} 2>&1"
 
 
 rule infer:
@@ -90,12 +91,11 @@ rule cohort:
         cohort_log(),
     params:
         results=lambda wildcards, output: Path(output.csv).parent,
-        samples=config["samples"],
         status_dir=str(LAYOUT.status_dir),
         logs_dir=str(LAYOUT.logs_dir),
         benchmarks_dir=str(LAYOUT.benchmarks_dir),
         prefix=lambda wildcards, output: Path(output.csv).with_suffix(""),
     shell:
-        "cellsam cohort --results {params.results:q} --samples {params.samples:q}"
+        "cellsam cohort --results {params.results:q} --samples {input.sheet:q}"
         " --status-dir {params.status_dir:q} --logs {params.logs_dir:q} --benchmarks {params.benchmarks_dir:q}"
         " -o {params.prefix:q} > {log:q} 2>&1"
