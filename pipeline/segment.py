@@ -279,6 +279,32 @@ def run_export(
     return summary
 
 
+def _reusable_store(store: Path, slide) -> bool:
+    """True if ``store`` is a complete tile store of ``slide`` (its own chunk/mpp are kept).
+
+    Raises
+    ------
+    InputError
+        If it is a complete store of another slide (refusing to overwrite it).
+    """
+    from .errors import StoreError
+    from .store import open_store
+
+    if not store.exists():
+        return False
+    try:
+        _, attrs = open_store(store)
+    except StoreError:
+        return False  # incomplete or stale: rewritten by write_store (which refuses non-stores)
+    if attrs.get("source_sha256") != slide.sha256:
+        raise InputError(
+            f"--store {store}: tile store of another slide ({attrs.get('source_path')}); "
+            f"use another --store path or delete it"
+        )
+    log.info("reusing tile store %s (chunk %s px, %g µm/px)", store, attrs.get("chunk_px"), float(attrs["mpp"]))
+    return True
+
+
 def run_segment(
     slide_path: str | os.PathLike,
     outdir: str | os.PathLike,
@@ -307,7 +333,9 @@ def run_segment(
     slide_mpp : float, optional
         µm/px of level 0 when the slide does not say.
     store_path : path, optional
-        Tile store to write or reuse; default ``OUTDIR/.work/<id>/store.ome.zarr``.
+        Tile store to use: an existing complete store of this slide is used as is (its chunk size
+        and µm/px win over ``cfg.store``); otherwise it is written there. Default
+        ``OUTDIR/.work/<id>/store.ome.zarr`` (rewritten if its parameters differ from ``cfg``).
     model_path : optional
         ``None`` (shipped weights), ``"classical"``, a checkpoint path, or a model object/callable
         (see :func:`pipeline.infer.resolve_model`).
@@ -343,10 +371,13 @@ def run_segment(
 
     timings: dict = {}
     t0 = time.perf_counter()
-    store = Path(store_path) if store_path else sp.store
     slide = open_slide(slide_path, slide_mpp=slide_mpp)
     try:
-        write_store(slide, store, cfg.store, cfg.tissue, sid, tissue_png=sp.tissue_png)
+        if store_path is not None and _reusable_store(Path(store_path), slide):
+            store = Path(store_path)  # a store the user made (e.g. `cellsam tile`): used as is
+        else:
+            store = Path(store_path) if store_path is not None else sp.store
+            write_store(slide, store, cfg.store, cfg.tissue, sid, tissue_png=sp.tissue_png)
     finally:
         slide.close()
     timings["tile_s"] = time.perf_counter() - t0

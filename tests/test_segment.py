@@ -378,3 +378,19 @@ def test_peak_memory_flat_in_slide_size(tmp_path):
         peaks[size] = json.loads(proc.stdout.strip().splitlines()[-1])
     assert peaks[20000]["chunks"] >= 8 * peaks[5000]["chunks"]  # many more chunks processed
     assert peaks[20000]["peak_rss_mb"] - peaks[5000]["peak_rss_mb"] < 300, peaks
+
+
+def test_given_store_is_reused_and_other_slides_refused(slide_path, tiled, tmp_path):
+    from pipeline.synthetic import write_synthetic_slide
+
+    store = slide_paths(tiled, "syn").store
+    stamp = (store / ".zattrs").stat().st_mtime_ns
+    # default chunk (1024) differs from the store's (250): the given store is used as is
+    run_segment(slide_path, tmp_path / "o", store_path=store, model_path=threshold_model,
+                cfg=Config(segment=SegmentConfig(halo_px=HALO)), quiet=True)
+    assert (store / ".zattrs").stat().st_mtime_ns == stamp
+    assert finals(tmp_path / "o", "syn") == finals(tiled, "syn")
+    other = write_synthetic_slide(tmp_path / "other.tif", size_px=(600, 600), mpp=MPP, seed=9)
+    with pytest.raises(InputError, match="another slide"):
+        run_segment(other, tmp_path / "p", store_path=store, model_path=threshold_model, cfg=config(), quiet=True)
+    assert (store / ".zattrs").stat().st_mtime_ns == stamp
