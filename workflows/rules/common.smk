@@ -102,8 +102,10 @@ def infer_flags():
 
 
 def infer_gpus():
-    """gpu=1 unless the device is cpu: bounds concurrent GPU jobs (--resources gpu=N) and asks SLURM for one."""
-    return 0 if config["infer"]["device"] == "cpu" else 1
+    """gpu=1 unless the device is cpu or a dask scheduler does the work: bounds concurrent GPU jobs
+    (--resources gpu=N) and asks SLURM for one (profiles may override)."""
+    cfg = config["infer"]
+    return 0 if cfg["device"] == "cpu" or cfg["scheduler"] is not None else 1
 
 
 def known_status(slide_id):
