@@ -257,11 +257,11 @@ def standin_segment_classical(image_rgb: np.ndarray, mpp: float) -> tuple[np.nda
 
 
 @functools.lru_cache(maxsize=4)
-def _load_model_cached(spec: str | None, device: str, refine: bool, store_mpp: float) -> Model:
+def _load_model_cached(spec: str | None, device: str, refine: bool, classical_mpp: float | None) -> Model:
     """Load a model once per process (dask workers reuse it across tasks)."""
     if spec == CLASSICAL:
         return Model(
-            classical_segment_batch(store_mpp),
+            classical_segment_batch(classical_mpp),
             mpp=None,
             info={"name": CLASSICAL, "module": "pipeline.baseline"},
             thread_safe=True,
@@ -315,7 +315,7 @@ def resolve_model(model: Any, *, device: str, refine: bool, store_mpp: float) ->
         spec = None if model is None else str(model)
         if spec not in (None, CLASSICAL) and not Path(spec).exists():
             raise ModelError(f"{spec}: model checkpoint not found (use a .pt file, 'classical', or omit --model)")
-        return _load_model_cached(spec, device, bool(refine), float(store_mpp))
+        return _load_model_cached(spec, device, bool(refine), float(store_mpp) if spec == CLASSICAL else None)
     if hasattr(model, "segment_batch"):
         return _wrap_segmenter(model)
     if callable(model):
@@ -329,8 +329,17 @@ def resolve_model(model: Any, *, device: str, refine: bool, store_mpp: float) ->
 # --------------------------------------------------------------------------------------------
 
 
-@functools.lru_cache(maxsize=8)
 def _open_store_cached(store_path: str):
+    """``open_store`` once per process and store version (dask workers reuse the handle)."""
+    try:
+        stamp = (Path(store_path) / ".zattrs").stat().st_mtime_ns
+    except OSError:
+        stamp = None
+    return _open_store_versioned(store_path, stamp)
+
+
+@functools.lru_cache(maxsize=8)
+def _open_store_versioned(store_path: str, stamp: int | None):
     from .store import open_store
 
     return open_store(store_path)
@@ -571,7 +580,6 @@ def run_infer(
     _fix_malloc_mmap_threshold()  # multi-MB window buffers: keep peak RSS flat over many chunks
     store_path = str(store_path)
     chunks_dir = Path(chunks_dir)
-    _open_store_cached.cache_clear()  # the store may have been rewritten since the last call
     group, attrs = _open_store_cached(store_path)
     store_mpp = float(attrs["mpp"])
     resolved = resolve_model(model, device=cfg.device, refine=cfg.refine, store_mpp=store_mpp)

@@ -382,7 +382,10 @@ def run_segment(
         slide.close()
     timings["tile_s"] = time.perf_counter() - t0
 
-    result = run_infer(store, sp.chunks, model=model, cfg=seg, scheduler=scheduler, quiet=quiet)
+    # pass the spec, not the loaded model: the per-process cache returns the same weights here,
+    # distributed workers load it once each, and "classical" binds to the store's µm/px
+    spec = model_path if model_path is None or isinstance(model_path, (str, os.PathLike)) else model
+    result = run_infer(store, sp.chunks, model=spec, cfg=seg, scheduler=scheduler, quiet=quiet)
     for k, v in result["timings_s"].items():
         timings[k if k != "wall_s" else "infer_s"] = v
     return run_export(store, sp.chunks, sp.outdir, slide_id=sid, cfg=cfg, quiet=quiet, timings=timings, started=t_start)
