@@ -208,52 +208,13 @@ class Model:
 
 
 def classical_segment_batch(mpp: float) -> Callable:
-    """Batch wrapper around the classical segmenter ``pipeline.baseline.segment_classical``.
-
-    Falls back to :func:`standin_segment_classical` if ``pipeline.baseline`` is not available.
-    """
-    try:
-        from .baseline import segment_classical
-    except ImportError:  # pragma: no cover - baseline module is part of the package
-        segment_classical = standin_segment_classical
+    """Batch wrapper around the classical segmenter :func:`pipeline.baseline.segment_classical`."""
+    from .baseline import segment_classical
 
     def segment_batch(images):
         return [segment_classical(np.asarray(img), mpp) for img in images]
 
     return segment_batch
-
-
-def standin_segment_classical(image_rgb: np.ndarray, mpp: float) -> tuple[np.ndarray, np.ndarray]:
-    """Stand-in classical segmenter: dark-pixel threshold + connected components.
-
-    Used only when ``pipeline.baseline`` is missing. Purely local (an instance depends only on
-    its own pixels and their 1-px neighbourhood), hence exactly tile-independent.
-
-    Parameters
-    ----------
-    image_rgb : ndarray of shape (H, W, 3), uint8
-    mpp : float
-        µm/px of ``image_rgb`` (sets the minimum object size, 3 µm²).
-
-    Returns
-    -------
-    labels : ndarray of shape (H, W), uint32
-    scores : ndarray of shape (K,), float32
-        Mean darkness (0..1) of each label.
-    """
-    from scipy import ndimage
-
-    gray = image_rgb.astype(np.float32).mean(axis=2)
-    labels, n = ndimage.label(gray < 120.0)
-    if n == 0:
-        return labels.astype(np.uint32), np.zeros(0, np.float32)
-    idx = np.arange(1, n + 1)
-    area = ndimage.sum_labels(np.ones_like(gray), labels, idx)
-    keep = area * mpp * mpp >= 3.0
-    remap = np.zeros(n + 1, np.uint32)
-    remap[idx[keep]] = np.arange(1, int(keep.sum()) + 1, dtype=np.uint32)
-    dark = 1.0 - ndimage.mean(gray, labels, idx)[keep] / 255.0
-    return remap[labels], dark.astype(np.float32)
 
 
 @functools.lru_cache(maxsize=4)
@@ -690,5 +651,4 @@ __all__ = [
     "read_chunks_meta",
     "resolve_model",
     "run_infer",
-    "standin_segment_classical",
 ]
