@@ -142,6 +142,8 @@ def render_qc(
     draw = ImageDraw.Draw(canvas)
     font = ImageFont.load_default()
     for i, title in enumerate(("tissue outline", "nucleus density", "densest chunk, full resolution")):
+        x0, y0, x1, y1 = draw.textbbox((i * PANEL_PX + 6, 4), title, font=font)
+        draw.rectangle((x0 - 3, y0 - 2, x1 + 3, y1 + 2), fill=(255, 255, 255))
         draw.text((i * PANEL_PX + 6, 4), title, fill=(0, 0, 0), font=font)
     draw.text((6, PANEL_PX + 8), caption.encode("ascii", "replace").decode(), fill=(0, 0, 0), font=font)
     return canvas
