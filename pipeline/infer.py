@@ -485,7 +485,7 @@ def _run_distributed(tasks, address: str, on_done: Callable[[dict], None]) -> No
         raise InputError(f"--scheduler {address}: cannot connect to the dask scheduler ({exc})") from exc
     try:
         futures = client.compute(list(tasks))
-        for fut in as_completed(futures):
+        for fut in as_completed(futures, loop=client.loop):
             on_done(fut.result())
     finally:
         client.close()

@@ -180,12 +180,12 @@ def test_infer_changed_parameters_clear_stale_chunks(store256, tmp_path):
 
 
 def test_infer_distributed_scheduler_matches_threads(store256, tmp_path):
-    from distributed import Client, LocalCluster
+    from distributed import LocalCluster
 
     run_infer(store256, tmp_path / "t", model="classical", cfg=cfg(), quiet=True)
+    # no default Client in this process: run_infer connects to the address itself
     with LocalCluster(n_workers=1, threads_per_worker=2, processes=False, dashboard_address=None) as cluster:
-        with Client(cluster):
-            run_infer(store256, tmp_path / "d", model="classical", cfg=cfg(), scheduler=cluster.scheduler_address, quiet=True)
+        run_infer(store256, tmp_path / "d", model="classical", cfg=cfg(), scheduler=cluster.scheduler_address, quiet=True)
     assert file_bytes(tmp_path / "t") == file_bytes(tmp_path / "d")
 
 
