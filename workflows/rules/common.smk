@@ -9,6 +9,7 @@ from pathlib import Path
 
 import yaml
 import jsonschema
+from snakemake.exceptions import WorkflowError
 from snakemake.utils import validate
 
 from pipeline.cohort import CohortLayout, report_paths
@@ -114,8 +115,11 @@ def known_status(slide_id):
     slide = Path(SAMPLES.loc[slide_id, "path"])
     if not (status.is_file() and status.stat().st_mtime >= slide.stat().st_mtime):
         return None
-    with open(status, encoding="utf-8") as fh:
-        return bool(json.load(fh).get("ok"))
+    try:
+        with open(status, encoding="utf-8") as fh:
+            return bool(json.load(fh).get("ok"))
+    except (OSError, ValueError, AttributeError):  # unreadable status: let the checkpoint decide
+        return None
 
 
 def check_passed(slide_id):
@@ -126,8 +130,12 @@ def check_passed(slide_id):
     """
     ok = known_status(slide_id)
     if ok is None:
-        with open(checkpoints.check.get(slide=slide_id).output.status, encoding="utf-8") as fh:
-            ok = bool(json.load(fh).get("ok"))
+        path = checkpoints.check.get(slide=slide_id).output.status
+        try:
+            with open(path, encoding="utf-8") as fh:
+                ok = bool(json.load(fh).get("ok"))
+        except (OSError, ValueError, AttributeError) as exc:
+            raise WorkflowError(f"{path}: unreadable check status ({exc}); delete it to re-check the slide")
     return ok
 
 
