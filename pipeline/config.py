@@ -68,6 +68,46 @@ class TrainConfig:
 
 
 @dataclass(frozen=True)
+class DistillConfig:
+    """Distillation / dual-mode training (``cellsam distill``, :mod:`pipeline.model.distill`)."""
+
+    epochs: int = 20
+    iters_per_epoch: int = 50
+    batch_size: int = 8
+    crop_px: int = 256
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    warmup_iters: int = 50
+    mpp: float = 0.5
+    seed: int = 0
+    dihedral: bool = True  # dihedral augmentation (crop + embedding grid); see module docstring
+    aug_strength: float = 1.0  # dual mode: colour augmentation strength (pipeline.data.augment)
+    threads: int = 0  # 0 = torch default
+    max_tiles: int = 0  # 0 = every training tile; else the first N (quick runs)
+
+
+@dataclass(frozen=True)
+class RefinerConfig:
+    """SAM-decoder refiner training (``cellsam distill --refiner``, :mod:`pipeline.model.refine_train`)."""
+
+    epochs: int = 10
+    iters_per_epoch: int = 40
+    batch_size: int = 4
+    crop_px: int = 256
+    prompts_per_crop: int = 16
+    lr: float = 3e-4
+    weight_decay: float = 1e-4
+    warmup_iters: int = 20
+    seed: int = 0
+    aug_strength: float = 1.0
+    window_tokens: int = 8
+    mlp_dim: int = 2048  # decoder MLP width when the decoder is new and not initialised from SAM
+    min_area_px: int = 12
+    threads: int = 0
+    max_tiles: int = 0
+
+
+@dataclass(frozen=True)
 class Config:
     tissue: TissueConfig = field(default_factory=TissueConfig)
     store: StoreConfig = field(default_factory=StoreConfig)

@@ -17,8 +17,7 @@ from dataclasses import fields
 
 
 def _config_fields():
-    from ..model.distill import DistillConfig
-    from ..model.refine_train import RefinerConfig
+    from ..config import DistillConfig, RefinerConfig
 
     seen = {}
     for cls in (DistillConfig, RefinerConfig):

@@ -36,7 +36,7 @@ import os
 import re
 import shutil
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -51,21 +51,7 @@ from .student import EMBED_STRIDE
 log = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
-class DistillConfig:
-    epochs: int = 20
-    iters_per_epoch: int = 50
-    batch_size: int = 8
-    crop_px: int = 256
-    lr: float = 1e-3
-    weight_decay: float = 1e-4
-    warmup_iters: int = 50
-    mpp: float = 0.5
-    seed: int = 0
-    dihedral: bool = True  # dihedral augmentation (crop + embedding grid); see module docstring
-    aug_strength: float = 1.0  # dual mode: colour augmentation strength (pipeline.data.augment)
-    threads: int = 0  # 0 = torch default
-    max_tiles: int = 0  # 0 = every training tile; else the first N (quick runs)
+from ..config import DistillConfig  # noqa: E402,F401  (defaults live in pipeline/config.py)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -16,7 +16,7 @@ predicted IoUs and the actual IoUs of all 3 outputs. Resumable via :func:`pipeli
 from __future__ import annotations
 
 import logging
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -30,23 +30,7 @@ from .student import EMBED_STRIDE
 log = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
-class RefinerConfig:
-    epochs: int = 10
-    iters_per_epoch: int = 40
-    batch_size: int = 4
-    crop_px: int = 256
-    prompts_per_crop: int = 16
-    lr: float = 3e-4
-    weight_decay: float = 1e-4
-    warmup_iters: int = 20
-    seed: int = 0
-    aug_strength: float = 1.0
-    window_tokens: int = 8
-    mlp_dim: int = 2048  # decoder MLP width when the decoder is new and not initialised from SAM
-    min_area_px: int = 12
-    threads: int = 0
-    max_tiles: int = 0
+from ..config import RefinerConfig  # noqa: E402,F401  (defaults live in pipeline/config.py)
 
 
 def frozen_embeddings(model, x: torch.Tensor) -> torch.Tensor:
