@@ -13,8 +13,9 @@ Cohort table (``PREFIX.csv`` / ``PREFIX.parquet``), one row per slide, sorted by
 --------------------------------------------------------------------------------------------
 ``slide_id`` str; ``status`` str (``ok`` | ``failed``); ``reason`` str (empty when ok);
 ``path`` str; ``nuclei`` Int64; ``tissue_mm2`` float64 (mm²); ``nuclei_per_mm2`` float64;
-``<feature>_median`` float64 for each feature of :data:`FEATURES` (units of the feature);
-``runtime_s`` float64 (s, sum of the per-stage job wall times, else the summary's timings).
+``<feature>_median`` float64 for each column of :data:`FEATURES` (units of the column, see
+docs/outputs.md); ``runtime_s`` float64 (s: the sum of the workflow's per-stage job wall times
+from the Snakemake benchmarks, else the summary's ``timings_s.total_s``).
 """
 
 from __future__ import annotations
@@ -36,15 +37,17 @@ log = logging.getLogger(__name__)
 
 STAGES = ("check", "tile", "infer", "export")  # per-slide workflow jobs, in order
 
-# cohort column suffix -> candidate names (summary.json feature keys / parquet columns), first hit wins
-FEATURES = {
-    "area_um2": ("area_um2", "Nucleus: Area µm^2", "area"),
-    "perimeter_um": ("perimeter_um", "Nucleus: Length µm", "perimeter"),
-    "circularity": ("circularity", "Nucleus: Circularity"),
-    "solidity": ("solidity", "Nucleus: Solidity"),
-    "eccentricity": ("eccentricity", "Nucleus: Eccentricity"),
-    "hematoxylin_od_mean": ("hematoxylin_od_mean", "Nucleus: Hematoxylin OD mean", "h_od_mean"),
-}
+# per-nucleus measurement columns (docs/outputs.md) whose per-slide median goes into the cohort table
+FEATURES = (
+    "area_um2",
+    "perimeter_um",
+    "circularity",
+    "solidity",
+    "eccentricity",
+    "max_caliper_um",
+    "hematoxylin_od_mean",
+    "eosin_od_mean",
+)
 COLUMNS = (
     ["slide_id", "status", "reason", "path", "nuclei", "tissue_mm2", "nuclei_per_mm2"]
     + [f"{name}_median" for name in FEATURES]
@@ -152,48 +155,25 @@ def _number(value) -> float:
     return float(value)
 
 
-def _lookup(mapping: dict, *keys):
-    for key in keys:
-        if isinstance(mapping, dict) and key in mapping:
-            return mapping[key]
-    return None
-
-
 def summary_fields(summary: dict) -> dict:
-    """Cohort columns from one ``ID.summary.json`` (missing values -> NaN).
+    """Cohort columns from one ``ID.summary.json`` (docs/outputs.md; missing values -> NaN).
 
-    Accepts the feature statistics as ``summary["features"][name]["median"]`` (or under
-    ``"measurements"``/``"stats"``), or as a flat ``"<name>_median"`` key.
+    Reads ``nuclei``, ``tissue_area_mm2``, ``nuclei_per_mm2``, ``measurements[<feature>]["median"]``
+    and ``timings_s["total_s"]``.
     """
-    stats = _lookup(summary, "features", "measurements", "stats") or {}
+    stats = summary.get("measurements")
+    stats = stats if isinstance(stats, dict) else {}
+    nuclei = summary.get("nuclei")
     out = {
-        "nuclei": _lookup(summary, "nuclei", "n_nuclei", "nucleus_count", "count"),
-        "tissue_mm2": _number(_lookup(summary, "tissue_mm2", "tissue_area_mm2")),
-        "nuclei_per_mm2": _number(_lookup(summary, "nuclei_per_mm2", "density_per_mm2")),
+        "nuclei": nuclei if isinstance(nuclei, int) and not isinstance(nuclei, bool) else None,
+        "tissue_mm2": _number(summary.get("tissue_area_mm2")),
+        "nuclei_per_mm2": _number(summary.get("nuclei_per_mm2")),
     }
-    if isinstance(out["nuclei"], bool) or not isinstance(out["nuclei"], int):
-        out["nuclei"] = None
-    for name, keys in FEATURES.items():
-        value = None
-        for key in keys:
-            entry = stats.get(key) if isinstance(stats, dict) else None
-            if isinstance(entry, dict) and "median" in entry:
-                value = entry["median"]
-                break
-        if value is None:
-            value = summary.get(f"{name}_median")
-        out[f"{name}_median"] = _number(value)
-    if math.isnan(out["nuclei_per_mm2"]) and out["nuclei"] is not None and out["tissue_mm2"] > 0:
-        out["nuclei_per_mm2"] = out["nuclei"] / out["tissue_mm2"]
-    timings = _lookup(summary, "timings", "timings_s", "runtime")
-    if isinstance(timings, dict):
-        total = _lookup(timings, "total", "total_s")
-        if total is None:
-            parts = [_number(v) for v in timings.values()]
-            total = sum(p for p in parts if not math.isnan(p)) if parts else None
-        out["runtime_s"] = _number(total)
-    else:
-        out["runtime_s"] = _number(_lookup(summary, "runtime_s", "elapsed_s"))
+    for name in FEATURES:
+        entry = stats.get(name)
+        out[f"{name}_median"] = _number(entry.get("median") if isinstance(entry, dict) else None)
+    timings = summary.get("timings_s")
+    out["runtime_s"] = _number(timings.get("total_s") if isinstance(timings, dict) else None)
     return out
 
 
@@ -275,24 +255,15 @@ def cohort_table(samples, results, *, status_dir=None, logs_dir=None, benchmarks
 # --------------------------------------------------------------------------- report
 
 
-def _area_column(columns) -> str | None:
-    for key in FEATURES["area_um2"]:
-        if key in columns:
-            return key
-    return None
-
-
 def nucleus_areas(parquet: Path):
     """Nucleus areas (µm², float64 1-D array) from an ``ID.nuclei.parquet``; empty if unavailable."""
     import numpy as np
     import pyarrow.parquet as pq
 
     try:
-        names = pq.read_schema(parquet).names
-        col = _area_column(names)
-        if col is None:
+        if "area_um2" not in pq.read_schema(parquet).names:
             return np.zeros(0, dtype=np.float64)
-        values = pq.read_table(parquet, columns=[col]).column(col).to_numpy(zero_copy_only=False)
+        values = pq.read_table(parquet, columns=["area_um2"]).column("area_um2").to_numpy(zero_copy_only=False)
     except (OSError, ValueError) as exc:
         log.warning("no nucleus areas from %s: %s", parquet, exc)
         return np.zeros(0, dtype=np.float64)

@@ -38,14 +38,14 @@ def _fake_results(results: Path, slide_id: str, areas: np.ndarray, tissue_mm2: f
     results.mkdir(parents=True, exist_ok=True)
     summary = {
         "nuclei": int(len(areas)),
-        "tissue_mm2": tissue_mm2,
+        "tissue_area_mm2": tissue_mm2,
         "nuclei_per_mm2": len(areas) / tissue_mm2,
-        "features": {
+        "measurements": {
             "area_um2": {"median": float(np.median(areas)), "mean": float(areas.mean())},
             "circularity": {"median": 0.8},
             "hematoxylin_od_mean": {"median": 0.45},
         },
-        "timings": {"tile": runtime / 2, "infer": runtime / 2},
+        "timings_s": {"infer_s": runtime / 2, "export_total_s": runtime / 2, "total_s": runtime},
     }
     paths.summary.write_text(json.dumps(summary), encoding="utf-8")
     pd.DataFrame({"nucleus_id": np.arange(len(areas), dtype=np.int64), "area_um2": areas}).to_parquet(paths.parquet)
@@ -79,12 +79,17 @@ def cohort(tmp_path):
     return tmp_path, sheet, results, layout
 
 
-def test_summary_fields_reads_nested_and_flat_layouts():
-    nested = summary_fields({"nuclei": 5, "tissue_mm2": 2.0, "features": {"area_um2": {"median": 31.5}}})
-    assert nested["nuclei"] == 5 and nested["nuclei_per_mm2"] == 2.5 and nested["area_um2_median"] == 31.5
-    flat = summary_fields({"nuclei": 5, "tissue_mm2": 2.0, "circularity_median": 0.7, "runtime_s": 9.0})
-    assert flat["circularity_median"] == 0.7 and flat["runtime_s"] == 9.0
-    assert math.isnan(flat["area_um2_median"])
+def test_summary_fields_follow_the_summary_schema():
+    fields = summary_fields(
+        {"nuclei": 5, "tissue_area_mm2": 2.0, "nuclei_per_mm2": 2.5,
+         "measurements": {"area_um2": {"median": 31.5, "mean": 30.0}, "circularity": {"median": None}},
+         "timings_s": {"infer_s": 1.0, "total_s": 9.0}}
+    )
+    assert fields["nuclei"] == 5 and fields["tissue_mm2"] == 2.0 and fields["nuclei_per_mm2"] == 2.5
+    assert fields["area_um2_median"] == 31.5 and fields["runtime_s"] == 9.0
+    assert math.isnan(fields["circularity_median"]) and math.isnan(fields["solidity_median"])
+    empty = summary_fields({"nuclei": 0, "tissue_area_mm2": 0.0, "nuclei_per_mm2": None, "measurements": {}})
+    assert empty["nuclei"] == 0 and math.isnan(empty["nuclei_per_mm2"]) and math.isnan(empty["runtime_s"])
 
 
 def test_cohort_table_rows_order_and_reasons(cohort):
