@@ -539,8 +539,11 @@ def run_infer(
 
     t_start = time.perf_counter()
     _fix_malloc_mmap_threshold()  # multi-MB window buffers: keep peak RSS flat over many chunks
-    store_path = str(store_path)
-    chunks_dir = Path(chunks_dir)
+    # absolute paths: dask.distributed workers may run in another working directory
+    store_path = os.path.abspath(store_path)
+    chunks_dir = Path(chunks_dir).absolute()
+    if isinstance(model, (str, os.PathLike)) and model != "classical":
+        model = os.path.abspath(model)
     group, attrs = _open_store_cached(store_path)
     store_mpp = float(attrs["mpp"])
     resolved = resolve_model(model, device=cfg.device, refine=cfg.refine, store_mpp=store_mpp)
