@@ -104,10 +104,21 @@ def optical_density(rgb):
     return _OD_LUT[rgb]
 
 
+def _stain_lut():
+    """(3 channels, 256 values, 3 stains): ``OD(v) * inv(M)[channel, stain]``."""
+    return _OD_LUT[None, :, None] * np.linalg.inv(stain_matrix())[:, None, :]
+
+
+_STAIN_LUT = _stain_lut()
+#: Per stain (H, E) and channel (R, G, B): contiguous 256-entry tables for fast gathers.
+_STAIN_CHANNEL_LUT = [[np.ascontiguousarray(_STAIN_LUT[c, :, k]) for c in range(3)] for k in range(3)]
+
+
 def stain_od(rgb):
     """Colour deconvolution: stain "OD" (concentration) per pixel, QuPath H&E defaults.
 
-    ``OD_rgb = C @ M`` with ``M`` = :func:`stain_matrix`, so ``C = OD_rgb @ inv(M)``.
+    ``OD_rgb = C @ M`` with ``M`` = :func:`stain_matrix`, so ``C = OD_rgb @ inv(M)``, evaluated as
+    ``C_k = sum_c OD(v_c) inv(M)[c, k]`` with one 256-entry table per channel and stain.
 
     Parameters
     ----------
@@ -118,7 +129,10 @@ def stain_od(rgb):
     numpy.ndarray, float64, shape (..., 3)
         Hematoxylin OD, Eosin OD, residual.
     """
-    return optical_density(rgb) @ np.linalg.inv(stain_matrix())
+    rgb = np.asarray(rgb)
+    if rgb.dtype != np.uint8 or rgb.shape[-1:] != (3,):
+        raise InputError(f"rgb must be uint8 (..., 3), got {rgb.dtype} {rgb.shape}")
+    return _STAIN_LUT[0][rgb[..., 0]] + _STAIN_LUT[1][rgb[..., 1]] + _STAIN_LUT[2][rgb[..., 2]]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -128,33 +142,49 @@ def stain_od(rgb):
 def _polygon_moments(geoms):
     """Area, centroid and central second moments of polygons via Green's theorem (vectorised).
 
-    Holes count negatively. Returns arrays (A, cx, cy, mu20, mu02, mu11), moments per unit area.
+    Holes count negatively, whatever the rings' orientation. Coordinates are taken relative to each
+    polygon's first exterior vertex (precision; and the result depends on the polygon only, not on
+    the batch it is computed in). Returns arrays (A, cx, cy, mu20, mu02, mu11), moments per unit
+    area; NaN centroid / moments for empty polygons.
     """
-    geoms = shapely.orient_polygons(geoms)  # exterior CCW (positive area), holes CW
     n = len(geoms)
     rings, ring_geom = shapely.get_rings(geoms, return_index=True)
     coords, coord_ring = shapely.get_coordinates(rings, return_index=True)
-    ref = shapely.get_coordinates(shapely.get_point(shapely.get_exterior_ring(geoms), 0))
-    if len(coords) < 2 or len(ref) != n:
-        zero = np.zeros(n)
-        return zero, zero, zero, zero, zero, zero
+    if len(coords) < 2:
+        nan = np.full(n, np.nan)
+        return np.zeros(n), nan, nan, nan, nan, nan
+    n_ring = len(rings)
+    ring_start = np.searchsorted(coord_ring, np.arange(n_ring))
+    geom_first_ring = np.searchsorted(ring_geom, np.arange(n))
+    has = geom_first_ring < n_ring
+    ref = np.zeros((n, 2))
+    ref[has] = coords[ring_start[geom_first_ring[has]]]
     geom_of_coord = ring_geom[coord_ring]
     xy = coords - ref[geom_of_coord]  # centre each polygon for precision
     same = coord_ring[:-1] == coord_ring[1:]
     x0, y0 = xy[:-1][same, 0], xy[:-1][same, 1]
     x1, y1 = xy[1:][same, 0], xy[1:][same, 1]
-    g = geom_of_coord[:-1][same]
+    r = coord_ring[:-1][same]
     cross = x0 * y1 - x1 * y0
 
-    def agg(w):
-        return np.bincount(g, weights=w, minlength=n)
+    def agg(w):  # per ring
+        return np.bincount(r, weights=w, minlength=n_ring)
 
-    a = agg(cross) / 2.0
-    sx = agg((x0 + x1) * cross) / 6.0
-    sy = agg((y0 + y1) * cross) / 6.0
-    sxx = agg((x0 * x0 + x0 * x1 + x1 * x1) * cross) / 12.0
-    syy = agg((y0 * y0 + y0 * y1 + y1 * y1) * cross) / 12.0
-    sxy = agg((x0 * y1 + 2 * x0 * y0 + 2 * x1 * y1 + x1 * y0) * cross) / 24.0
+    ring_area = agg(cross) / 2.0
+    # exterior counts positive, holes negative, whatever the orientation of each ring
+    is_exterior = np.zeros(n_ring, dtype=bool)
+    is_exterior[geom_first_ring[has]] = True
+    sign = np.where(is_exterior, 1.0, -1.0) * np.where(ring_area < 0, -1.0, 1.0)
+
+    def per_geom(ring_values):
+        return np.bincount(ring_geom, weights=sign * ring_values, minlength=n)
+
+    a = per_geom(ring_area)
+    sx = per_geom(agg((x0 + x1) * cross)) / 6.0
+    sy = per_geom(agg((y0 + y1) * cross)) / 6.0
+    sxx = per_geom(agg((x0 * x0 + x0 * x1 + x1 * x1) * cross)) / 12.0
+    syy = per_geom(agg((y0 * y0 + y0 * y1 + y1 * y1) * cross)) / 12.0
+    sxy = per_geom(agg((x0 * y1 + 2 * x0 * y0 + 2 * x1 * y1 + x1 * y0) * cross)) / 24.0
     with np.errstate(divide="ignore", invalid="ignore"):
         cx, cy = sx / a, sy / a
         mu20 = sxx / a - cx * cx
@@ -163,51 +193,75 @@ def _polygon_moments(geoms):
     return a, cx + ref[:, 0], cy + ref[:, 1], mu20, mu02, mu11
 
 
-_CALIPER_BUDGET = 1_000_000  # vertex pairs per batch (bounds the temporary arrays to ~50 MB)
+_PAIR_BUDGET = 2_000_000  # vertex pairs per batch (bounds the temporary arrays to ~100 MB)
 
 
-def _calipers(geoms, batch=256):
-    """Max and min Feret (caliper) diameters of each geometry's convex hull (exact).
+def _hull_extents(hulls):
+    """Max caliper, min caliper and minimum-bounding-circle radius of convex hulls (exact).
 
-    Max = largest distance between two hull vertices; min = minimum over hull edges of the largest
-    vertex distance from that edge's line (rotating-calipers width, as JTS ``MinimumDiameter``).
-    Hulls are processed in batches padded to the batch's vertex count (vectorised).
+    - max caliper = largest distance between two hull vertices;
+    - min caliper = minimum over hull edges of the largest vertex distance from that edge's line
+      (rotating-calipers width, as JTS ``MinimumDiameter``);
+    - bounding-circle radius: half the max caliper where the circle on that diameter pair holds
+      every vertex (the minimum enclosing circle then is that circle), else GEOS
+      ``minimum_bounding_radius`` (about half of the nuclei).
+
+    Hulls are processed in groups of equal vertex count (vectorised, no padding), so each value
+    depends on its hull only.
     """
-    n = len(geoms)
-    max_cal, min_cal = np.zeros(n), np.zeros(n)
+    n = len(hulls)
+    max_cal, min_cal, radius = np.zeros(n), np.zeros(n), np.zeros(n)
     if not n:
-        return max_cal, min_cal
-    hulls = shapely.convex_hull(geoms)
+        return max_cal, min_cal, radius
     coords, index = shapely.get_coordinates(hulls, return_index=True)
     counts = np.bincount(index, minlength=n)
     starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
+    # drop the closing vertex of polygon hulls (points and segments have none)
+    nonempty = counts > 1
+    closed = np.zeros(n, dtype=bool)
+    closed[nonempty] = np.all(coords[starts[nonempty]] == coords[starts[nonempty] + counts[nonempty] - 1], axis=1)
+    counts = counts - closed
     order = np.argsort(counts, kind="stable")
-    b = 0
-    while b < n:
-        size = batch
-        while size > 1 and size * int(counts[order[min(b + size, n) - 1]]) ** 2 > _CALIPER_BUDGET:
-            size //= 2
-        sel = order[b : b + size]
-        b += size
-        sel = sel[counts[sel] > 0]
-        if not len(sel):
-            continue
-        v = int(counts[sel].max())
-        k = np.arange(v)
-        take = starts[sel, None] + np.minimum(k[None, :], counts[sel, None] - 1)  # pad: repeat last
-        pts = coords[take]  # (B, V, 2)
-        d = pts[:, :, None, :] - pts[:, None, :, :]
-        max_cal[sel] = np.sqrt((d * d).sum(-1).max(axis=(1, 2)))
-        edge = pts[:, 1:, :] - pts[:, :-1, :]  # (B, V-1, 2); closed ring: last edge included
-        length = np.hypot(edge[..., 0], edge[..., 1])
-        rel = pts[:, None, :, :] - pts[:, :-1, None, :]  # (B, V-1, V, 2)
-        cross = np.abs(edge[..., None, 0] * rel[..., 1] - edge[..., None, 1] * rel[..., 0])
-        with np.errstate(divide="ignore", invalid="ignore"):
-            width = cross.max(axis=2) / length
-        width[length <= 0] = np.inf
-        w = width.min(axis=1)
-        min_cal[sel] = np.where(np.isfinite(w), w, 0.0)  # degenerate hull (point/segment): 0
-    return max_cal, min_cal
+    bounds = np.searchsorted(counts[order], np.arange(int(counts.max()) + 2))
+    need_geos = np.zeros(n, dtype=bool)
+    for v in range(1, int(counts.max()) + 1):
+        group = order[bounds[v] : bounds[v + 1]]
+        step = max(1, _PAIR_BUDGET // (v * v))
+        for b in range(0, len(group), step):
+            sel = group[b : b + step]
+            take = starts[sel, None] + np.arange(v)[None, :]
+            x, y = coords[take, 0], coords[take, 1]  # (B, V)
+            x = x - x[:, :1]  # relative to the first vertex (precision)
+            y = y - y[:, :1]
+            dx = x[:, :, None] - x[:, None, :]
+            dy = y[:, :, None] - y[:, None, :]
+            d2 = (dx * dx + dy * dy).reshape(len(sel), v * v)
+            far = d2.argmax(axis=1)
+            rows = np.arange(len(sel))
+            diam2 = d2[rows, far]
+            max_cal[sel] = np.sqrt(diam2)
+            # circle on the diameter pair: holds every vertex?
+            i, j = np.divmod(far, v)
+            cx, cy = (x[rows, i] + x[rows, j]) / 2, (y[rows, i] + y[rows, j]) / 2
+            r2 = diam2 / 4
+            inside = (((x - cx[:, None]) ** 2 + (y - cy[:, None]) ** 2) <= (r2 * (1 + 1e-12))[:, None]).all(axis=1)
+            radius[sel] = np.sqrt(r2)
+            need_geos[sel[~inside]] = True
+            if v >= 3:
+                ex = np.roll(x, -1, axis=1) - x  # edges of the closed hull
+                ey = np.roll(y, -1, axis=1) - y
+                length = np.hypot(ex, ey)
+                # |cross(edge, p - p_edge)| for every edge and vertex: (B, V edges, V vertices)
+                cross = np.abs(ex[:, :, None] * (y[:, None, :] - y[:, :, None])
+                               - ey[:, :, None] * (x[:, None, :] - x[:, :, None]))
+                with np.errstate(divide="ignore", invalid="ignore"):
+                    width = cross.max(axis=2) / length
+                width[length <= 0] = np.inf
+                w = width.min(axis=1)
+                min_cal[sel] = np.where(np.isfinite(w), w, 0.0)  # degenerate hull: 0
+    if need_geos.any():
+        radius[need_geos] = shapely.minimum_bounding_radius(hulls[need_geos])
+    return max_cal, min_cal, radius
 
 
 def shape_measurements(polygons, mpp):
@@ -237,6 +291,9 @@ def shape_measurements(polygons, mpp):
         - ``eccentricity`` = sqrt(1 - l2/l1) of the polygon's second-moment matrix (0 = circle;
           the scikit-image ``regionprops`` definition, on the continuous shape);
         - ``centroid_x_um``, ``centroid_y_um``: polygon centroid, store frame (x = col).
+
+        Everything is computed in store px and scaled by ``mpp`` (``mpp**2`` for the area); each
+        value depends on its own polygon only (vectorised over all polygons, no batch effects).
     """
     if not mpp > 0:
         raise InputError(f"mpp must be > 0, got {mpp}")
@@ -244,36 +301,38 @@ def shape_measurements(polygons, mpp):
     n = len(polygons)
     if not n:
         return {c: np.zeros(0) for c in SHAPE_COLUMNS}
-    g = shapely.transform(polygons, lambda c: c * mpp)
-    area = shapely.area(g)
-    smooth = shapely.simplify(g, PERIMETER_SIMPLIFY_PX * mpp, preserve_topology=False)
+    area = shapely.area(polygons)
+    smooth = shapely.simplify(polygons, PERIMETER_SIMPLIFY_PX, preserve_topology=False)
     length = shapely.length(smooth)
-    ext = shapely.get_exterior_ring(smooth)
-    ext_area = shapely.area(shapely.polygons(ext))
-    ext_len = shapely.length(ext)
-    hull_area = shapely.area(shapely.convex_hull(g))
+    ext_area, ext_len = shapely.area(smooth), length.copy()
+    holes = shapely.get_num_interior_rings(smooth) > 0
+    if holes.any():
+        ext = shapely.get_exterior_ring(smooth[holes])
+        ext_area[holes] = shapely.area(shapely.polygons(ext))
+        ext_len[holes] = shapely.length(ext)
+    hulls = shapely.convex_hull(polygons)
+    hull_area = shapely.area(hulls)
     with np.errstate(divide="ignore", invalid="ignore"):
         circ = np.where(ext_len > 0, np.minimum(4 * math.pi * ext_area / (ext_len * ext_len), 1.0), np.nan)
         solidity = np.where(hull_area > 0, area / hull_area, np.nan)
-    a, cx, cy, mu20, mu02, mu11 = _polygon_moments(g)
+    _, cx, cy, mu20, mu02, mu11 = _polygon_moments(polygons)
     half_tr = (mu20 + mu02) / 2
     disc = np.sqrt(((mu20 - mu02) / 2) ** 2 + mu11**2)
     l1, l2 = half_tr + disc, half_tr - disc
     with np.errstate(divide="ignore", invalid="ignore"):
         ecc = np.where(l1 > 0, np.sqrt(np.clip(1 - l2 / l1, 0, 1)), np.nan)
-    max_cal, min_cal = _calipers(g)
-    centroid = shapely.centroid(g)
+    max_cal, min_cal, radius = _hull_extents(hulls)
     return {
-        "area_um2": area,
-        "perimeter_um": length,
+        "area_um2": area * (mpp * mpp),
+        "perimeter_um": length * mpp,
         "circularity": circ,
         "solidity": solidity,
-        "max_diameter_um": 2 * shapely.minimum_bounding_radius(g),
-        "max_caliper_um": max_cal,
-        "min_diameter_um": min_cal,
+        "max_diameter_um": 2 * radius * mpp,
+        "max_caliper_um": max_cal * mpp,
+        "min_diameter_um": min_cal * mpp,
         "eccentricity": ecc,
-        "centroid_x_um": shapely.get_x(centroid),
-        "centroid_y_um": shapely.get_y(centroid),
+        "centroid_x_um": cx * mpp,
+        "centroid_y_um": cy * mpp,
     }
 
 
@@ -281,7 +340,7 @@ def shape_measurements(polygons, mpp):
 # intensity
 
 
-def intensity_measurements(labels, rgb, ids):
+def intensity_measurements(labels, rgb, ids, *, pixels=None):
     """Hematoxylin and Eosin OD statistics of the pixels under each label.
 
     Parameters
@@ -292,6 +351,9 @@ def intensity_measurements(labels, rgb, ids):
         The window's pixels (same frame as ``labels``).
     ids : numpy.ndarray, int64, shape (K,)
         Labels to measure (each must occur in ``labels``).
+    pixels : tuple of numpy.ndarray, optional
+        ``(index, label)``: flat indices (int64, ascending) of the nonzero pixels of ``labels`` and
+        their labels (intp), if the caller has them already.
 
     Returns
     -------
@@ -306,21 +368,27 @@ def intensity_measurements(labels, rgb, ids):
     """
     labels = np.asarray(labels)
     ids = np.asarray(ids, dtype=np.int64)
-    if rgb.shape != labels.shape + (3,):
-        raise InputError(f"rgb shape {rgb.shape} does not match labels shape {labels.shape} + (3,)")
-    out = {}
+    if rgb.shape != labels.shape + (3,) or rgb.dtype != np.uint8:
+        raise InputError(f"rgb {rgb.dtype} {rgb.shape} does not match labels shape {labels.shape} + (3,) uint8")
     if not len(ids):
         return {c: np.zeros(0) for c in INTENSITY_COLUMNS}
-    flat = labels.ravel().astype(np.int64)
-    nbins = int(flat.max()) + 1
+    if pixels is None:
+        flat = labels.ravel()
+        index = np.flatnonzero(flat != 0)
+        lab = flat[index].astype(np.intp)
+    else:
+        index, lab = pixels
+    nbins = max(int(ids.max()), int(lab.max()) if len(lab) else 0) + 1
     wanted = np.zeros(nbins, dtype=bool)
     wanted[ids] = True
-    fg = np.flatnonzero(wanted[flat])  # only pixels of the requested labels
-    lab = flat[fg]
-    conc = stain_od(rgb.reshape(-1, 3)[fg])  # (n_fg, 3): deconvolve only the measured pixels
+    keep = wanted[lab]  # only pixels of the requested labels
+    lab, index = lab[keep], index[keep]
+    px = np.take(rgb.reshape(-1, 3), index, axis=0).T  # (3, n): deconvolve only the measured pixels
     count = np.bincount(lab, minlength=nbins)[ids].astype(np.float64)
+    out = {}
     for k, stain in enumerate(STAINS):
-        v = np.ascontiguousarray(conc[:, k])
+        lut = _STAIN_CHANNEL_LUT[k]
+        v = lut[0][px[0]] + lut[1][px[1]] + lut[2][px[2]]
         s = np.bincount(lab, weights=v, minlength=nbins)[ids]
         ss = np.bincount(lab, weights=v * v, minlength=nbins)[ids]
         with np.errstate(divide="ignore", invalid="ignore"):

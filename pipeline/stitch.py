@@ -178,18 +178,18 @@ def extract_chunk_instances(labels, scores, rgb, *, window_origin_rc, core_box_r
     """
     scores, (r0, c0), (h, w), (H, W), (cr0, cc0, cr1, cc1) = _check_window(
         labels, scores, rgb, window_origin_rc, core_box_rc, store_shape_rc)
-    if not labels.any():
+    flat = labels.ravel()
+    fg = np.flatnonzero(flat != 0)  # every per-label statistic below uses the nonzero pixels only
+    if not len(fg):
         return empty_chunk_table()
-    flat = labels.ravel().astype(np.int64)
-    nbins = int(flat.max()) + 1
-    count = np.bincount(flat, minlength=nbins).astype(np.float64)
-    rows = np.repeat(np.arange(h, dtype=np.float64), w)
-    cols = np.tile(np.arange(w, dtype=np.float64), h)
+    lab = flat[fg].astype(np.intp)
+    nbins = int(lab.max()) + 1
+    count = np.bincount(lab, minlength=nbins).astype(np.float64)
+    rows, cols = np.divmod(fg, w)
     # global integer sums first, so anchors do not depend on the window's origin (exact in float64)
-    sum_r = np.bincount(flat, weights=rows, minlength=nbins) + count * r0
-    sum_c = np.bincount(flat, weights=cols, minlength=nbins) + count * c0
+    sum_r = np.bincount(lab, weights=rows, minlength=nbins) + count * r0
+    sum_c = np.bincount(lab, weights=cols, minlength=nbins) + count * c0
     ids = np.flatnonzero(count)
-    ids = ids[ids > 0]
     with np.errstate(invalid="ignore"):
         ay = sum_r[ids] / count[ids] + 0.5
         ax = sum_c[ids] / count[ids] + 0.5
@@ -223,17 +223,14 @@ def extract_chunk_instances(labels, scores, rgb, *, window_origin_rc, core_box_r
         return empty_chunk_table().replace_schema_metadata({b"n_truncated_owned": str(n_trunc_owned).encode()})
 
     # 4. polygonise only the kept labels
-    keep_mask = np.zeros(nbins, dtype=bool)
-    keep_mask[ids] = True
-    kept_labels = np.where(keep_mask[labels], labels, 0).astype(np.uint32)
-    pid, polys = geometry.labels_to_polygons(kept_labels, offset_rc=(r0, c0))
+    pid, polys = geometry.labels_to_polygons(labels, offset_rc=(r0, c0), ids=ids)
     if not np.array_equal(pid, ids):  # pragma: no cover - every non-empty mask has an outline
         raise StitchError(f"chunk {tuple(chunk_rc)}: {len(ids) - len(pid)} kept masks have no outline")
     shape = measure.shape_measurements(polys, mpp)
     big = (shape["area_um2"] >= min_area_um2) & ~shapely.is_empty(polys)
     ids, ay, ax, owned, polys = ids[big], ay[big], ax[big], owned[big], polys[big]
     shape = {k: v[big] for k, v in shape.items()}
-    inten = measure.intensity_measurements(labels, rgb, ids)
+    inten = measure.intensity_measurements(labels, rgb, ids, pixels=(fg, lab))
 
     bounds = shapely.bounds(polys)  # (K, 4): minx, miny, maxx, maxy
     inside = np.stack([

@@ -85,3 +85,55 @@ def test_pair_iou():
     iou, inter = geometry.pair_iou(a, b)
     np.testing.assert_allclose(iou, [2 / 6, 0])
     np.testing.assert_allclose(inter, [2, 0])
+
+
+def _find_contours_outline(labels, label):
+    """Reference: the largest ``find_contours`` ring of one label's padded mask (the definition)."""
+    from skimage.measure import find_contours
+
+    mask = np.pad(labels == label, 1).astype(np.float32)
+    rings = [c for c in find_contours(mask, 0.5) if len(c) >= 4]
+    best = max(rings, key=lambda c: abs(shapely.Polygon(c).area))
+    return shapely.Polygon(best[:, ::-1] - 0.5)  # padded index -> continuous (x = col, y = row)
+
+
+def test_matches_find_contours_on_ragged_labels():
+    # random labels: holes, several parts, diagonal contacts (saddles), labels touching the image edge
+    rng = np.random.default_rng(5)
+    labels = rng.integers(0, 7, (60, 70)).astype(np.uint32)
+    labels[rng.random(labels.shape) < 0.3] = 0
+    ids, polys = geometry.labels_to_polygons(labels)
+    assert ids.tolist() == sorted(set(labels.ravel().tolist()) - {0})
+    assert shapely.is_valid(polys).all() and (shapely.get_type_id(polys) == 3).all()
+    assert shapely.is_ccw(shapely.get_exterior_ring(polys)).all()
+    assert (shapely.get_num_interior_rings(polys) == 0).all()
+    coords = shapely.get_coordinates(polys)
+    assert np.array_equal(coords * 2, np.round(coords * 2))  # pixel-edge midpoints: multiples of 0.5
+    for i, p in zip(ids, polys):
+        assert shapely.equals(p, _find_contours_outline(labels, i)), i
+    # no collinear vertices left (lossless simplification)
+    for p in polys:
+        ring = np.asarray(p.exterior.coords)
+        d = np.diff(np.vstack([ring, ring[1:2]]), axis=0)
+        assert (np.abs(d[:-1, 0] * d[1:, 1] - d[:-1, 1] * d[1:, 0]) > 0).all()
+
+
+def test_outline_is_identical_from_any_window_and_ids_subset():
+    rng = np.random.default_rng(2)
+    labels = np.zeros((90, 100), np.uint32)
+    for k in range(1, 30):
+        rr, cc = disk((rng.uniform(10, 80), rng.uniform(10, 90)), rng.uniform(3, 9), shape=labels.shape)
+        labels[rr, cc] = k  # later disks overwrite: touching and ragged neighbours
+    ids, polys = geometry.labels_to_polygons(labels, offset_rc=(500, 700))
+    sub_ids, sub = geometry.labels_to_polygons(labels[7:83, 5:97], offset_rc=(507, 705))
+    inside = {int(i) for i in np.unique(labels[7:83, 5:97]) if i} - set(np.unique(np.concatenate(
+        [labels[7, 5:97], labels[82, 5:97], labels[7:83, 5], labels[7:83, 96]])).tolist())
+    common = [i for i in ids.tolist() if i in inside]
+    assert len(common) > 10
+    wkb = dict(zip(ids.tolist(), geometry.to_wkb(polys)))
+    sub_wkb = dict(zip(sub_ids.tolist(), geometry.to_wkb(sub)))
+    assert all(wkb[i] == sub_wkb[i] for i in common)  # same vertices, same order, same start
+    pick = np.array(common[::2])
+    got_ids, got = geometry.labels_to_polygons(labels, offset_rc=(500, 700), ids=pick)
+    assert got_ids.tolist() == pick.tolist()
+    assert all(a == wkb[i] for i, a in zip(pick.tolist(), geometry.to_wkb(got)))

@@ -102,3 +102,26 @@ def test_qupath_names_cover_measurements():
     assert set(measure.MEASUREMENT_COLUMNS) | {"score"} == set(measure.QUPATH_NAMES)
     assert measure.QUPATH_NAMES["hematoxylin_od_std"] == "Hematoxylin OD std dev"
     assert measure.QUPATH_NAMES["area_um2"] == "Area µm^2"
+
+
+def test_diameters_match_geos_and_brute_force():
+    # nucleus-like and odd shapes: ellipses, triangles (3-point bounding circles), thin slivers
+    rng = np.random.default_rng(4)
+    polys = []
+    for _ in range(150):
+        n = int(rng.integers(3, 40))
+        ang = np.sort(rng.uniform(0, 2 * np.pi, n))
+        rad = rng.uniform(2, 12) * rng.uniform(0.6, 1.0, n)
+        polys.append(shapely.convex_hull(shapely.MultiPoint(np.column_stack(
+            [100 + rad * np.cos(ang) * rng.uniform(0.3, 1), 50 + rad * np.sin(ang)]))))
+    polys += [shapely.Polygon([(0, 0), (10, 0), (5, 3)]), shapely.box(0, 0, 10, 0.01)]
+    polys = np.array([p for p in polys if p.geom_type == "Polygon"], dtype=object)
+    m = measure.shape_measurements(polys, 0.5)
+    np.testing.assert_allclose(m["max_diameter_um"], 2 * 0.5 * shapely.minimum_bounding_radius(polys), rtol=1e-9)
+    for p, mx, mn in zip(polys, m["max_caliper_um"], m["min_diameter_um"]):
+        v = np.asarray(p.exterior.coords)[:-1]
+        assert mx == pytest.approx(0.5 * np.max(np.hypot(*(v[:, None] - v[None]).transpose(2, 0, 1))), rel=1e-12)
+        e = np.roll(v, -1, axis=0) - v
+        width = [np.max(np.abs(ex * (v[:, 1] - p0[1]) - ey * (v[:, 0] - p0[0]))) / np.hypot(ex, ey)
+                 for (ex, ey), p0 in zip(e, v)]
+        assert mn == pytest.approx(0.5 * min(width), rel=1e-9)
