@@ -131,7 +131,10 @@ def with_overrides(cfg, **overrides):
             raise ConfigError(f"unknown setting {key!r} for {type(cfg).__name__}")
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             if (key.endswith("_px") or key.endswith("mpp") or key in {"batch_size", "workers"}) and value <= 0:
-                if not (key == "halo_px" and value == 0):
+                if key == "halo_px":
+                    if value < 0:
+                        raise ConfigError(f"{key} must be >= 0, got {value}")
+                else:
                     raise ConfigError(f"{key} must be > 0, got {value}")
         clean[key] = value
     return replace(cfg, **clean)

@@ -22,6 +22,7 @@ from typing import Sequence
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from .errors import OutputError
 from .paths import atomic_target
 
 PANEL_PX = 512  # edge of each panel
@@ -156,6 +157,8 @@ def save_png_atomic(img: Image.Image, path: str | os.PathLike) -> Path:
     try:
         img.save(tmp, format="PNG", optimize=False, compress_level=6)
         os.replace(tmp, path)
+    except OSError as exc:  # disk full, unwritable directory: one line naming the file
+        raise OutputError(f"cannot write {path}: {exc.strerror or exc}") from exc
     finally:
         if tmp.exists():
             tmp.unlink()

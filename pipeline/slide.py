@@ -304,6 +304,29 @@ class OpenSlideReader(SlideReader):
         self._osr.close()
 
 
+class _TifffileProblems(list):
+    """Context manager: the messages tifffile logs at WARNING or above inside it (not shown)."""
+
+    def __enter__(self):
+        outer = self
+
+        class _Handler(logging.Handler):
+            def emit(self, record):
+                outer.append(record.getMessage().replace("\n", " ")[:200])
+
+        self._logger = logging.getLogger("tifffile")
+        self._handler = _Handler(logging.WARNING)
+        self._propagate = self._logger.propagate
+        self._logger.addHandler(self._handler)
+        self._logger.propagate = False
+        return self
+
+    def __exit__(self, *exc):
+        self._logger.removeHandler(self._handler)
+        self._logger.propagate = self._propagate
+        return False
+
+
 class TiffSlideReader(SlideReader):
     """tifffile backend for (OME-)TIFF that OpenSlide does not recognise (RGB uint8 only)."""
 
@@ -313,16 +336,27 @@ class TiffSlideReader(SlideReader):
 
         self.path = path
         self._lock = threading.Lock()
-        try:
-            self._tif = tifffile.TiffFile(path)
-            series = self._tif.series[0]
-            levels = list(series.levels)
-            page = series.pages[0] if series.pages else self._tif.pages[0]
-            axes = series.axes
-            shapes = [lvl.shape for lvl in levels]
-            dtype = series.dtype
-        except Exception as exc:  # tifffile raises many types on bad input
-            raise SlideReadError(f"{path}: not a slide OpenSlide or tifffile can read ({exc})") from exc
+        self._tif = None
+        # tifffile logs (rather than raises) broken IFD chains, e.g. of a truncated SVS: collect
+        # them and refuse the file with one clear error instead of a log line + a wrong diagnosis
+        with _TifffileProblems() as problems:
+            try:
+                self._tif = tifffile.TiffFile(path)
+                series = self._tif.series[0]
+                levels = list(series.levels)
+                page = series.pages[0] if series.pages else self._tif.pages[0]
+                axes = series.axes
+                shapes = [lvl.shape for lvl in levels]
+                dtype = series.dtype
+            except Exception as exc:  # tifffile raises many types on bad input
+                if self._tif is not None:
+                    self._tif.close()
+                if problems:
+                    raise SlideReadError(f"{path}: file is truncated or corrupt (tifffile: {problems[0]})") from exc
+                raise SlideReadError(f"{path}: not a slide OpenSlide or tifffile can read ({exc})") from exc
+        if problems:
+            self._tif.close()
+            raise SlideReadError(f"{path}: file is truncated or corrupt (tifffile: {problems[0]})")
         if axes.endswith(("YXS", "YXC")):
             self._channels_last, n_channels = True, shapes[0][-1]
         elif axes.endswith(("SYX", "CYX")):

@@ -19,8 +19,19 @@ from ..errors import PipelineError
 COMMANDS = ["demo", "tile", "infer", "export", "segment", "predict", "evaluate", "train", "distill", "check", "cohort"]
 
 
+class _Parser(argparse.ArgumentParser):
+    """Usage errors as one line ``cellsam: error: <command>: <problem>`` (exit 2), like PipelineError.
+
+    Sub-command parsers inherit the class (``add_subparsers`` uses the parent's class).
+    """
+
+    def error(self, message):
+        command = self.prog.split(" ", 1)[1] + ": " if " " in self.prog else ""
+        self.exit(2, f"cellsam: error: {command}{message} (see `{self.prog} --help`)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="cellsam", description="CellSAM whole-slide nucleus segmentation")
+    parser = _Parser(prog="cellsam", description="CellSAM whole-slide nucleus segmentation")
     parser.add_argument("--version", action="version", version=f"cellsam {__version__}")
     parser.add_argument("--debug", action="store_true", help="show tracebacks for errors")
     parser.add_argument("--quiet", action="store_true", help="only warnings and errors, no progress bars")

@@ -17,6 +17,8 @@ Training checkpoints (``last.pt``) add ``optimizer``, ``scheduler``, ``epoch``, 
 from __future__ import annotations
 
 import os
+import re
+import warnings
 from pathlib import Path
 
 import torch
@@ -45,15 +47,31 @@ def read_checkpoint(path) -> dict:
     if not path.exists():
         raise ModelError(f"{path}: model checkpoint not found")
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # e.g. "Detected pickle protocol 4": the error below says it all
+            warnings.simplefilter("ignore")
+            obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - pickle refusal, truncation, not-a-zip, ...
-        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else exc.__class__.__name__
-        if "weights_only" in str(exc) or "Unsupported global" in str(exc):
-            msg = "refused: contains non-tensor Python objects (unsafe pickle)"
-        raise ModelError(f"{path}: not a loadable CellSAM checkpoint ({msg[:200]})") from None
+        raise ModelError(f"{path}: not a loadable CellSAM checkpoint ({_load_problem(exc)})") from None
     if not isinstance(obj, dict) or obj.get("format") != FORMAT:
         raise ModelError(f"{path}: not a CellSAM checkpoint (missing format marker '{FORMAT}')")
     return obj
+
+
+def _load_problem(exc: Exception) -> str:
+    """One-line reason of a ``torch.load(weights_only=True)`` failure."""
+    text = str(exc)
+    found = re.search(r"GLOBAL ([\w.]+)|Unsupported global: GLOBAL ([\w.]+)", text)
+    if found or "Unsupported global" in text:
+        name = next((g for g in found.groups() if g), "?") if found else "?"
+        return f"refused: contains non-tensor Python objects (unsafe pickle, would import {name})"
+    if "Unsupported operand" in text or "WeightsUnpickler error" in text:
+        return "refused: not a tensor-only pickle (corrupt file, or an unsafe/legacy pickle)"
+    if "inline_container" in text or "PytorchStreamReader" in text or "hasRecord" in text:
+        detail = re.sub(r"^\[enforce fail at [^\]]*\][ .]*", "", text.strip().splitlines()[0])
+        detail = detail.split("  (Could this error message")[0]
+        return f"not a PyTorch checkpoint archive: {detail[:150]}"
+    lines = [ln.strip() for ln in text.strip().splitlines() if ln.strip()]
+    return (lines[0] if lines else exc.__class__.__name__)[:200]
 
 
 def load_checkpoint(path=None) -> tuple[CellSAM, dict]:
