@@ -53,6 +53,7 @@ import numpy as np
 from .config import SegmentConfig
 from .errors import InputError, ModelError, StoreError
 from .paths import atomic_target
+from .testhooks import pause_point
 
 log = logging.getLogger(__name__)
 
@@ -585,6 +586,8 @@ def run_infer(
             for k, v in result["timings_s"].items():
                 totals[k] = totals.get(k, 0.0) + v
             bar.update(result["chunks"])
+            if counts["chunks"] < len(todo):
+                pause_point("infer")  # crash tests only (pipeline.testhooks)
 
         if tasks:
             if scheduler:

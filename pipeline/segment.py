@@ -12,6 +12,9 @@ Outputs (names from :mod:`pipeline.paths`, all written to a temp sibling and ren
   stage timings;
 * ``<id>.qc.png``: QC image (:mod:`pipeline.qc`).
 
+The summary is written last and marks a complete set: a failed export (disk full, interrupt)
+removes the old summary and every output it wrote, so a set without a summary is incomplete.
+
 Determinism: every output is a function of (slide, parameters, model, software versions) only.
 The single exception is the ``"timings_s"`` block of the summary (wall-clock seconds per stage):
 compare summaries without it.
@@ -22,6 +25,7 @@ A slide without tissue, or with tissue but no nuclei, gives valid empty outputs 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -36,6 +40,7 @@ from .config import Config
 from .errors import InputError
 from .infer import list_chunk_files, read_chunks_meta, run_infer
 from .paths import SlidePaths, slide_id_from_path, slide_paths
+from .testhooks import pause_point
 
 log = logging.getLogger(__name__)
 
@@ -209,72 +214,85 @@ def run_export(
     timings["stitch_s"] = time.perf_counter() - t0
     log.info("stitch: %d chunk files -> %d nuclei in %.1f s", len(files), table.num_rows, timings["stitch_s"])
 
-    t0 = time.perf_counter()
-    scale = (float(attrs["scale_x_l0"]), float(attrs["scale_y_l0"]))
-    # UUIDs derive from the slide's content hash: stable across reruns and renames, distinct across slides
-    key = str(attrs.get("source_sha256") or sp.slide_id)
-    write_geojson(table, sp.geojson_gz, scale_xy_l0=scale, slide_key=key, gz=True)
-    if cfg.segment.geojson_plain:
-        write_geojson(table, sp.geojson, scale_xy_l0=scale, slide_key=key, gz=False)
-    write_geoparquet(table, sp.parquet, scale_xy_l0=scale, slide_key=key)
-    timings["export_s"] = time.perf_counter() - t0
+    # <id>.summary.json (written last) marks a complete set: drop the old one first, and on any
+    # failure (disk full, interrupt) remove every final this export may have written, so a failed
+    # export never leaves a half-new set of outputs behind (each file is atomic on its own)
+    outputs = [*sp.finals(), sp.geojson]
+    with contextlib.suppress(OSError):
+        sp.summary.unlink(missing_ok=True)
+    try:
+        t0 = time.perf_counter()
+        scale = (float(attrs["scale_x_l0"]), float(attrs["scale_y_l0"]))
+        # UUIDs derive from the slide's content hash: stable across reruns and renames, distinct across slides
+        key = str(attrs.get("source_sha256") or sp.slide_id)
+        write_geojson(table, sp.geojson_gz, scale_xy_l0=scale, slide_key=key, gz=True)
+        pause_point("export")  # crash tests only (pipeline.testhooks)
+        if cfg.segment.geojson_plain:
+            write_geojson(table, sp.geojson, scale_xy_l0=scale, slide_key=key, gz=False)
+        write_geoparquet(table, sp.parquet, scale_xy_l0=scale, slide_key=key)
+        timings["export_s"] = time.perf_counter() - t0
 
-    t0 = time.perf_counter()
-    from .qc import qc_image
+        t0 = time.perf_counter()
+        from .qc import qc_image
 
-    stats = summarize(table, attrs.get("tissue_area_mm2"))
-    n = int(stats["count"])
-    caption = (
-        f"{sp.slide_id}: {n} nuclei, tissue {attrs.get('tissue_area_mm2') or 0:.2f} mm2, "
-        f"{(stats['nuclei_per_mm2'] or 0):.0f} nuclei/mm2, store {mpp:g} um/px, model {(meta.get('model') or {}).get('name')}"
-    )
-    qc_image(group, attrs, table, sp.qc_png, caption=caption)
-    timings["qc_s"] = time.perf_counter() - t0
-
-    if not attrs.get("tissue_chunks"):
-        note = "no tissue detected: empty outputs"
-    elif n == 0:
-        note = "tissue detected but no nuclei found: empty outputs"
-    else:
-        note = None
-    if n_trunc:
-        log.warning(
-            "%d nuclei touched the halo edge and were dropped; rerun with a larger --halo (now %s px)",
-            n_trunc,
-            meta.get("halo_px"),
+        stats = summarize(table, attrs.get("tissue_area_mm2"))
+        n = int(stats["count"])
+        caption = (
+            f"{sp.slide_id}: {n} nuclei, tissue {attrs.get('tissue_area_mm2') or 0:.2f} mm2, "
+            f"{(stats['nuclei_per_mm2'] or 0):.0f} nuclei/mm2, store {mpp:g} um/px, model {(meta.get('model') or {}).get('name')}"
         )
-    timings["export_total_s"] = time.perf_counter() - t_start
-    if started is not None:
-        timings["total_s"] = time.perf_counter() - started
-    summary = {
-        "schema_version": SUMMARY_SCHEMA_VERSION,
-        "slide_id": sp.slide_id,
-        "source": {
-            "file": Path(str(attrs.get("source_path", ""))).name,
-            "sha256": attrs.get("source_sha256"),
-            "slide_mpp_x": attrs.get("slide_mpp_x"),
-            "slide_mpp_y": attrs.get("slide_mpp_y"),
-            "bounds_l0": attrs.get("bounds_l0"),
-        },
-        "nuclei": n,
-        "tissue_area_mm2": stats["tissue_area_mm2"],
-        "nuclei_per_mm2": stats["nuclei_per_mm2"],
-        "tissue_chunks": len(attrs.get("tissue_chunks", [])),
-        "nuclei_dropped_at_halo": n_trunc,
-        "note": note,
-        "measurements": stats["measurements"],
-        "outputs": {
-            "geojson_gz": sp.geojson_gz.name,
-            "geojson": sp.geojson.name if cfg.segment.geojson_plain else None,
-            "parquet": sp.parquet.name,
-            "qc_png": sp.qc_png.name,
-        },
-        "model": meta.get("model"),
-        "parameters": _parameters(attrs, meta, cfg),
-        "software": _software_versions(),
-        "timings_s": {k: round(float(v), 3) for k, v in sorted(timings.items()) if isinstance(v, (int, float))},
-    }
-    write_json_atomic(summary, sp.summary)
+        qc_image(group, attrs, table, sp.qc_png, caption=caption)
+        timings["qc_s"] = time.perf_counter() - t0
+
+        if not attrs.get("tissue_chunks"):
+            note = "no tissue detected: empty outputs"
+        elif n == 0:
+            note = "tissue detected but no nuclei found: empty outputs"
+        else:
+            note = None
+        if n_trunc:
+            log.warning(
+                "%d nuclei touched the halo edge and were dropped; rerun with a larger --halo (now %s px)",
+                n_trunc,
+                meta.get("halo_px"),
+            )
+        timings["export_total_s"] = time.perf_counter() - t_start
+        if started is not None:
+            timings["total_s"] = time.perf_counter() - started
+        summary = {
+            "schema_version": SUMMARY_SCHEMA_VERSION,
+            "slide_id": sp.slide_id,
+            "source": {
+                "file": Path(str(attrs.get("source_path", ""))).name,
+                "sha256": attrs.get("source_sha256"),
+                "slide_mpp_x": attrs.get("slide_mpp_x"),
+                "slide_mpp_y": attrs.get("slide_mpp_y"),
+                "bounds_l0": attrs.get("bounds_l0"),
+            },
+            "nuclei": n,
+            "tissue_area_mm2": stats["tissue_area_mm2"],
+            "nuclei_per_mm2": stats["nuclei_per_mm2"],
+            "tissue_chunks": len(attrs.get("tissue_chunks", [])),
+            "nuclei_dropped_at_halo": n_trunc,
+            "note": note,
+            "measurements": stats["measurements"],
+            "outputs": {
+                "geojson_gz": sp.geojson_gz.name,
+                "geojson": sp.geojson.name if cfg.segment.geojson_plain else None,
+                "parquet": sp.parquet.name,
+                "qc_png": sp.qc_png.name,
+            },
+            "model": meta.get("model"),
+            "parameters": _parameters(attrs, meta, cfg),
+            "software": _software_versions(),
+            "timings_s": {k: round(float(v), 3) for k, v in sorted(timings.items()) if isinstance(v, (int, float))},
+        }
+        write_json_atomic(summary, sp.summary)
+    except BaseException:
+        for path in outputs:
+            with contextlib.suppress(OSError):
+                path.unlink(missing_ok=True)
+        raise
     log.info("export: %d nuclei -> %s (%.1f s)", n, sp.outdir, timings["export_total_s"])
     return summary
 

@@ -25,6 +25,7 @@ import numpy as np
 from .config import StoreConfig, TissueConfig
 from .errors import InputError, OutputError, StoreError
 from .slide import SlideReader
+from .testhooks import pause_point
 from .tissue import chunks_touching_tissue, save_mask_png, tissue_area_mm2, tissue_mask
 
 log = logging.getLogger(__name__)
@@ -322,6 +323,7 @@ def write_store(
         with ThreadPoolExecutor(max_workers=cfg.workers) as pool:
             for _ in pool.map(write_level0, chunks0):
                 pass
+            pause_point("tile")  # crash tests only (pipeline.testhooks)
             for k in range(1, len(shapes)):
                 chunk_sets.append(sorted({(r // 2, c // 2) for r, c in chunk_sets[-1]}))
                 for _ in pool.map(make_down(k), chunk_sets[k]):
