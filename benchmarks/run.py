@@ -53,11 +53,12 @@ RESULTS = BENCH / "results"
 SCHEMA_VERSION = 1
 WINDOW_PX = 1152  # default chunk 1024 + 2 x halo 64
 QUICK_SIZE = 4096
+QUICK_NUCLEI = 200_000  # 1 M takes > 10 min on 2 shared, loaded cores (see README)
 FULL_SIZES = (10_000, 30_000, 100_000)
 
 #: Targets (README.md). CPU ones assume 2 cores and the default model at 0.5 µm/px.
 TARGETS = {
-    "cpu_s_per_mm2": 5.0,
+    "cpu_wall_s_per_mm2": 5.0,
     "overhead_ratio": 0.25,
     "peak_rss_gb_100k": 3.0,
     "stitch_export_1m_s": 60.0,
@@ -295,6 +296,7 @@ def e2e(slide: Path, slide_info: dict, spec: str, args, workdir: Path) -> dict:
         "model_info": summary.get("model"),
         "timings_s": t,
         "s_per_mm2": round(wall / mm2, 3) if mm2 > 0 else None,
+        "cpu_s_per_mm2": round(m["cpu_s"] / mm2, 3) if mm2 > 0 else None,
         "store_mpx": round((summary.get("tissue_chunks") or 0) * chunk_px * chunk_px / 1e6, 2),
         "overhead_ratio": round((wall - model_s) / model_s, 3) if model_s > 0 else None,
         "stages_s": stage_breakdown(t, wall),
@@ -375,6 +377,7 @@ def stitch_export(n: int, workdir: Path) -> dict:
         "stitch_export_s": big.get("stitch_export_s"),
         "process_wall_s": steps["big"]["wall_s"],
         "peak_rss_gb": steps["big"]["peak_rss_gb"],
+        "cpu_s": steps["big"]["cpu_s"],
         "cpu_share": steps["big"]["cpu_share"],
         "geojson_gz_mb": big.get("geojson_gz_mb"),
         "geoparquet_mb": big.get("geoparquet_mb"),
@@ -412,18 +415,18 @@ def worker_forward(args) -> dict:
         with openslide.OpenSlide(args.slide) as s:
             w, h = s.dimensions
             imgs = []
-            for i in range(args.batch):
+            for i in range(args.fwd_batch):
                 x = int((w - WINDOW_PX) * (0.3 + 0.4 * rng.random()))
                 y = int((h - WINDOW_PX) * (0.3 + 0.4 * rng.random()))
                 imgs.append(np.asarray(s.read_region((x, y), 0, (WINDOW_PX, WINDOW_PX)).convert("RGB")))
         batch = np.stack(imgs)
     else:
-        batch = rng.integers(0, 256, (args.batch, WINDOW_PX, WINDOW_PX, 3), dtype=np.uint8)
+        batch = rng.integers(0, 256, (args.fwd_batch, WINDOW_PX, WINDOW_PX, 3), dtype=np.uint8)
     seg.forward(batch[:1, :256, :256])  # warm-up (lazy init, allocator), small
-    if args.repeats > 1:
+    if args.fwd_repeats > 1:
         seg.forward(batch)  # full-size warm-up
     times = []
-    for _ in range(max(1, args.repeats)):
+    for _ in range(max(1, args.fwd_repeats)):
         t0 = time.perf_counter()
         seg.forward(batch)
         if seg.device.type == "cuda":
@@ -494,7 +497,7 @@ def targets_check(res: dict) -> list[dict]:
                          "value": min(busy) if busy else None, "higher_is_better": True})
         else:
             worst = max(r["s_per_mm2"] for r in learned)
-            rows.append({"target": "CPU s/mm² (end to end, worst size)", "limit": TARGETS["cpu_s_per_mm2"], "value": worst})
+            rows.append({"target": "CPU s/mm² (end to end, worst size)", "limit": TARGETS["cpu_wall_s_per_mm2"], "value": worst})
         rows.append({"target": "overhead ratio (worst size)", "limit": TARGETS["overhead_ratio"],
                      "value": max(r["overhead_ratio"] for r in learned)})
     big = [r for r in ok_runs if r["size_px"][0] >= 100_000]
@@ -503,13 +506,14 @@ def targets_check(res: dict) -> list[dict]:
     se = res.get("stitch_export") or {}
     n = se.get("nuclei") or 0
     suffix = "" if n >= 900_000 else f" (measured at {n} nuclei)" if n else ""
+    partial = bool(suffix)  # a smaller run is reported, but does not decide the 1 M target
     rows.append({"target": "stitch+export 1 M nuclei, s" + suffix, "limit": TARGETS["stitch_export_1m_s"],
-                 "value": se.get("stitch_export_s")})
+                 "value": se.get("stitch_export_s"), "partial": partial})
     rows.append({"target": "stitch+export 1 M nuclei, peak RSS GB" + suffix,
-                 "limit": TARGETS["stitch_export_1m_rss_gb"], "value": se.get("peak_rss_gb")})
+                 "limit": TARGETS["stitch_export_1m_rss_gb"], "value": se.get("peak_rss_gb"), "partial": partial})
     for r in rows:
         v = r["value"]
-        if v is None:
+        if v is None or r.get("partial"):
             r["met"] = None
         else:
             r["met"] = bool(v >= r["limit"]) if r.get("higher_is_better") else bool(v <= r["limit"])
@@ -534,17 +538,19 @@ def markdown(res: dict) -> str:
         lines += [
             "## End to end (`cellsam segment`)",
             "",
-            "| slide | model | tissue mm² | chunks | nuclei | wall s | s/mm² | store Mpx/s | overhead | peak RSS GB (proc / tree) | CPU share |",
-            "|---|---|---|---|---|---|---|---|---|---|---|",
+            "| slide | model | tissue mm² | chunks | nuclei | wall s | s/mm² | CPU s/mm² | store Mpx/s | overhead "
+            "| peak RSS GB (proc / tree) | CPU share |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         for r in runs:
             size = "x".join(str(v) for v in r["size_px"])
             if "error" in r:
-                lines.append(f"| {size} | {r['model']} | error: {r['error'][:120]} |||||||||")
+                lines.append(f"| {size} | {r['model']} | error: {r['error'][:120]} ||||||||||")
                 continue
             lines.append(
                 f"| {size} | {r['model']} | {_fmt(r['tissue_area_mm2'])} | {r['tissue_chunks']} | {r['nuclei']} | "
-                f"{_fmt(r['wall_s'], 1)} | {_fmt(r['s_per_mm2'])} | {_fmt(r['store_mpx_per_s'], 3)} | "
+                f"{_fmt(r['wall_s'], 1)} | {_fmt(r['s_per_mm2'])} | {_fmt(r['cpu_s_per_mm2'])} | "
+                f"{_fmt(r['store_mpx_per_s'], 3)} | "
                 f"{_fmt(r['overhead_ratio'], 3)} | {_fmt(r['peak_rss_gb'])} / {_fmt(r['peak_tree_rss_gb'])} | "
                 f"{_fmt(r['cpu_share'])} |"
             )
@@ -621,14 +627,15 @@ def _sizes(text: str) -> list[int]:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true",
-                    help=f"{QUICK_SIZE}² slide end to end, stitch+export, forward throughput (≤ 10 min on 2 cores)")
+                    help=f"{QUICK_SIZE}² slide end to end, stitch+export of {QUICK_NUCLEI} nuclei, forward throughput")
     ap.add_argument("--sizes", default=None, help="slide edges, px (default: 10000,30000,100000; --quick: 4096)")
     ap.add_argument("--model", default=None,
                     help="comma list of default|classical|CKPT (default: default; --quick: default,classical)")
     ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     ap.add_argument("--batch-size", type=int, default=None, help="cellsam --batch-size (default: the pipeline's)")
     ap.add_argument("--workers", type=int, default=None, help="cellsam --workers (default: the pipeline's)")
-    ap.add_argument("--nuclei", type=int, default=1_000_000, help="stitch+export benchmark size (0: skip)")
+    ap.add_argument("--nuclei", type=int, default=None,
+                    help="stitch+export benchmark size (default 1000000; --quick 200000; 0: skip)")
     ap.add_argument("--skip-e2e", action="store_true")
     ap.add_argument("--skip-forward", action="store_true")
     ap.add_argument("--fwd-batch", "--batch", dest="fwd_batch", type=int, default=4, help="forward-throughput batch")
@@ -653,6 +660,8 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     sizes = _sizes(args.sizes) if args.sizes else ([QUICK_SIZE] if args.quick else list(FULL_SIZES))
     models = [m.strip() for m in (args.model or ("default,classical" if args.quick else "default")).split(",") if m.strip()]
+    if args.nuclei is None:
+        args.nuclei = QUICK_NUCLEI if args.quick else 1_000_000
     if args.fwd_repeats is None:
         args.fwd_repeats = 1 if args.quick else 3
     for spec in models:
