@@ -579,9 +579,9 @@ def markdown(res: dict) -> str:
             lines += [
                 "| nuclei | candidates | read s | stitch s | GeoJSON.gz s | GeoParquet s | stitch+export s | peak RSS GB | CPU share |",
                 "|---|---|---|---|---|---|---|---|---|",
-                f"| {se['nuclei']} | {se['instances']} | {_fmt(se['read_s'], 1)} | {_fmt(se['stitch_s'], 1)} | "
-                f"{_fmt(se['geojson_gz_s'], 1)} | {_fmt(se['geoparquet_s'], 1)} | {_fmt(se['stitch_export_s'], 1)} | "
-                f"{_fmt(se['peak_rss_gb'])} | {_fmt(se['cpu_share'])} |",
+                f"| {se.get('nuclei')} | {se.get('instances')} | {_fmt(se.get('read_s'), 1)} | "
+                f"{_fmt(se.get('stitch_s'), 1)} | {_fmt(se.get('geojson_gz_s'), 1)} | {_fmt(se.get('geoparquet_s'), 1)} | "
+                f"{_fmt(se.get('stitch_export_s'), 1)} | {_fmt(se.get('peak_rss_gb'))} | {_fmt(se.get('cpu_share'))} |",
             ]
         lines.append("")
     fw = res.get("forward")

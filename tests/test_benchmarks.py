@@ -61,3 +61,23 @@ def test_make_slide_openslide_mpp_tissue_and_determinism(make_slide, tmp_path):
     # cached: an existing file with the same parameters is reused as is
     mtime = path.stat().st_mtime_ns
     assert make_slide.ensure_slide(size, seed=3, path=path)[0] == path and path.stat().st_mtime_ns == mtime
+
+
+def test_run_measured_peak_rss_and_report():
+    run = _load("run")
+    code = "import numpy as np, time; a = np.ones(200 * 2**20, np.uint8); time.sleep(0.6)"
+    m = run.run_measured([sys.executable, "-c", code], poll_s=0.05)
+    assert m["rc"] == 0 and m["wall_s"] > 0.5
+    assert 0.19 <= m["peak_rss_gb"] < 1.0 and m["peak_tree_rss_gb"] >= 0.19
+    assert run.run_measured([sys.executable, "-c", "raise SystemExit(3)"])["rc"] == 3
+    # report: a failed run and a partial stitch measurement never count as a met target
+    res = {
+        "machine": run.machine_info(),
+        "args": {"quick": True, "device": "cpu", "note": ""},
+        "e2e": [{"size_px": [4096, 4096], "model": "default", "error": "exit 5: boom"}],
+        "stitch_export": {"nuclei": 200_000, "stitch_export_s": 10.0, "peak_rss_gb": 1.0},
+    }
+    res["targets"] = run.targets_check(res)
+    assert all(t["met"] is None for t in res["targets"])
+    text = run.markdown(res)
+    assert "error: exit 5: boom" in text and "measured at 200000 nuclei" in text
