@@ -19,6 +19,7 @@ import logging
 import math
 import os
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -42,6 +43,10 @@ NUCLEUS_CLASS = {"name": "Nucleus", "color": [0, 128, 255]}
 SCHEMA_VERSION = 1
 #: Decimal places of measurement values in GeoJSON (Parquet keeps full precision).
 GEOJSON_MEASUREMENT_DECIMALS = 4
+#: gzip level of ``.geojson.gz``. Deflate at level 1 runs ~2.5x faster than level 6 on this
+#: text for ~35 % more bytes (``benchmarks/results/postmodel.json``, ``gzip_levels``); at a million
+#: nuclei compression is the largest part of the export.
+GEOJSON_GZIP_LEVEL = 1
 _BATCH_ROWS = 20_000
 _JSON = dict(allow_nan=False, ensure_ascii=False, separators=(",", ":"))
 
@@ -57,6 +62,37 @@ def nucleus_uuid(slide_key, nucleus_id):
     digest[8] = (digest[8] & 0x3F) | 0x80  # RFC 4122 variant
     h = digest.hex()
     return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
+
+
+_HEX = np.frombuffer(b"0123456789abcdef", dtype=np.uint8)
+_UUID_HEX_COLS = np.r_[0:8, 9:13, 14:18, 19:23, 24:36]  # where the 32 hex digits go in the 36 chars
+
+
+def nucleus_uuids_ascii(slide_key, nucleus_ids):
+    """:func:`nucleus_uuid` of many nuclei as ASCII bytes, shape (N, 36), uint8.
+
+    The SHA-1 of the common prefix ``namespace + slide_key + "/"`` is computed once and copied per
+    nucleus; version/variant bits and the hex formatting are vectorised.
+    """
+    ids = np.asarray(nucleus_ids, dtype=np.int64)
+    out = np.full((len(ids), 36), ord("-"), dtype=np.uint8)
+    if not len(ids):
+        return out
+    prefix = hashlib.sha1(_NS_BYTES + f"{slide_key}/".encode("utf-8"))
+
+    def digest(i):
+        h = prefix.copy()
+        h.update(b"%d" % i)
+        return h.digest()
+
+    d = np.frombuffer(b"".join([digest(i) for i in ids.tolist()]), dtype=np.uint8).reshape(-1, 20)[:, :16].copy()
+    d[:, 6] = (d[:, 6] & 0x0F) | 0x50  # version 5
+    d[:, 8] = (d[:, 8] & 0x3F) | 0x80  # RFC 4122 variant
+    hexd = np.empty((len(ids), 32), dtype=np.uint8)
+    hexd[:, 0::2] = _HEX[d >> 4]
+    hexd[:, 1::2] = _HEX[d & 0x0F]
+    out[:, _UUID_HEX_COLS] = hexd
+    return out
 
 
 def _atomic(path, write):
@@ -90,8 +126,28 @@ def to_level0(geoms, scale_xy_l0, offset_xy_l0=(0.0, 0.0)):
     -------
     numpy.ndarray of shapely.Polygon, shape (K,)
     """
-    g = geometry.scale_translate(geoms, scale_xy_l0, offset_xy_l0)
-    return shapely.orient_polygons(geometry.clean_polygons(g))
+    geoms = np.asarray(geoms, dtype=object)
+    if not len(geoms):
+        return geoms.copy()
+    coords, index = shapely.get_coordinates(geoms, return_index=True)
+    scaled = coords * np.asarray(scale_xy_l0, dtype=np.float64) + np.asarray(offset_xy_l0, dtype=np.float64)
+    # fast path: round to the grid in numpy (the double nearest k / 100, which QuPath's reduction
+    # keeps as is) and keep what stays valid; the rest goes through clean_polygons (repair + GEOS)
+    snapped = np.round(scaled, 2)
+    out = shapely.set_coordinates(geoms.copy(), snapped)
+    bad = ~shapely.is_valid(out)
+    if bad.any():
+        out[bad] = geometry.clean_polygons(geometry.scale_translate(geoms[bad], scale_xy_l0, offset_xy_l0))
+    # exterior counter-clockwise: signed area of the (single) ring from the coordinates at hand;
+    # polygons with holes and repaired ones go through GEOS
+    x, y = snapped[:, 0], snapped[:, 1]
+    same = index[1:] == index[:-1]
+    cross = np.where(same, x[:-1] * y[1:] - x[1:] * y[:-1], 0.0)
+    area2 = np.bincount(index[:-1], weights=cross, minlength=len(geoms))
+    need = (area2 <= 0) | bad | (shapely.get_num_interior_rings(out) > 0)
+    if need.any():
+        out[need] = shapely.orient_polygons(out[need])
+    return out
 
 
 def _batches(table, rows=_BATCH_ROWS):
@@ -106,20 +162,156 @@ def _measurement_columns(table):
     return cols
 
 
+#: Largest |value| written through the vectorised fixed-point formatter (int64 headroom).
+_FIXED_POINT_MAX = 1e13
+
+
+def _fixed_point(values, decimals):
+    """Decimal text of ``round(values, decimals)`` as a char matrix, trailing zeros trimmed.
+
+    Parameters
+    ----------
+    values : numpy.ndarray, float64, shape (n,)
+        Finite, ``|v| < _FIXED_POINT_MAX``.
+    decimals : int
+
+    Returns
+    -------
+    chars : numpy.ndarray, uint8, shape (n, W)
+    valid : numpy.ndarray, bool, shape (n, W)
+        ``chars[valid]`` (row-major) is the concatenated text, e.g. ``-12.5``, ``3``, ``0.0125``:
+        the digits of the double nearest ``round(v, decimals)`` (what ``json.dumps`` of that
+        double shows, without exponent or trailing ``.0``).
+    """
+    q = np.rint(np.asarray(values, dtype=np.float64) * 10.0**decimals)  # = np.round's scaling
+    n = len(q)
+    top = float(np.abs(q).max()) if n else 0.0
+    t = np.abs(q).astype(np.uint32 if top < 2**32 else np.uint64)
+    n_int = max(1, len(str(int(top // 10**decimals))))
+    width = 1 + n_int + 1 + decimals
+    chars = np.empty((n, width), dtype=np.uint8)
+    valid = np.empty((n, width), dtype=bool)
+    chars[:, 0] = ord("-")
+    valid[:, 0] = q < 0  # rint(-0.4) = -0.0 is not < 0: no "-0"
+    n_frac = np.zeros(n, dtype=np.int8)  # significant fraction digits (trailing zeros trimmed)
+    for c in range(decimals, 0, -1):  # least significant first
+        t10 = t // 10
+        digit = t - t10 * 10
+        t = t10
+        chars[:, 1 + n_int + c] = digit + 48
+        n_frac[(n_frac == 0) & (digit != 0)] = c
+    chars[:, 1 + n_int] = ord(".")
+    valid[:, 1 + n_int] = n_frac > 0
+    valid[:, 2 + n_int :] = np.arange(1, decimals + 1, dtype=np.int8)[None, :] <= n_frac[:, None]
+    for c in range(n_int, 0, -1):
+        t10 = t // 10
+        chars[:, c] = t - t10 * 10 + 48
+        valid[:, c] = t > 0  # no leading zeros: shown iff this or a more significant digit is nonzero
+        t = t10
+    valid[:, n_int] = True  # the units digit, also of 0
+    return chars, valid
+
+
+def _literal(text, n):
+    """``text`` (UTF-8) repeated as an (n, len) char matrix and an all-true mask."""
+    b = np.frombuffer(text.encode("utf-8"), dtype=np.uint8)
+    return np.broadcast_to(b, (n, len(b))), np.ones((n, len(b)), dtype=bool)
+
+
+def _text(parts):
+    """Concatenate (chars, valid) column blocks; returns the row-major text and per-row lengths."""
+    chars = np.concatenate([c for c, _ in parts], axis=1)
+    valid = np.concatenate([v for _, v in parts], axis=1)
+    return chars[valid].tobytes(), np.count_nonzero(valid, axis=1)
+
+
 def _features(batch, *, scale_xy_l0, offset_xy_l0, slide_key, cols):
-    """JSON text of the Features of one batch (one string per kept nucleus)."""
+    """JSON text of the Features of one batch, joined by ``",\n"`` (bytes, UTF-8).
+
+    Vectorised: numbers are formatted as fixed-point char matrices (``_fixed_point``) and literal
+    pieces as constant columns; only the final interleaving of each feature's coordinates with
+    its head and tail is a Python join of byte slices. Same JSON values as :func:`_features_json`
+    (which batches with out-of-range numbers fall back to). Returns ``(text, n_features)``.
+    """
     polys = to_level0(geometry.from_wkb(batch["geometry"]), scale_xy_l0, offset_xy_l0)
-    names = [QUPATH_NAMES[c] for c in cols]
+    ids = batch["nucleus_id"].to_numpy()
     values = np.column_stack([batch[c].to_numpy().astype(np.float64) for c in cols]) if cols else \
         np.zeros((batch.num_rows, 0))
+    rings, ring_geom = shapely.get_rings(polys, return_index=True)
+    coords, coord_ring = shapely.get_coordinates(rings, return_index=True)
     finite = np.isfinite(values)
+    if (np.abs(values[finite]) >= _FIXED_POINT_MAX).any() or (np.abs(coords) >= _FIXED_POINT_MAX).any():
+        return _features_json(batch, polys, values, finite, ids, slide_key=slide_key, cols=cols)
+    n_ring_of = np.bincount(ring_geom, minlength=len(polys))
+    empty = n_ring_of == 0
+    for i in ids[empty].tolist():
+        log.warning("nucleus %d has an empty outline on the level-0 grid; not exported", i)
+    keep = ~empty
+    n = int(keep.sum())
+    if not n:
+        return b"", 0
+    # coordinates: one row per vertex, "[[[x,y],[x,y]],[[x,y],...]]" per polygon
+    nv = len(coords)
+    first_v = np.ones(nv, dtype=bool)
+    first_v[1:] = coord_ring[1:] != coord_ring[:-1]
+    last_v = np.ones(nv, dtype=bool)
+    last_v[:-1] = coord_ring[1:] != coord_ring[:-1]
+    ring_no = np.arange(len(rings)) - np.searchsorted(ring_geom, ring_geom)  # ring number in its polygon
+    last_ring = np.ones(len(rings), dtype=bool)
+    last_ring[:-1] = ring_geom[1:] != ring_geom[:-1]
+    first_ring_v = (ring_no == 0)[coord_ring] & first_v
+    pre0 = np.where(first_ring_v, ord("["), ord(","))[:, None].astype(np.uint8)
+    pre1 = np.full((nv, 1), ord("["), dtype=np.uint8)
+    xs, ys = _fixed_point(coords[:, 0], 2), _fixed_point(coords[:, 1], 2)
+    suf = np.full((nv, 2), ord("]"), dtype=np.uint8)
+    suf_valid = np.column_stack([last_v, last_v & last_ring[coord_ring]])
+    ctext, clen = _text([
+        (pre0, np.ones((nv, 1), dtype=bool)), (pre1, first_v[:, None]),
+        _literal("[", nv), xs, _literal(",", nv), ys, _literal("]", nv),
+        (suf, suf_valid),
+    ])
+    geom_of_v = ring_geom[coord_ring]
+    c_end = np.cumsum(np.bincount(geom_of_v, weights=clen, minlength=len(polys)).astype(np.int64))
+    c_start = c_end - np.bincount(geom_of_v, weights=clen, minlength=len(polys)).astype(np.int64)
+    # head (up to the coordinates) and tail (after them) of each kept feature
+    ids_k, values_k, finite_k = ids[keep], values[keep], finite[keep]
+    head, hlen = _text([
+        _literal('{"type":"Feature","id":"', n),
+        (nucleus_uuids_ascii(slide_key, ids_k), np.ones((n, 36), dtype=bool)),
+        _literal('","geometry":{"type":"Polygon","coordinates":', n),
+    ])
+    props = json.dumps({"objectType": "detection", "classification": NUCLEUS_CLASS}, **_JSON)
+    parts = [_literal('},"properties":' + props[:-1] + ',"measurements":{', n)]
+    seen = np.zeros(n, dtype=bool)
+    for k, c in enumerate(cols):
+        ok = finite_k[:, k]
+        comma = (np.full((n, 1), ord(","), dtype=np.uint8), (ok & seen)[:, None])
+        name_chars, _ = _literal(json.dumps(QUPATH_NAMES[c], **_JSON) + ":", n)
+        num_chars, num_valid = _fixed_point(np.where(ok, values_k[:, k], 0.0), GEOJSON_MEASUREMENT_DECIMALS)
+        parts += [comma, (name_chars, np.broadcast_to(ok[:, None], name_chars.shape)), (num_chars, num_valid & ok[:, None])]
+        seen |= ok
+    parts.append(_literal("}}}", n))
+    tail, tlen = _text(parts)
+    h_end, t_end = np.cumsum(hlen), np.cumsum(tlen)
+    h_start, t_start = h_end - hlen, t_end - tlen
+    kept = np.flatnonzero(keep)
+    cs, ce = c_start[kept].tolist(), c_end[kept].tolist()
+    out = []
+    for i, (a0, a1, b0, b1, d0, d1) in enumerate(zip(h_start.tolist(), h_end.tolist(), cs, ce,
+                                                     t_start.tolist(), t_end.tolist())):
+        out += (head[a0:a1], ctext[b0:b1], tail[d0:d1])
+    return b",\n".join([b"".join(out[i : i + 3]) for i in range(0, len(out), 3)]), n
+
+
+def _features_json(batch, polys, values, finite, ids, *, slide_key, cols):
+    """Reference / fallback of :func:`_features`: one ``json.dumps`` per Feature."""
+    names = [QUPATH_NAMES[c] for c in cols]
     values = np.round(values, GEOJSON_MEASUREMENT_DECIMALS)
     rings, ring_geom = shapely.get_rings(polys, return_index=True)
     coords, coord_ring = shapely.get_coordinates(rings, return_index=True)
     coords = np.round(coords, 2)
     ring_start = np.searchsorted(coord_ring, np.arange(len(rings) + 1))
     geom_start = np.searchsorted(ring_geom, np.arange(len(polys) + 1))
-    ids = batch["nucleus_id"].to_numpy()
     out = []
     for k in range(len(polys)):
         r0, r1 = geom_start[k], geom_start[k + 1]
@@ -135,7 +327,7 @@ def _features(batch, *, scale_xy_l0, offset_xy_l0, slide_key, cols):
             "properties": {"objectType": "detection", "classification": NUCLEUS_CLASS, "measurements": meas},
         }
         out.append(json.dumps(feature, **_JSON))
-    return out
+    return ",\n".join(out).encode("utf-8"), len(out)
 
 
 def write_geojson(table, path, *, scale_xy_l0, slide_key, gz=True, offset_xy_l0=(0.0, 0.0)):
@@ -146,7 +338,11 @@ def write_geojson(table, path, *, scale_xy_l0, slide_key, gz=True, offset_xy_l0=
     ``{"objectType": "detection", "classification": {"name": "Nucleus", "color": [r, g, b]},
     "measurements": {QuPath name: finite number}}`` (non-finite values omitted, QuPath 0.4
     cannot read them). UTF-8, compact separators, streamed in batches (memory independent of the
-    number of nuclei); ``gz`` writes gzip with ``mtime=0`` and no file name (deterministic bytes).
+    number of nuclei); ``gz`` writes gzip (level :data:`GEOJSON_GZIP_LEVEL`) with ``mtime=0``
+    and no file name (deterministic bytes). Features are formatted with vectorised numpy code
+    (numbers as fixed-point text: at most 2 decimals for coordinates, 4 for measurements,
+    trailing zeros trimmed); compression of one batch overlaps the formatting of the next (one
+    worker thread, writes in order).
 
     Parameters
     ----------
@@ -172,19 +368,30 @@ def write_geojson(table, path, *, scale_xy_l0, slide_key, gz=True, offset_xy_l0=
     cols = _measurement_columns(table)
 
     def write(tmp):
-        with open(tmp, "wb") as raw:
-            stream = gzip.GzipFile(filename="", mode="wb", fileobj=raw, mtime=0, compresslevel=6) if gz else raw
+        with open(tmp, "wb") as raw, ThreadPoolExecutor(max_workers=1) as pool:
+            stream = gzip.GzipFile(filename="", mode="wb", fileobj=raw, mtime=0,
+                                   compresslevel=GEOJSON_GZIP_LEVEL) if gz else raw
+            pending = []
+
+            def put(data):  # compress/write in order on the worker thread (zlib releases the GIL)
+                if pending:
+                    pending.pop().result()  # at most one batch in flight: bounded memory
+                pending.append(pool.submit(stream.write, data))
+
             try:
-                stream.write(b'{"type":"FeatureCollection","features":[')
+                put(b'{"type":"FeatureCollection","features":[')
                 first = True
                 for batch in _batches(table):
-                    feats = _features(batch, scale_xy_l0=scale_xy_l0, offset_xy_l0=offset_xy_l0,
-                                      slide_key=slide_key, cols=cols)
-                    if feats:
-                        stream.write(((",\n" if not first else "\n") + ",\n".join(feats)).encode("utf-8"))
+                    text, n = _features(batch, scale_xy_l0=scale_xy_l0, offset_xy_l0=offset_xy_l0,
+                                        slide_key=slide_key, cols=cols)
+                    if n:
+                        put((b"\n" if first else b",\n") + text)
                         first = False
-                stream.write(b"\n]}\n")
+                put(b"\n]}\n")
+                pending.pop().result()
             finally:
+                for f in pending:  # an error in the main thread: let the last write finish first
+                    f.exception()
                 if gz:
                     stream.close()
 
@@ -204,7 +411,9 @@ def geoparquet_table(table, *, scale_xy_l0, slide_key, offset_xy_l0=(0.0, 0.0)):
     ids = table["nucleus_id"].to_numpy() if n else np.zeros(0, np.int64)
     cols = {
         "nucleus_id": pa.array(ids, type=pa.int64()),
-        "uuid": pa.array([nucleus_uuid(slide_key, i) for i in ids.tolist()], type=pa.string()),
+        "uuid": pa.StringArray.from_buffers(
+            n, pa.py_buffer(np.arange(0, 36 * (n + 1), 36, dtype=np.int32)),
+            pa.py_buffer(nucleus_uuids_ascii(slide_key, ids).tobytes())),
         "geometry": pa.array(geometry.to_wkb(polys), type=pa.binary()),
         "score": table["score"].combine_chunks().cast(pa.float32()),
         "chunk_row": table["chunk_row"].combine_chunks().cast(pa.int32()),

@@ -157,3 +157,15 @@ def test_write_json_atomic(tmp_path):
 def test_nucleus_uuid_is_uuid5():
     for key, i in [("abc", 1), ("µ-slide", 123456789), ("", 0)]:
         assert export.nucleus_uuid(key, i) == str(uuid.uuid5(export.NUCLEUS_NAMESPACE, f"{key}/{i}"))
+
+
+def test_fixed_point_text_parses_to_the_rounded_value():
+    rng = np.random.default_rng(0)
+    v = np.concatenate([rng.normal(0, 1, 2000) * 10.0 ** rng.integers(-6, 9, 2000), [0.0, -0.0, -0.00004, 0.00005,
+                        1e-12, 123456.00005, 99999.99995, -7.5, 1.0, 10.0, 100.0, 2.675, 1.005]])
+    for decimals in (2, 4):
+        chars, valid = export._fixed_point(v, decimals)
+        rows = [bytes(c[m]).decode() for c, m in zip(chars, valid)]
+        assert [float(t) for t in rows] == np.round(v, decimals).tolist()
+        assert all("e" not in t and not t.endswith(".") and not (t.endswith("0") and "." in t) for t in rows)
+        assert "-0" not in rows and all(not t.startswith("00") for t in rows)
