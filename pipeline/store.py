@@ -177,6 +177,19 @@ def _remove_stale_tmps(out: Path) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def _discard_tree(path: Path, attempts: int = 20) -> None:
+    """Remove a failed temp store, also after writes still in flight when the error surfaced.
+
+    zarr runs metadata writes concurrently on its own event loop; when one fails (e.g. disk full)
+    the others may still land after a first ``rmtree`` and recreate the directory.
+    """
+    for _ in range(attempts):
+        shutil.rmtree(path, ignore_errors=True)
+        time.sleep(0.05)
+        if not path.exists():
+            return
+
+
 def write_store(
     slide: SlideReader,
     out_path: str | os.PathLike,
@@ -370,11 +383,11 @@ def write_store(
             shutil.rmtree(out)
         os.replace(tmp, out)
     except OSError as exc:
-        shutil.rmtree(tmp, ignore_errors=True)
+        _discard_tree(tmp)
         where = exc.filename or tmp
         raise OutputError(f"{out}: cannot write tile store ({where}): {exc.strerror or exc}") from exc
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        _discard_tree(tmp)
         raise
     log.info("wrote %s in %.1f s", out, time.perf_counter() - t_start)
     return out
