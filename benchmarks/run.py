@@ -298,7 +298,8 @@ def e2e(slide: Path, slide_info: dict, spec: str, args, workdir: Path) -> dict:
         "s_per_mm2": round(wall / mm2, 3) if mm2 > 0 else None,
         "cpu_s_per_mm2": round(m["cpu_s"] / mm2, 3) if mm2 > 0 else None,
         "store_mpx": round((summary.get("tissue_chunks") or 0) * chunk_px * chunk_px / 1e6, 2),
-        "overhead_ratio": round((wall - model_s) / model_s, 3) if model_s > 0 else None,
+        # classical runs in parallel threads (model_s summed over them): no forward pass to compare with
+        "overhead_ratio": round((wall - model_s) / model_s, 3) if model_s > 0 and label != "classical" else None,
         "stages_s": stage_breakdown(t, wall),
     })
     res["store_mpx_per_s"] = round(res["store_mpx"] / wall, 3) if wall > 0 else None
@@ -314,6 +315,10 @@ def e2e(slide: Path, slide_info: dict, spec: str, args, workdir: Path) -> dict:
     log.info("e2e: %s %s: %.1f s, %.2f s/mm², %s nuclei, peak RSS %.2f GB, CPU share %.2f", slide.name, label, wall,
              res["s_per_mm2"] or 0, res["nuclei"], res["peak_rss_gb"], res["cpu_share"] or 0)
     return res
+
+
+STAGES = ("startup", "tile", "read", "model", "postprocess", "extract_measure", "chunk_write", "infer_wall", "stitch",
+          "export", "qc")
 
 
 def stage_breakdown(t: dict, wall_s: float) -> dict:
@@ -555,7 +560,7 @@ def markdown(res: dict) -> str:
                 f"{_fmt(r['cpu_share'])} |"
             )
         lines += ["", "Stage seconds (infer stages summed over worker threads; share = stage / wall):", ""]
-        keys = list(next((r["stages_s"] for r in runs if "stages_s" in r), {}).keys())
+        keys = list(STAGES) if any("stages_s" in r for r in runs) else []
         if keys:
             lines.append("| slide | model | " + " | ".join(keys) + " |")
             lines.append("|---|---|" + "---|" * len(keys))
@@ -563,7 +568,7 @@ def markdown(res: dict) -> str:
                 if "stages_s" not in r:
                     continue
                 size = "x".join(str(v) for v in r["size_px"])
-                cells = [f"{r['stages_s'][k]:.1f} ({100 * r['stages_s'][k] / r['wall_s']:.0f} %)" for k in keys]
+                cells = [f"{r['stages_s'].get(k, 0.0):.1f} ({100 * r['stages_s'].get(k, 0.0) / r['wall_s']:.0f} %)" for k in keys]
                 lines.append(f"| {size} | {r['model']} | " + " | ".join(cells) + " |")
         gpu_runs = [r for r in runs if r.get("gpu_busy_pct_infer") is not None]
         for r in gpu_runs:
