@@ -38,7 +38,7 @@ class SegmentConfig:
     """Whole-slide segmentation over chunks."""
 
     # cores = the store's chunks (StoreConfig.chunk_px); each is read with a halo around it
-    halo_px: int = 64  # context on each side; must exceed the largest nucleus diameter + eps
+    halo_px: int = 96  # context on each side: > largest nucleus + eps, and ~ the CNN receptive-field radius
     anchor_eps_px: float = 3.0  # anchors within core+eps are kept; dedup resolves the band
     batch_size: int = 4  # tiles per forward pass
     device: str = "auto"  # auto | cpu | cuda
