@@ -17,8 +17,9 @@ What is measured (details and targets: ``benchmarks/README.md``)
     ``benchmarks/bench_postmodel.py`` (``--worker gen-big`` / ``--worker big``), each in its own
     subprocess: seconds per step and the worker's peak RSS.
 ``forward``
-    Model forward pass alone on ``batch`` real-tissue windows of 1152² px (chunk 1024 + 2 x halo
-    64), torch threads = ``--threads``: median seconds and Mpx/s of window pixels.
+    Model forward pass alone on ``batch`` real-tissue windows of the pipeline's window size
+    (chunk + 2 x halo of ``pipeline.config``: 1216² px with chunk 1024, halo 96), torch threads =
+    ``--threads``: median seconds and Mpx/s of window pixels.
 
 The machine may be shared (see ``machine.loadavg_*`` and ``cpu_share``): compare ratios measured
 in one run, not seconds across runs.
@@ -51,7 +52,15 @@ ROOT = Path(__file__).resolve().parents[1]
 BENCH = ROOT / "benchmarks"
 RESULTS = BENCH / "results"
 SCHEMA_VERSION = 1
-WINDOW_PX = 1152  # default chunk 1024 + 2 x halo 64
+
+
+def window_px() -> int:
+    """Inference window edge of the pipeline's defaults: chunk + 2 x halo (store px)."""
+    sys.path.insert(0, str(ROOT))
+    from pipeline.config import SegmentConfig, StoreConfig
+
+    return int(StoreConfig().chunk_px + 2 * SegmentConfig().halo_px)
+
 QUICK_SIZE = 4096
 QUICK_NUCLEI = 200_000  # 1 M takes > 10 min on 2 shared, loaded cores (see README)
 FULL_SIZES = (10_000, 30_000, 100_000)
@@ -414,6 +423,7 @@ def worker_forward(args) -> dict:
     else:
         seg = load_model(None if spec == "default" else spec, device=args.device)
     rng = np.random.default_rng(0)
+    win_px = window_px()
     if args.slide:
         import openslide
 
@@ -421,12 +431,12 @@ def worker_forward(args) -> dict:
             w, h = s.dimensions
             imgs = []
             for i in range(args.fwd_batch):
-                x = int((w - WINDOW_PX) * (0.3 + 0.4 * rng.random()))
-                y = int((h - WINDOW_PX) * (0.3 + 0.4 * rng.random()))
-                imgs.append(np.asarray(s.read_region((x, y), 0, (WINDOW_PX, WINDOW_PX)).convert("RGB")))
+                x = int((w - win_px) * (0.3 + 0.4 * rng.random()))
+                y = int((h - win_px) * (0.3 + 0.4 * rng.random()))
+                imgs.append(np.asarray(s.read_region((x, y), 0, (win_px, win_px)).convert("RGB")))
         batch = np.stack(imgs)
     else:
-        batch = rng.integers(0, 256, (args.fwd_batch, WINDOW_PX, WINDOW_PX, 3), dtype=np.uint8)
+        batch = rng.integers(0, 256, (args.fwd_batch, win_px, win_px, 3), dtype=np.uint8)
     seg.forward(batch[:1, :256, :256])  # warm-up (lazy init, allocator), small
     if args.fwd_repeats > 1:
         seg.forward(batch)  # full-size warm-up
@@ -438,14 +448,14 @@ def worker_forward(args) -> dict:
             torch.cuda.synchronize()
         times.append(time.perf_counter() - t0)
     sec = statistics.median(times)
-    mpx = batch.shape[0] * WINDOW_PX * WINDOW_PX / 1e6
+    mpx = batch.shape[0] * win_px * win_px / 1e6
     return {
         "model": spec,
         "mode": seg.mode,
         "device": str(seg.device),
         "threads": args.threads,
         "batch": int(batch.shape[0]),
-        "window_px": WINDOW_PX,
+        "window_px": win_px,
         "repeats": len(times),
         "batch_s": round(sec, 3),
         "mpx_per_s": round(mpx / sec, 4),
@@ -463,7 +473,7 @@ def forward_throughput(spec: str, args, slide: Path | None, workdir: Path) -> di
     if slide:
         cmd += ["--slide", str(slide)]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    log.info("forward: model %s, batch %d x %d², %s", _model_label(spec), args.fwd_batch, WINDOW_PX, args.device)
+    log.info("forward: model %s, batch %d x %d², %s", _model_label(spec), args.fwd_batch, window_px(), args.device)
     m = run_measured(cmd, env=env, cwd=str(ROOT), log_path=log_path)
     if m["rc"] != 0 or not result.exists():
         return {"model": _model_label(spec), "error": f"exit {m['rc']}: {_tail(log_path)}"}
