@@ -102,7 +102,7 @@ def check_halo(halo_px, max_diameter_px, eps_px):
         raise StitchError(
             f"halo_px={halo_px} is smaller than the largest nucleus ({max_diameter_px:.1f} px) + "
             f"anchor_eps_px ({eps_px:g}): nuclei at core edges would be cut; "
-            f"set halo_px (--halo-px) to at least {int(np.ceil(need))}"
+            f"set halo_px (--halo) to at least {int(np.ceil(need))}"
         )
 
 
@@ -215,7 +215,7 @@ def extract_chunk_instances(labels, scores, rgb, *, window_origin_rc, core_box_r
     n_trunc_owned = int((cut & in_core).sum())
     if n_trunc_owned:
         log.warning("chunk %s: %d nuclei anchored in the core touch the window edge and were dropped; "
-                    "increase halo_px (--halo-px)", tuple(chunk_rc), n_trunc_owned)
+                    "increase halo_px (--halo)", tuple(chunk_rc), n_trunc_owned)
     near = (ay >= cr0 - eps_px) & (ay < cr1 + eps_px) & (ax >= cc0 - eps_px) & (ax < cc1 + eps_px)
     keep = near & ~cut
     ids, ay, ax, owned = ids[keep], ay[keep], ax[keep], in_core[keep]
