@@ -48,6 +48,7 @@ GEOJSON_MEASUREMENT_DECIMALS = 4
 #: nuclei compression is the largest part of the export.
 GEOJSON_GZIP_LEVEL = 1
 _BATCH_ROWS = 20_000
+_PARQUET_SLICE_ROWS = 100_000
 _JSON = dict(allow_nan=False, ensure_ascii=False, separators=(",", ":"))
 
 
@@ -126,14 +127,25 @@ def to_level0(geoms, scale_xy_l0, offset_xy_l0=(0.0, 0.0)):
     -------
     numpy.ndarray of shapely.Polygon, shape (K,)
     """
+    return _to_level0(geoms, scale_xy_l0, offset_xy_l0)[0]
+
+
+def _to_level0(geoms, scale_xy_l0, offset_xy_l0):
+    """:func:`to_level0`, plus the coordinates when every result is a single ring (else None).
+
+    Returns ``(polygons, coords (M, 2), coord_geom (M,))``: in the common case (no holes, nothing
+    repaired, nothing reoriented) the snapped coordinates computed here are those of the
+    polygons, so the GeoJSON writer need not extract them again.
+    """
     geoms = np.asarray(geoms, dtype=object)
     if not len(geoms):
-        return geoms.copy()
-    coords, index = shapely.get_coordinates(geoms, return_index=True)
-    scaled = coords * np.asarray(scale_xy_l0, dtype=np.float64) + np.asarray(offset_xy_l0, dtype=np.float64)
+        return geoms.copy(), None, None
+    snapped, index = shapely.get_coordinates(geoms, return_index=True)
+    snapped *= np.asarray(scale_xy_l0, dtype=np.float64)
+    snapped += np.asarray(offset_xy_l0, dtype=np.float64)
     # fast path: round to the grid in numpy (the double nearest k / 100, which QuPath's reduction
     # keeps as is) and keep what stays valid; the rest goes through clean_polygons (repair + GEOS)
-    snapped = np.round(scaled, 2)
+    np.round(snapped, 2, out=snapped)
     out = shapely.set_coordinates(geoms.copy(), snapped)
     bad = ~shapely.is_valid(out)
     if bad.any():
@@ -147,7 +159,8 @@ def to_level0(geoms, scale_xy_l0, offset_xy_l0=(0.0, 0.0)):
     need = (area2 <= 0) | bad | (shapely.get_num_interior_rings(out) > 0)
     if need.any():
         out[need] = shapely.orient_polygons(out[need])
-    return out
+        return out, None, None
+    return out, snapped, index
 
 
 def _batches(table, rows=_BATCH_ROWS):
@@ -220,8 +233,15 @@ def _literal(text, n):
 
 def _text(parts):
     """Concatenate (chars, valid) column blocks; returns the row-major text and per-row lengths."""
-    chars = np.concatenate([c for c, _ in parts], axis=1)
-    valid = np.concatenate([v for _, v in parts], axis=1)
+    n = parts[0][0].shape[0]
+    width = sum(c.shape[1] for c, _ in parts)
+    chars = np.empty((n, width), dtype=np.uint8)
+    valid = np.empty((n, width), dtype=bool)
+    col = 0
+    for c, v in parts:
+        chars[:, col : col + c.shape[1]] = c
+        valid[:, col : col + c.shape[1]] = v
+        col += c.shape[1]
     return chars[valid].tobytes(), np.count_nonzero(valid, axis=1)
 
 
@@ -233,12 +253,16 @@ def _features(batch, *, scale_xy_l0, offset_xy_l0, slide_key, cols):
     its head and tail is a Python join of byte slices. Same JSON values as :func:`_features_json`
     (which batches with out-of-range numbers fall back to). Returns ``(text, n_features)``.
     """
-    polys = to_level0(geometry.from_wkb(batch["geometry"]), scale_xy_l0, offset_xy_l0)
+    polys, coords, coord_ring = _to_level0(geometry.from_wkb(batch["geometry"]), scale_xy_l0, offset_xy_l0)
     ids = batch["nucleus_id"].to_numpy()
     values = np.column_stack([batch[c].to_numpy().astype(np.float64) for c in cols]) if cols else \
         np.zeros((batch.num_rows, 0))
-    rings, ring_geom = shapely.get_rings(polys, return_index=True)
-    coords, coord_ring = shapely.get_coordinates(rings, return_index=True)
+    if coords is None:  # holes or repaired polygons in this batch: rings from GEOS
+        rings, ring_geom = shapely.get_rings(polys, return_index=True)
+        coords, coord_ring = shapely.get_coordinates(rings, return_index=True)
+    else:  # one ring per polygon, coordinates at hand
+        ring_geom = np.arange(len(polys))
+        rings = ring_geom
     finite = np.isfinite(values)
     if (np.abs(values[finite]) >= _FIXED_POINT_MAX).any() or (np.abs(coords) >= _FIXED_POINT_MAX).any():
         return _features_json(batch, polys, values, finite, ids, slide_key=slide_key, cols=cols)
@@ -406,26 +430,36 @@ def geoparquet_table(table, *, scale_xy_l0, slide_key, offset_xy_l0=(0.0, 0.0)):
     Schema metadata: ``geo`` (GeoParquet 1.1.0, ``crs`` null = pixel coordinates) and ``cellsam``.
     """
     n = table.num_rows
-    polys = to_level0(geometry.from_wkb(table["geometry"]), scale_xy_l0, offset_xy_l0) if n else \
-        np.empty(0, dtype=object)
     ids = table["nucleus_id"].to_numpy() if n else np.zeros(0, np.int64)
+    # level-0 geometry in slices (bounded temporaries: shapely objects and coordinates of one slice)
+    wkb, lo, hi = [], np.full(2, np.inf), np.full(2, -np.inf)
+    for start in range(0, n, _PARQUET_SLICE_ROWS):
+        polys = to_level0(geometry.from_wkb(table["geometry"].slice(start, _PARQUET_SLICE_ROWS)), scale_xy_l0,
+                          offset_xy_l0)
+        wkb.append(pa.array(geometry.to_wkb(polys), type=pa.binary()))
+        b = shapely.bounds(polys)
+        if np.isfinite(b).any():
+            lo = np.fmin(lo, np.nanmin(b[:, :2], axis=0))
+            hi = np.fmax(hi, np.nanmax(b[:, 2:], axis=0))
+        del polys
+
+    def column(name, type_):
+        col = table[name]
+        return col if col.type == type_ else col.cast(type_)
+
     cols = {
         "nucleus_id": pa.array(ids, type=pa.int64()),
         "uuid": pa.StringArray.from_buffers(
             n, pa.py_buffer(np.arange(0, 36 * (n + 1), 36, dtype=np.int32)),
             pa.py_buffer(nucleus_uuids_ascii(slide_key, ids).tobytes())),
-        "geometry": pa.array(geometry.to_wkb(polys), type=pa.binary()),
-        "score": table["score"].combine_chunks().cast(pa.float32()),
-        "chunk_row": table["chunk_row"].combine_chunks().cast(pa.int32()),
-        "chunk_col": table["chunk_col"].combine_chunks().cast(pa.int32()),
+        "geometry": pa.chunked_array(wkb, type=pa.binary()),
+        "score": column("score", pa.float32()),
+        "chunk_row": column("chunk_row", pa.int32()),
+        "chunk_col": column("chunk_col", pa.int32()),
     }
     for c in MEASUREMENT_COLUMNS:
-        cols[c] = table[c].combine_chunks().cast(pa.float64())
-    bbox = None
-    if n:
-        b = shapely.bounds(polys)
-        bbox = [float(np.nanmin(b[:, 0])), float(np.nanmin(b[:, 1])), float(np.nanmax(b[:, 2])),
-                float(np.nanmax(b[:, 3]))]
+        cols[c] = column(c, pa.float64())
+    bbox = [float(lo[0]), float(lo[1]), float(hi[0]), float(hi[1])] if n else None
     geo_col = {"encoding": "WKB", "geometry_types": ["Polygon"], "crs": None}
     if bbox and all(math.isfinite(v) for v in bbox):
         geo_col["bbox"] = bbox

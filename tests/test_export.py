@@ -169,3 +169,27 @@ def test_fixed_point_text_parses_to_the_rounded_value():
         assert [float(t) for t in rows] == np.round(v, decimals).tolist()
         assert all("e" not in t and not t.endswith(".") and not (t.endswith("0") and "." in t) for t in rows)
         assert "-0" not in rows and all(not t.startswith("00") for t in rows)
+
+
+@pytest.mark.parametrize("scale", [2.0, 1.0020040080160322])
+def test_vectorised_features_equal_json_dumps_reference(nuclei, scale):
+    import pyarrow as pa
+
+    from pipeline import geometry
+
+    g = nuclei["geometry"].to_pylist()
+    g[0] = shapely.to_wkb(shapely.box(10, 20, 20, 30).difference(shapely.box(12, 22, 14, 24)))  # hole
+    g[1] = shapely.to_wkb(shapely.Polygon())  # empty: skipped
+    g[2] = shapely.to_wkb(shapely.box(0, 0, 3, 3).reverse())  # clockwise: reoriented
+    for table in (nuclei, nuclei.set_column(nuclei.schema.get_field_index("geometry"), "geometry",
+                                            pa.array(g, pa.binary()))):
+        cols = export._measurement_columns(table)
+        kw = dict(scale_xy_l0=(scale, scale), offset_xy_l0=(0.0, 0.0), slide_key="abc", cols=cols)
+        fast, n = export._features(table, **kw)
+        values = np.column_stack([table[c].to_numpy().astype(np.float64) for c in cols])
+        polys = export.to_level0(geometry.from_wkb(table["geometry"]), (scale, scale))
+        ref, n_ref = export._features_json(table, polys, values, np.isfinite(values), table["nucleus_id"].to_numpy(),
+                                           slide_key="abc", cols=cols)
+        assert n == n_ref > 40
+        assert json.loads(b"[" + fast + b"]") == json.loads(b"[" + ref + b"]")
+        assert fast.count(b"\n") == n - 1  # one Feature per line
