@@ -370,19 +370,18 @@ def resolve_duplicates(table, *, mpp, dedup_iou=SegmentConfig.dedup_iou, min_are
     fix = np.flatnonzero(clipped & alive)
     if not len(fix):
         return table.filter(pa.array(keep))
-    row = pa.array(np.arange(n, dtype=np.int64))
-    base = table.append_column("_row", row)
-    keep_plain = keep.copy()
-    keep_plain[band[fix]] = False
-    fixed = base.take(band[fix])
+    fixed = table.take(band[fix])
     new_geoms = geoms[fix]
     shape = measure.shape_measurements(new_geoms, mpp)
     fixed = fixed.set_column(fixed.schema.get_field_index("geometry"), "geometry",
                              pa.array(geometry.to_wkb(new_geoms), type=pa.binary()))
     for col, values in shape.items():
         fixed = fixed.set_column(fixed.schema.get_field_index(col), col, pa.array(values, type=pa.float64()))
-    merged = pa.concat_tables([base.filter(pa.array(keep_plain)), fixed]).sort_by("_row")
-    return merged.drop_columns(["_row"])
+    # one copy: rows of [table, fixed] (zero-copy concatenation) in input order, clipped rows from fixed
+    source = np.arange(n, dtype=np.int64)
+    source[band[fix]] = n + np.arange(len(fix))
+    both = pa.concat_tables([table, fixed.cast(table.schema)])
+    return both.take(pa.array(source[keep]))
 
 
 def assign_ids(table):
