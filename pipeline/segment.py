@@ -115,6 +115,7 @@ def stitch_chunks(files: dict, *, mpp: float, dedup_iou: float, min_area_um2: fl
         n_trunc += int(md.get(b"n_truncated_owned", b"0") or 0)
         tables.append(t.replace_schema_metadata(None))
     table = pa.concat_tables(tables) if tables else empty_chunk_table()
+    del tables  # only the concatenated table stays referenced while stitching
     table = table.replace_schema_metadata(None)
     table = resolve_duplicates(table, mpp=mpp, dedup_iou=dedup_iou, min_area_px=min_area_um2 / (mpp * mpp))
     return assign_ids(table), n_trunc
