@@ -543,8 +543,6 @@ def run_infer(
     # absolute paths: dask.distributed workers may run in another working directory
     store_path = os.path.abspath(store_path)
     chunks_dir = Path(chunks_dir).absolute()
-    if isinstance(model, (str, os.PathLike)) and model != "classical":
-        model = os.path.abspath(model)
     group, attrs = _open_store_cached(store_path)
     store_mpp = float(attrs["mpp"])
     resolved = resolve_model(model, device=cfg.device, refine=cfg.refine, store_mpp=store_mpp)
@@ -575,6 +573,8 @@ def run_infer(
     spec = resolved
     if scheduler and (model is None or isinstance(model, (str, os.PathLike))):
         spec = None if model is None else str(model)
+        if spec is not None and spec != "classical":
+            spec = os.path.abspath(spec)  # workers may run in another working directory
     batches = make_batches(todo, max(1, int(cfg.batch_size)))
     task = dask.delayed(process_batch)
     tasks = [task(store_path, b, str(chunks_dir), spec, cfg, dask_key_name=f"infer-batch-{i}") for i, b in enumerate(batches)]
