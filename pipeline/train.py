@@ -16,7 +16,6 @@ from __future__ import annotations
 import csv
 import itertools
 import logging
-import os
 import shutil
 import time
 from dataclasses import asdict
@@ -141,6 +140,35 @@ def base_metadata(cfg: TrainConfig, arch_mode="lite") -> dict:
             "train_config": asdict(cfg)}
 
 
+def optimizer_and_schedule(params, cfg):
+    """AdamW + linear warm-up (``cfg.warmup_iters``) then cosine decay to 2 % over
+    ``cfg.epochs * cfg.iters_per_epoch`` iterations; shared by ``train`` and ``distill``."""
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    total = cfg.epochs * cfg.iters_per_epoch
+
+    def lr_at(it):
+        # python floats: a numpy scalar in the scheduler state breaks weights_only loading of last.pt
+        if it < cfg.warmup_iters:
+            return float((it + 1) / cfg.warmup_iters)
+        prog = (it - cfg.warmup_iters) / max(1, total - cfg.warmup_iters)
+        return float(0.02 + 0.98 * 0.5 * (1 + np.cos(np.pi * min(prog, 1.0))))
+
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
+
+
+def resume_from(last, model, opt, sched) -> dict | None:
+    """Restore model/optimiser/scheduler from a run's ``last.pt`` if it exists; returns its dict."""
+    last = Path(last)
+    if not last.exists():
+        return None
+    obj = read_checkpoint(last)
+    model.load_state_dict(obj["state_dict"], strict=False)
+    opt.load_state_dict(obj["optimizer"])
+    sched.load_state_dict(obj["scheduler"])
+    log.info("resumed from %s at epoch %d", last, int(obj["epoch"]) + 1)
+    return obj
+
+
 def train(data: str, out, *, init=None, cfg: TrainConfig = TrainConfig(), tune: bool = True) -> dict:
     """Train (or resume, or fine-tune from ``init``) and write the final checkpoint to ``out``."""
     out = Path(out)
@@ -165,26 +193,11 @@ def train(data: str, out, *, init=None, cfg: TrainConfig = TrainConfig(), tune: 
         metadata = base_metadata(cfg)
     model = model.to(memory_format=torch.channels_last)
     params = [p for n, p in model.named_parameters() if not n.startswith("teacher.") and p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    total = cfg.epochs * cfg.iters_per_epoch
-
-    def lr_at(it):
-        if it < cfg.warmup_iters:
-            return float((it + 1) / cfg.warmup_iters)
-        prog = (it - cfg.warmup_iters) / max(1, total - cfg.warmup_iters)
-        return float(0.02 + 0.98 * 0.5 * (1 + np.cos(np.pi * min(prog, 1.0))))
-
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
-    start_epoch, best_score = 0, -1.0
+    opt, sched = optimizer_and_schedule(params, cfg)
+    obj = resume_from(run / "last.pt", model, opt, sched)
+    start_epoch = 0 if obj is None else int(obj["epoch"]) + 1
+    best_score = -1.0 if obj is None else float(obj.get("best_score", -1.0))
     last = run / "last.pt"
-    if last.exists():
-        obj = read_checkpoint(last)
-        model.load_state_dict(obj["state_dict"], strict=False)
-        opt.load_state_dict(obj["optimizer"])
-        sched.load_state_dict(obj["scheduler"])
-        start_epoch = int(obj["epoch"]) + 1
-        best_score = float(obj.get("best_score", -1.0))
-        log.info("resumed from %s at epoch %d", last, start_epoch)
     log_path = run / "log.csv"
     for epoch in range(start_epoch, cfg.epochs):
         rng = np.random.default_rng([cfg.seed, epoch])

@@ -45,8 +45,9 @@ import torch.nn.functional as F
 
 from ..errors import InputError
 from .cellsam import DEFAULT_ARCH, PIXEL_MEAN, PIXEL_STD, CellSAM, GatedFusion
-from .checkpoint import load_checkpoint, read_checkpoint, save_checkpoint
+from .checkpoint import load_checkpoint, save_checkpoint
 from .student import EMBED_STRIDE
+from ..train import optimizer_and_schedule, resume_from
 
 log = logging.getLogger(__name__)
 
@@ -82,27 +83,11 @@ def fit(model, params, out, metadata: dict, cfg, step, *, extra_row=None) -> dic
     out = Path(out)
     run = out.with_name(out.name + ".run")
     run.mkdir(parents=True, exist_ok=True)
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    total = cfg.epochs * cfg.iters_per_epoch
-
-    def lr_at(it):
-        if it < cfg.warmup_iters:
-            return (it + 1) / cfg.warmup_iters
-        prog = (it - cfg.warmup_iters) / max(1, total - cfg.warmup_iters)
-        # a python float: a numpy scalar in the scheduler state breaks weights_only loading of last.pt
-        return float(0.02 + 0.98 * 0.5 * (1 + np.cos(np.pi * min(prog, 1.0))))
-
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
-    start = 0
+    opt, sched = optimizer_and_schedule(params, cfg)
     last = run / "last.pt"
     log_path = run / "log.csv"
-    if last.exists():
-        obj = read_checkpoint(last)
-        model.load_state_dict(obj["state_dict"], strict=False)
-        opt.load_state_dict(obj["optimizer"])
-        sched.load_state_dict(obj["scheduler"])
-        start = int(obj["epoch"]) + 1
-        log.info("resumed from %s at epoch %d", last, start)
+    obj = resume_from(last, model, opt, sched)
+    start = 0 if obj is None else int(obj["epoch"]) + 1
     for epoch in range(start, cfg.epochs):
         rng = np.random.default_rng([cfg.seed, epoch])
         torch.manual_seed(cfg.seed * 100003 + epoch)
