@@ -182,6 +182,18 @@ class GpuSampler:
         return round(max(m for _, _, m in self.samples) / 1024, 2) if self.samples else None
 
 
+def _vm_hwm_bytes(pid: int) -> int:
+    """Peak resident set size of the process's current address space (``VmHWM``), 0 if unknown."""
+    try:
+        with open(f"/proc/{pid}/status") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0
+
+
 def run_measured(cmd: list[str], *, env: dict | None = None, cwd: str | None = None, log_path: Path | None = None,
                  poll_s: float = 0.25) -> dict:
     """Run ``cmd``; wall time, exit code, peak RSS (``ru_maxrss`` and sampled process-tree sum), CPU s.
@@ -189,7 +201,7 @@ def run_measured(cmd: list[str], *, env: dict | None = None, cwd: str | None = N
     Returns
     -------
     dict
-        ``rc``, ``wall_s``, ``t_start`` / ``t_end`` (``perf_counter``), ``peak_rss_gb`` (largest
+        ``rc``, ``wall_s``, ``t_start`` / ``t_end`` (``perf_counter``), ``peak_rss_gb`` (VmHWM; largest
         single-process high-water mark, from ``wait4``), ``peak_tree_rss_gb`` (largest sampled sum
         over the process tree), ``cpu_s`` (user + system of the process and its waited children),
         ``cpu_share`` (cpu_s / wall_s: cores obtained on average).
@@ -205,10 +217,12 @@ def run_measured(cmd: list[str], *, env: dict | None = None, cwd: str | None = N
         except psutil.Error:
             ps = None
         peak_tree = 0
+        peak_hwm = 0
         while True:
             pid, status, ru = os.wait4(proc.pid, os.WNOHANG)
             if pid == proc.pid:
                 break
+            peak_hwm = max(peak_hwm, _vm_hwm_bytes(proc.pid))
             if ps is not None:
                 try:
                     procs = [ps, *ps.children(recursive=True)]
@@ -234,7 +248,9 @@ def run_measured(cmd: list[str], *, env: dict | None = None, cwd: str | None = N
         "wall_s": round(wall, 3),
         "t_start": t0,
         "t_end": t1,
-        "peak_rss_gb": round(ru.ru_maxrss / 2**20, 3),  # Linux: KiB
+        # VmHWM of the child's own address space (ru_maxrss after fork+exec would also count the
+        # parent's RSS at fork time); ru_maxrss only if the child ended before the first sample
+        "peak_rss_gb": round((peak_hwm / 2**30) if peak_hwm else ru.ru_maxrss / 2**20, 3),
         "peak_tree_rss_gb": round(peak_tree / 2**30, 3),
         "cpu_s": round(cpu, 2),
         "cpu_share": round(cpu / wall, 3) if wall > 0 else None,
