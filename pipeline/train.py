@@ -156,6 +156,18 @@ def optimizer_and_schedule(params, cfg):
     return opt, torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
 
 
+def optimizer_step(ls: dict, opt, sched, params, sums: dict) -> None:
+    """One optimisation step on ``ls["loss"]`` (gradient clipping at 5), accumulating every loss
+    term of ``ls`` into ``sums``; shared by ``train`` and ``distill``."""
+    opt.zero_grad(set_to_none=True)
+    ls["loss"].backward()
+    torch.nn.utils.clip_grad_norm_(params, 5.0)
+    opt.step()
+    sched.step()
+    for k, v in ls.items():
+        sums[k] = sums.get(k, 0.0) + float(v.detach())
+
+
 def resume_from(last, model, opt, sched) -> dict | None:
     """Restore model/optimiser/scheduler from a run's ``last.pt`` if it exists; returns its dict."""
     last = Path(last)
@@ -207,14 +219,7 @@ def train(data: str, out, *, init=None, cfg: TrainConfig = TrainConfig(), tune: 
         for it in range(cfg.iters_per_epoch):
             x, fg, hv = make_batch(rng, train_data, weights, cfg)
             out_maps = model(x)["maps"]
-            ls = losses(out_maps, fg, hv)
-            opt.zero_grad(set_to_none=True)
-            ls["loss"].backward()
-            torch.nn.utils.clip_grad_norm_(params, 5.0)
-            opt.step()
-            sched.step()
-            for k, v in ls.items():
-                sums[k] = sums.get(k, 0.0) + float(v.detach())
+            optimizer_step(losses(out_maps, fg, hv), opt, sched, params, sums)
             if cfg.log_every and (it + 1) % cfg.log_every == 0:
                 log.info("epoch %d iter %d/%d loss %.4f (%.1f s)", epoch, it + 1, cfg.iters_per_epoch,
                          sums["loss"] / (it + 1), time.time() - t0)

@@ -47,7 +47,7 @@ from ..errors import InputError
 from .cellsam import DEFAULT_ARCH, PIXEL_MEAN, PIXEL_STD, CellSAM, GatedFusion
 from .checkpoint import load_checkpoint, save_checkpoint
 from .student import EMBED_STRIDE
-from ..train import optimizer_and_schedule, resume_from
+from ..train import optimizer_and_schedule, optimizer_step, resume_from
 
 log = logging.getLogger(__name__)
 
@@ -94,14 +94,7 @@ def fit(model, params, out, metadata: dict, cfg, step, *, extra_row=None) -> dic
         t0 = time.time()
         sums: dict = {}
         for _ in range(cfg.iters_per_epoch):
-            ls = step(rng)
-            opt.zero_grad(set_to_none=True)
-            ls["loss"].backward()
-            torch.nn.utils.clip_grad_norm_(params, 5.0)
-            opt.step()
-            sched.step()
-            for k, v in ls.items():
-                sums[k] = sums.get(k, 0.0) + float(v.detach())
+            optimizer_step(step(rng), opt, sched, params, sums)
         row = {"epoch": epoch, "lr": round(float(opt.param_groups[0]["lr"]), 8), "train_s": round(time.time() - t0, 2)}
         row.update({k: round(v / cfg.iters_per_epoch, 6) for k, v in sums.items()})
         if extra_row is not None:
