@@ -156,6 +156,22 @@ def optimizer_and_schedule(params, cfg):
     return opt, torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
 
 
+def append_log_row(log_path, row: dict) -> None:
+    """Append one epoch row to a run's ``log.csv`` (header written with the first row)."""
+    new = not Path(log_path).exists()
+    with open(log_path, "a", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=list(row))
+        if new:
+            w.writeheader()
+        w.writerow(row)
+
+
+def sampling_weights(tiles: list[dict]) -> np.ndarray:
+    """Probability of drawing each prepared tile for a crop: proportional to its pixel count."""
+    areas = np.array([d["labels"].size for d in tiles], float)
+    return areas / areas.sum()
+
+
 def optimizer_step(ls: dict, opt, sched, params, sums: dict) -> None:
     """One optimisation step on ``ls["loss"]`` (gradient clipping at 5), accumulating every loss
     term of ``ls`` into ``sums``; shared by ``train`` and ``distill``."""
@@ -192,8 +208,7 @@ def train(data: str, out, *, init=None, cfg: TrainConfig = TrainConfig(), tune: 
     train_data, val_samples = load_data(data, cfg.mpp)
     if not train_data:
         raise InputError(f"{data}: no training tiles")
-    areas = np.array([d["labels"].size for d in train_data], float)
-    weights = areas / areas.sum()
+    weights = sampling_weights(train_data)
 
     if init is not None:
         model, meta0 = load_checkpoint(init)
@@ -235,12 +250,7 @@ def train(data: str, out, *, init=None, cfg: TrainConfig = TrainConfig(), tune: 
                 save_checkpoint(run / "best.pt", model, {**metadata, "epoch": epoch})
         save_checkpoint(last, model, metadata, optimizer=opt.state_dict(), scheduler=sched.state_dict(),
                         epoch=epoch, best_score=best_score)
-        new = not log_path.exists()
-        with open(log_path, "a", newline="") as fh:
-            w = csv.DictWriter(fh, fieldnames=list(row))
-            if new:
-                w.writeheader()
-            w.writerow(row)
+        append_log_row(log_path, row)
         log.info("epoch %d %s", epoch, row)
     # final: best (or last) weights, decoding thresholds tuned on validation
     src = run / "best.pt" if (run / "best.pt").exists() else last

@@ -30,7 +30,6 @@ atomically after every epoch and ``OUT.run/log.csv`` gets one row per epoch.
 
 from __future__ import annotations
 
-import csv
 import logging
 import os
 import re
@@ -47,7 +46,7 @@ from ..errors import InputError
 from .cellsam import DEFAULT_ARCH, PIXEL_MEAN, PIXEL_STD, CellSAM, GatedFusion
 from .checkpoint import load_checkpoint, save_checkpoint
 from .student import EMBED_STRIDE
-from ..train import optimizer_and_schedule, optimizer_step, resume_from
+from ..train import append_log_row, optimizer_and_schedule, optimizer_step, resume_from, sampling_weights
 
 log = logging.getLogger(__name__)
 
@@ -100,12 +99,7 @@ def fit(model, params, out, metadata: dict, cfg, step, *, extra_row=None) -> dic
         if extra_row is not None:
             row.update(extra_row(epoch))
         save_checkpoint(last, model, metadata, optimizer=opt.state_dict(), scheduler=sched.state_dict(), epoch=epoch)
-        new = not log_path.exists()
-        with open(log_path, "a", newline="") as fh:
-            w = csv.DictWriter(fh, fieldnames=list(row))
-            if new:
-                w.writeheader()
-            w.writerow(row)
+        append_log_row(log_path, row)
         log.info("epoch %d %s", epoch, row)
     final = {**metadata, "epochs": cfg.epochs}
     save_checkpoint(out, model, final)
@@ -349,8 +343,7 @@ def train_dual(data, out, teacher, *, init=None, cfg: DistillConfig = DistillCon
         tiles = tiles[: cfg.max_tiles]
     if not tiles:
         raise InputError(f"{data}: no training tiles")
-    areas = np.array([d["labels"].size for d in tiles], float)
-    weights = areas / areas.sum()
+    weights = sampling_weights(tiles)
     torch.manual_seed(cfg.seed)
     model, meta = _init_model(init, cfg)
     if model.fusion is None:

@@ -118,7 +118,7 @@ def train_refiner(model, data, out, *, cfg: RefinerConfig = RefinerConfig(), tea
         Final metadata.
     """
     from ..data.augment import augment
-    from ..train import load_data
+    from ..train import load_data, sampling_weights
     from .distill import fit
     from .segmenter import resolve_device
 
@@ -134,8 +134,7 @@ def train_refiner(model, data, out, *, cfg: RefinerConfig = RefinerConfig(), tea
         tiles = tiles[: cfg.max_tiles]
     if not tiles:
         raise InputError(f"{data}: no training tiles")
-    areas = np.array([d["labels"].size for d in tiles], float)
-    weights = areas / areas.sum()
+    weights = sampling_weights(tiles)
     torch.manual_seed(cfg.seed)
     if teacher is not None and model.fusion is not None:
         model.teacher = teacher
