@@ -47,6 +47,10 @@ class SegmentConfig:
     dedup_iou: float = 0.5  # IoU at/above which the lower-ranked duplicate is dropped
     min_area_um2: float = 3.0  # nuclei smaller than this are discarded
     geojson_plain: bool = False  # also write an uncompressed .geojson
+    # the model sees only the part of each window within tissue_margin_px of the tissue mask
+    # (aligned to 16 px); windows at the tissue's edge shrink, fully covered ones are unchanged
+    crop_to_tissue: bool = True
+    tissue_margin_px: int = 64
 
 
 @dataclass(frozen=True)

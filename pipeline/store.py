@@ -442,11 +442,21 @@ def read_window(group, row0: int, col0: int, height: int, width: int) -> np.ndar
     ndarray of shape (height, width, 3), dtype uint8
         RGB; pixels outside the image are white (255), as are absent (non-tissue) chunks.
     """
-    arr = group["0"]
-    _, rows, cols = arr.shape
-    out = np.full((height, width, 3), 255, np.uint8)
+    return np.moveaxis(_read_box(group["0"], row0, col0, height, width, 255), 0, -1)
+
+
+def read_tissue_window(group, row0: int, col0: int, height: int, width: int) -> np.ndarray:
+    """The tissue mask (``labels/tissue`` level 0) over a window: ``bool (height, width)``, False
+    outside the image. Same window convention as :func:`read_window`."""
+    return _read_box(group["labels/tissue/0"], row0, col0, height, width, 0)[0] > 0
+
+
+def _read_box(arr, row0: int, col0: int, height: int, width: int, fill: int) -> np.ndarray:
+    """``(C, height, width)`` box of a (C, rows, cols) array, ``fill`` outside it."""
+    n, rows, cols = arr.shape
+    out = np.full((n, height, width), fill, arr.dtype)
     r0, c0 = max(row0, 0), max(col0, 0)
     r1, c1 = min(row0 + height, rows), min(col0 + width, cols)
     if r1 > r0 and c1 > c0:
-        out[r0 - row0 : r1 - row0, c0 - col0 : c1 - col0] = np.moveaxis(np.asarray(arr[:, r0:r1, c0:c1]), 0, -1)
+        out[:, r0 - row0 : r1 - row0, c0 - col0 : c1 - col0] = np.asarray(arr[:, r0:r1, c0:c1])
     return out

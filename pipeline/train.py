@@ -29,7 +29,7 @@ from .data.augment import augment
 from .data.datasets import builtin_samples, prepare, split_samples, user_samples
 from .config import TrainConfig
 from .errors import InputError
-from .model.cellsam import DEFAULT_ARCH, CellSAM
+from .model.cellsam import DEFAULT_ARCH, CellSAM, with_distance_head
 from .model.checkpoint import load_checkpoint, read_checkpoint, save_checkpoint
 from .model.postprocess import PostprocessParams, instances_from_maps
 from .model.segmenter import Segmenter
@@ -66,10 +66,14 @@ def _grad(x):
 
 
 def losses(maps, fg, hv) -> dict:
+    """HoVer-style losses; ``hv`` targets (N, 3, H, W) = h, v, normalised distance. With a 4-channel
+    model the distance channel adds a soft-target BCE (``dist``)."""
     logit = maps[:, 0]
+    dist_t = hv[:, 2] if hv.shape[1] > 2 else None
+    hv = hv[:, :2]
     bce = F.binary_cross_entropy_with_logits(logit, fg)
     dice = _soft_dice(logit, fg)
-    mse = F.mse_loss(maps[:, 1:], hv)
+    mse = F.mse_loss(maps[:, 1:3], hv)
     ph, pv = maps[:, 1], maps[:, 2]
     gh_p, _ = _grad(ph)
     _, gv_p = _grad(pv)
@@ -79,7 +83,12 @@ def losses(maps, fg, hv) -> dict:
     m_v = fg[..., 1:, :] * fg[..., :-1, :]
     msge = (((gh_p - gh_t) ** 2) * m_h).sum() / (m_h.sum() + 1) + (((gv_p - gv_t) ** 2) * m_v).sum() / (m_v.sum() + 1)
     total = bce + dice + 2 * mse + msge
-    return {"loss": total, "bce": bce, "dice": dice, "mse": mse, "msge": msge}
+    out = {"bce": bce, "dice": dice, "mse": mse, "msge": msge}
+    if maps.shape[1] > 3 and dist_t is not None:
+        dist = F.binary_cross_entropy_with_logits(maps[:, 3], dist_t)
+        total = total + 2 * dist
+        out["dist"] = dist
+    return {"loss": total, **out}
 
 
 def make_batch(rng, data, weights, cfg: TrainConfig):
@@ -119,8 +128,14 @@ def tune_postprocess(model, metadata, val_samples) -> tuple[PostprocessParams, d
         prob, hv = seg.predict_maps(img, s.mpp)
         cache.append((s, lab, prob, hv))
     best, best_score, best_res = PostprocessParams(), -1.0, {}
-    for fg_t, mk_t, sig in itertools.product((0.4, 0.5, 0.6), (0.3, 0.45, 0.6, 0.8, 1.0, 1.3), (0.35, 0.6, 1.0)):
-        p = PostprocessParams(fg_threshold=fg_t, marker_threshold=mk_t, sigma_um=sig)
+    if cache and cache[0][3].shape[0] > 2:  # distance head: markers from the distance map
+        grid = [{"fg_threshold": f, "dist_threshold": d}
+                for f, d in itertools.product((0.4, 0.5, 0.6), (0.3, 0.4, 0.5, 0.6, 0.7))]
+    else:
+        grid = [{"fg_threshold": f, "marker_threshold": m, "sigma_um": g}
+                for f, m, g in itertools.product((0.4, 0.5, 0.6), (0.3, 0.45, 0.6, 0.8, 1.0, 1.3), (0.35, 0.6, 1.0, 2.0))]
+    for kw in grid:
+        p = PostprocessParams(**kw)
         per = {s.name: evaluate_pair(lab, instances_from_maps(prob, hv, s.mpp, p)[0]) for s, lab, prob, hv in cache}
         res = aggregate(per)
         score = res["aji"] + res["pq"]
@@ -212,7 +227,7 @@ def train(data: str, out, *, init=None, cfg: TrainConfig = TrainConfig(), tune: 
 
     if init is not None:
         model, meta0 = load_checkpoint(init)
-        model.train()
+        model = with_distance_head(model).train()
         metadata = {**base_metadata(cfg), **{k: v for k, v in meta0.items() if k in ("postprocess", "mpp")}}
         metadata["init"] = str(init)
     else:

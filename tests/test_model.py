@@ -144,14 +144,14 @@ def test_lite_and_dual_forward_shapes(teacher):
     assert lite.mode == "lite"
     with torch.no_grad():
         o = lite(x)
-    assert o["maps"].shape == (2, 3, 64, 80) and o["maps"].dtype == torch.float32
+    assert o["maps"].shape == (2, 4, 64, 80) and o["maps"].dtype == torch.float32
     assert o["embed"].shape == (2, 256, 4, 5) and o["teacher_embed"] is None
     dual = _dual_model(teacher)
     assert dual.mode == "dual"
     with torch.no_grad():
         d = dual(x)
         d_lite = dual(x, use_teacher=False)
-    assert d["teacher_embed"].shape == (2, 256, 4, 5) and d["maps"].shape == (2, 3, 64, 80)
+    assert d["teacher_embed"].shape == (2, 256, 4, 5) and d["maps"].shape == (2, 4, 64, 80)
     assert not torch.allclose(d["embed"], d["student_embed"])  # the teacher contributes
     assert torch.equal(d_lite["embed"], d_lite["student_embed"])
     assert not any(k.startswith("teacher.") for k in dual.trainable_state_dict())

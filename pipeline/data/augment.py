@@ -46,18 +46,21 @@ def random_crop(rng: np.random.Generator, img, lab, hv, crop: int, scale_range=(
 
 
 def dihedral(rng: np.random.Generator, img, lab, hv):
+    """Random dihedral transform. ``hv`` is (C, H, W): channels 0/1 = horizontal/vertical maps
+    (swapped / negated with the geometry), further channels (distance map) are scalar fields."""
+    c = hv.shape[0]
     if rng.random() < 0.5:  # transpose: rows <-> cols, h <-> v
         img = img.transpose(1, 0, 2)
         lab = lab.T
-        hv = hv[::-1].transpose(0, 2, 1)
+        hv = hv[[1, 0] + list(range(2, c))].transpose(0, 2, 1)
     if rng.random() < 0.5:  # flip columns: h -> -h
         img = img[:, ::-1]
         lab = lab[:, ::-1]
-        hv = hv[:, :, ::-1] * np.array([-1, 1], np.float32)[:, None, None]
+        hv = hv[:, :, ::-1] * np.array([-1, 1] + [1] * (c - 2), np.float32)[:, None, None]
     if rng.random() < 0.5:  # flip rows: v -> -v
         img = img[::-1]
         lab = lab[::-1]
-        hv = hv[:, ::-1] * np.array([1, -1], np.float32)[:, None, None]
+        hv = hv[:, ::-1] * np.array([1, -1] + [1] * (c - 2), np.float32)[:, None, None]
     return np.ascontiguousarray(img), np.ascontiguousarray(lab), np.ascontiguousarray(hv)
 
 

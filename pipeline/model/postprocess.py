@@ -10,6 +10,11 @@ Deterministic marker-controlled watershed, in the spirit of HoVer-Net (Graham et
 4. watershed of ``edge`` from the markers within the foreground; foreground pieces that got no
    marker keep a label of their own (never lose a detected nucleus).
 
+Models with a distance head (4-channel decoder) decode with it instead of steps 2-4: markers =
+foreground & (normalised distance-to-border >= ``dist_threshold``), and the watershed floods
+``-distance``. The distance map dips to 0 where two nuclei touch, so its peaks give one marker per
+nucleus even when the HV maps are blurred (as they are at 0.5 µm/px).
+
 All thresholds live in the checkpoint's metadata (``postprocess``), tuned on the validation split.
 """
 
@@ -29,6 +34,7 @@ class PostprocessParams:
     sigma_um: float = 0.5
     min_area_um2: float = 3.0
     min_marker_um2: float = 1.0
+    dist_threshold: float = 0.5  # distance-head models: marker level of the normalised distance
 
     @classmethod
     def from_dict(cls, d: dict | None) -> "PostprocessParams":
@@ -74,8 +80,9 @@ def instances_from_maps(prob: np.ndarray, hv: np.ndarray, mpp: float,
     ----------
     prob : ndarray of shape (H, W), float32
         Nucleus probability in [0, 1].
-    hv : ndarray of shape (2, H, W), float32
-        Horizontal (column) and vertical (row) offset maps in [-1, 1].
+    hv : ndarray of shape (2, H, W) or (3, H, W), float32
+        Horizontal (column) and vertical (row) offset maps in [-1, 1], and optionally the normalised
+        distance-to-border map in [0, 1] (then used for markers and flooding).
     mpp : float
         µm/px of the maps.
 
@@ -95,11 +102,15 @@ def instances_from_maps(prob: np.ndarray, hv: np.ndarray, mpp: float,
     fg = comp > 0
     if not fg.any():
         return np.zeros(prob.shape, np.uint32), np.zeros(0, np.float32)
-    sigma = max(params.sigma_um / mpp, 0.5)
-    gh = np.abs(ndi.gaussian_filter(hv[0].astype(np.float32), sigma, order=(0, 1)))
-    gv = np.abs(ndi.gaussian_filter(hv[1].astype(np.float32), sigma, order=(1, 0)))
-    edge = np.maximum(gh, gv) / mpp  # per µm
-    marker = fg & (edge < params.marker_threshold)
+    if hv.shape[0] > 2:
+        edge = -hv[2].astype(np.float32)  # flood the inverted distance map
+        marker = fg & (hv[2] >= params.dist_threshold)
+    else:
+        sigma = max(params.sigma_um / mpp, 0.5)
+        gh = np.abs(ndi.gaussian_filter(hv[0].astype(np.float32), sigma, order=(0, 1)))
+        gv = np.abs(ndi.gaussian_filter(hv[1].astype(np.float32), sigma, order=(1, 0)))
+        edge = np.maximum(gh, gv) / mpp  # per µm
+        marker = fg & (edge < params.marker_threshold)
     marker = _binary_opening_3x3(marker)
     mk, _ = ndi.label(marker)
     mk = _relabel_by_size(mk, max(1, int(round(params.min_marker_um2 / px_area))))

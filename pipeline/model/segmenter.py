@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import InputError, ModelError
+from .cellsam import fold_batchnorm
 from .checkpoint import load_checkpoint
 from .postprocess import PostprocessParams, instances_from_maps
 
@@ -55,7 +56,8 @@ class Segmenter:
         self.refine = bool(refine)
         if self.refine and getattr(model, "mask_decoder", None) is None:
             raise ModelError("this checkpoint has no SAM mask decoder: refinement is not available")
-        self.model = model.to(self.device).eval()
+        # an inference copy with BatchNorm folded into the convolutions (the caller's model is untouched)
+        self.model = fold_batchnorm(model.eval()).to(self.device)
         if self.device.type == "cpu":
             self.model = self.model.to(memory_format=torch.channels_last)
         self.metadata["mode"] = self.model.mode
@@ -73,7 +75,8 @@ class Segmenter:
     @torch.inference_mode()
     def forward(self, batch: np.ndarray) -> dict:
         """Run the network on ``uint8 (N, H, W, 3)``; returns numpy ``prob`` (N, H, W) float32,
-        ``hv`` (N, 2, H, W) float32 and the torch ``embed`` (for refinement)."""
+        ``hv`` (N, C, H, W) float32 (C = 2: h, v; C = 3: h, v, distance map in [0, 1]) and the torch
+        ``embed`` (for refinement)."""
         batch = _check_batch(batch)
         n, h, w, _ = batch.shape
         ph = (-h) % PAD_MULTIPLE
@@ -87,7 +90,10 @@ class Segmenter:
             out = self.model(x)
         maps = out["maps"].float()[:, :, :h, :w]
         prob = torch.sigmoid(maps[:, 0]).cpu().numpy()
-        hv = maps[:, 1:].cpu().numpy()
+        aux = maps[:, 1:]
+        if aux.shape[1] == 3:
+            aux = torch.cat([aux[:, :2], torch.sigmoid(aux[:, 2:])], 1)
+        hv = aux.cpu().numpy()
         return {"prob": prob, "hv": hv, "embed": out["embed"], "padded_hw": (h + ph, w + pw)}
 
     def segment_batch(self, images, timings: dict | None = None) -> list[tuple[np.ndarray, np.ndarray]]:
@@ -129,7 +135,7 @@ class Segmenter:
 
     def predict_maps(self, image: np.ndarray, mpp: float) -> tuple[np.ndarray, np.ndarray]:
         """Network maps for an image at ``mpp``, computed at the model's µm/px and resampled back to
-        the image size: ``prob`` (H, W) and ``hv`` (2, H, W)."""
+        the image size: ``prob`` (H, W) and ``hv`` (C, H, W) (see :meth:`forward`)."""
         image = _check_batch(image)[0]
         if mpp <= 0:
             raise InputError(f"µm/px must be > 0, got {mpp}")

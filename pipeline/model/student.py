@@ -99,9 +99,10 @@ class StudentEncoder(nn.Module):
 
 class DenseDecoder(nn.Module):
     """U-Net style decoder from the (fused) 256-d stride-16 embedding and the student's skips to
-    full-resolution maps ``(N, 3, H, W)``: channel 0 nucleus logit, 1-2 horizontal/vertical (tanh)."""
+    full-resolution maps ``(N, out, H, W)``: channel 0 nucleus logit, 1-2 horizontal/vertical (tanh),
+    and with ``out=4`` channel 3 the logit of the normalised distance-to-border map."""
 
-    def __init__(self, widths=(24, 32, 64, 128), dec=(96, 64, 48, 24, 16)) -> None:
+    def __init__(self, widths=(24, 32, 64, 128), dec=(96, 64, 48, 24, 16), out: int = 3) -> None:
         super().__init__()
         w0, w1, w2, _ = widths
         d16, d8, d4, d2, d1 = dec
@@ -111,7 +112,9 @@ class DenseDecoder(nn.Module):
         self.up2 = nn.Sequential(conv_bn(d4 + w0, d2, 1), conv_bn(d2, d2, 3))
         self.full = conv_bn(3, 8, 3)
         self.up1 = nn.Sequential(conv_bn(d2 + 8, d1, 1), conv_bn(d1, d1, 3, groups=d1), conv_bn(d1, d1, 1))
-        self.head = nn.Conv2d(d1, 3, 1)
+        if out not in (3, 4):
+            raise ValueError(f"decoder out must be 3 or 4, got {out}")
+        self.head = nn.Conv2d(d1, out, 1)
 
     @staticmethod
     def _up(x: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
@@ -124,4 +127,4 @@ class DenseDecoder(nn.Module):
         x = self.up2(torch.cat([self._up(x, feats["s2"]), feats["s2"]], 1))
         x = self.up1(torch.cat([self._up(x, image), self.full(image)], 1))
         out = self.head(x)
-        return torch.cat([out[:, :1], torch.tanh(out[:, 1:])], 1)
+        return torch.cat([out[:, :1], torch.tanh(out[:, 1:3]), out[:, 3:]], 1)
