@@ -28,6 +28,7 @@ from pipeline.infer import (
     chunk_windows,
     list_chunk_files,
     make_batches,
+    model_box,
     parse_chunk_name,
     run_infer,
 )
@@ -99,6 +100,35 @@ def test_batches_and_names():
     assert chunk_path("d", (3, 7)).name == "3_7.parquet"
     assert parse_chunk_name("3_7.parquet") == (3, 7)
     assert parse_chunk_name("_meta.json") is None and parse_chunk_name("3_7.parquet.tmp-5") is None
+
+
+def test_model_box_is_tissue_bbox_plus_margin_aligned():
+    tissue = np.zeros((320, 320), bool)
+    assert model_box(tissue, 32) is None
+    tissue[200:230, 250:260] = True
+    r0, c0, r1, c1 = model_box(tissue, 32)
+    assert (r0, c0, r1, c1) == (160, 208, 272, 304)  # 200-32 -> 160 (16-aligned), 260+32 -> 304
+    assert all(v % 16 == 0 for v in (r0, c0, r1, c1))
+    tissue[:] = True
+    assert model_box(tissue, 32) == (0, 0, 320, 320)  # never beyond the window
+
+
+def test_crop_to_tissue_finds_the_same_nuclei(store256, tmp_path):
+    """Running the model on tissue boxes only loses nothing against whole windows."""
+    import pyarrow.parquet as pq
+
+    a = run_infer(store256, tmp_path / "crop", model=threshold_model, cfg=cfg(), quiet=True)
+    b = run_infer(store256, tmp_path / "full", model=threshold_model, cfg=cfg(crop_to_tissue=False), quiet=True)
+    assert a["instances"] == b["instances"] > 0
+
+    def nuclei(d):
+        out = []
+        for p in sorted(Path(d).glob("*.parquet")):
+            t = pq.read_table(p, columns=["anchor_y_px", "anchor_x_px", "geometry"]).to_pydict()
+            out += zip(t["anchor_y_px"], t["anchor_x_px"], t["geometry"])
+        return sorted(out)
+
+    assert nuclei(tmp_path / "crop") == nuclei(tmp_path / "full")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -34,6 +34,8 @@ PIPELINE_DEFAULTS = {
     ("infer", "workers"): (pconfig.SegmentConfig, "workers"),
     ("infer", "halo_px"): (pconfig.SegmentConfig, "halo_px"),
     ("infer", "refine"): (pconfig.SegmentConfig, "refine"),
+    ("infer", "crop_to_tissue"): (pconfig.SegmentConfig, "crop_to_tissue"),
+    ("infer", "tissue_margin_px"): (pconfig.SegmentConfig, "tissue_margin_px"),
     ("export", "geojson_plain"): (pconfig.SegmentConfig, "geojson_plain"),
 }
 WORKFLOW_ONLY = {("samples",), ("output_dir",), ("keep_stores",), ("infer", "model"), ("infer", "scheduler")}

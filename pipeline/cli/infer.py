@@ -19,6 +19,10 @@ def add_model_args(p) -> None:
     p.add_argument("--batch-size", type=int, default=None, metavar="N", help=f"tiles per forward pass (default: {_D.batch_size})")
     p.add_argument("--workers", type=int, default=None, metavar="N", help=f"dask threads (default: {_D.workers})")
     p.add_argument("--halo", type=int, default=None, metavar="PX", help=f"context around each chunk, store px (default: {_D.halo_px})")
+    p.add_argument("--tissue-margin", type=int, default=None, metavar="PX",
+                   help=f"model runs on the window's tissue box grown by PX store px (default: {_D.tissue_margin_px})")
+    p.add_argument("--no-tissue-crop", dest="crop_to_tissue", action="store_false", default=None,
+                   help="run the model on whole windows, background included")
     p.add_argument("--refine", action="store_true", default=None, help="SAM-decoder refinement (slower)")
     p.add_argument("--scheduler", metavar="ADDRESS", default=None, help="dask.distributed scheduler address (default: local threads)")
 
@@ -29,6 +33,8 @@ def segment_overrides(args) -> dict:
         "batch_size": args.batch_size,
         "workers": args.workers,
         "halo_px": args.halo,
+        "tissue_margin_px": args.tissue_margin,
+        "crop_to_tissue": args.crop_to_tissue,
         "refine": args.refine,
     }
 

@@ -92,7 +92,10 @@ def slide_mpp_flag(wildcards):
 
 def infer_flags():
     cfg = config["infer"]
-    flags = [f"--device {cfg['device']}", f"--batch-size {cfg['batch_size']}", f"--halo {cfg['halo_px']}"]
+    flags = [f"--device {cfg['device']}", f"--batch-size {cfg['batch_size']}", f"--halo {cfg['halo_px']}",
+             f"--tissue-margin {cfg['tissue_margin_px']}"]
+    if not cfg["crop_to_tissue"]:
+        flags.append("--no-tissue-crop")
     if cfg["model"] is not None:
         flags.append(f"--model {shlex.quote(cfg['model'])}")
     if cfg["refine"]:
