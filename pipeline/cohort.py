@@ -30,7 +30,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from .paths import SlidePaths, atomic_target
+from .paths import SlidePaths, atomic_write
 from .samples import read_sample_sheet
 
 log = logging.getLogger(__name__)
@@ -352,14 +352,7 @@ def render_html(table, png: bytes) -> str:
 
 
 def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = atomic_target(path)
-    try:
-        with open(tmp, "wb") as fh:
-            fh.write(data)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    atomic_write(path, lambda tmp: tmp.write_bytes(data))
 
 
 def write_report(table, areas: dict, prefix: str | os.PathLike) -> dict[str, Path]:

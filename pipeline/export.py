@@ -17,10 +17,8 @@ import hashlib
 import json
 import logging
 import math
-import os
 import uuid
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -30,7 +28,7 @@ import shapely
 from . import geometry
 from .errors import OutputError
 from .measure import MEASUREMENT_COLUMNS, QUPATH_NAMES
-from .paths import atomic_target
+from .paths import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -96,19 +94,7 @@ def nucleus_uuids_ascii(slide_key, nucleus_ids):
     return out
 
 
-def _atomic(path, write):
-    """Run ``write(tmp_path)`` then rename to ``path``; remove the temporary on failure."""
-    path = Path(path)
-    tmp = atomic_target(path)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except OSError as exc:
-        tmp.unlink(missing_ok=True)
-        raise OutputError(f"cannot write {path}: {exc.strerror or exc}") from exc
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+_atomic = atomic_write
 
 
 def to_level0(geoms, scale_xy_l0, offset_xy_l0=(0.0, 0.0)):

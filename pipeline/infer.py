@@ -56,7 +56,7 @@ import numpy as np
 
 from .config import SegmentConfig
 from .errors import InputError, ModelError, StoreError
-from .paths import atomic_target
+from .paths import atomic_write
 from .testhooks import pause_point
 
 log = logging.getLogger(__name__)
@@ -346,13 +346,7 @@ def _open_store_versioned(store_path: str, stamp: int | None):
 def _write_table_atomic(table: Any, path: Path) -> None:
     import pyarrow.parquet as pq
 
-    tmp = atomic_target(path)
-    try:
-        pq.write_table(table, tmp, compression="zstd")
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    atomic_write(path, lambda tmp: pq.write_table(table, tmp, compression="zstd"))
 
 
 def process_batch(
@@ -476,9 +470,8 @@ def chunks_meta(attrs: dict, model: Model, cfg: SegmentConfig) -> dict:
 
 
 def _write_json_atomic(obj: Any, path: Path) -> None:
-    tmp = atomic_target(path)
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    text = json.dumps(obj, indent=2, sort_keys=True) + "\n"
+    atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
 
 def prepare_chunks_dir(chunks_dir: Path, meta: dict) -> set[tuple[int, int]]:

@@ -95,3 +95,33 @@ def slide_paths(outdir: str | os.PathLike, slide_id: str) -> SlidePaths:
 def atomic_target(path: Path) -> Path:
     """Temporary sibling of ``path`` to write to before ``os.replace(tmp, path)``."""
     return path.with_name(f"{path.name}.tmp-{os.getpid()}")
+
+
+def atomic_write(path, write, what: str = "", *, mkdir: bool = False) -> Path:
+    """Write a file atomically: ``write(tmp)`` to :func:`atomic_target`, then ``os.replace`` it onto
+    ``path``. On any failure the temporary is removed (nothing incomplete under any name) and an
+    ``OSError`` (disk full, unwritable directory...) becomes one :class:`OutputError` line naming
+    ``path``. ``mkdir``: create the parent directory first. Returns ``path``."""
+    from .errors import OutputError
+
+    path = Path(path)
+    tmp = atomic_target(path)
+    try:
+        if mkdir:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        write(tmp)
+        os.replace(tmp, path)
+    except OSError as exc:
+        _unlink_quietly(tmp)
+        raise OutputError(f"cannot write {path}{f' ({what})' if what else ''}: {exc.strerror or exc}") from exc
+    except BaseException:
+        _unlink_quietly(tmp)
+        raise
+    return path
+
+
+def _unlink_quietly(path: Path) -> None:
+    try:
+        path.unlink(missing_ok=True)
+    except OSError:
+        pass

@@ -22,8 +22,7 @@ from typing import Sequence
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from .errors import OutputError
-from .paths import atomic_target
+from .paths import atomic_write
 
 PANEL_PX = 512  # edge of each panel
 CROP_PX = 512  # edge of the full-resolution crop, store pixels
@@ -153,15 +152,7 @@ def render_qc(
 def save_png_atomic(img: Image.Image, path: str | os.PathLike) -> Path:
     """Save ``img`` as PNG (no metadata chunks, deterministic bytes) via temp + rename."""
     path = Path(path)
-    tmp = atomic_target(path)
-    try:
-        img.save(tmp, format="PNG", optimize=False, compress_level=6)
-        os.replace(tmp, path)
-    except OSError as exc:  # disk full, unwritable directory: one line naming the file
-        raise OutputError(f"cannot write {path}: {exc.strerror or exc}") from exc
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    atomic_write(path, lambda tmp: img.save(tmp, format="PNG", optimize=False, compress_level=6))
     return path
 
 

@@ -22,7 +22,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import InputError, OutputError
+from .errors import InputError
+from .paths import atomic_write
 
 BACKGROUND_RGB = (244, 244, 244)
 TISSUE_RGB = (232, 160, 200)
@@ -177,8 +178,6 @@ def write_synthetic_slide(
         raise InputError(f"tile must be a positive multiple of 16, got {tile}")
     path = Path(path)
     regions = tissue_regions((h * mpp, w * mpp), seed, n_regions, tissue_scale)
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-
     blank = np.empty((tile, tile, 3), np.uint8)
     blank[:] = BACKGROUND_RGB
     blank_bytes = zlib.compress(blank.tobytes(), 1)
@@ -199,8 +198,7 @@ def write_synthetic_slide(
                 block[:th, :tw] = content
                 yield zlib.compress(block.tobytes(), 1)
 
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
+    def write(tmp):
         bigtiff = h * w * 3 * 4 // 3 > 2**32 - 2**25
         with tifffile.TiffWriter(tmp, bigtiff=bigtiff) as tw_:
             for k in range(levels):
@@ -220,11 +218,5 @@ def write_synthetic_slide(
                     metadata=None,
                     software=False,
                 )
-        os.replace(tmp, path)
-    except OSError as exc:
-        try:
-            tmp.unlink(missing_ok=True)
-        except OSError:
-            pass
-        raise OutputError(f"{path}: cannot write synthetic slide: {exc.strerror or exc}") from exc
-    return path
+
+    return atomic_write(path, write, "synthetic slide", mkdir=True)

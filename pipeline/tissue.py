@@ -15,7 +15,7 @@ import numpy as np
 from scipy import ndimage as ndi
 
 from .config import TissueConfig
-from .errors import InputError, OutputError
+from .errors import InputError
 
 
 def _otsu(values: np.ndarray) -> float:
@@ -171,16 +171,7 @@ def save_mask_png(mask: np.ndarray, path: str | os.PathLike) -> Path:
     """
     from PIL import Image
 
-    path = Path(path)
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(np.where(mask, 255, 0).astype(np.uint8), mode="L").save(tmp, format="PNG")
-        os.replace(tmp, path)
-    except OSError as exc:
-        try:
-            tmp.unlink(missing_ok=True)
-        except OSError:
-            pass
-        raise OutputError(f"{path}: cannot write tissue preview: {exc.strerror or exc}") from exc
-    return path
+    from .paths import atomic_write
+
+    img = Image.fromarray(np.where(mask, 255, 0).astype(np.uint8), mode="L")
+    return atomic_write(path, lambda tmp: img.save(tmp, format="PNG"), "tissue preview", mkdir=True)

@@ -8,8 +8,6 @@ usual one-line ``cellsam: error: ...`` on stderr.
 from __future__ import annotations
 
 import json
-import os
-from pathlib import Path
 
 
 def register(sub):
@@ -58,19 +56,12 @@ def check_slide(path, slide_mpp: float | None = None) -> dict:
 
 
 def _emit(status: dict, out) -> None:
-    from ..errors import OutputError
-
     text = json.dumps(status, ensure_ascii=False)
     print(text)
     if out:
-        out = Path(out)
-        tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
-        try:
-            out.parent.mkdir(parents=True, exist_ok=True)
-            tmp.write_text(text + "\n", encoding="utf-8")
-            os.replace(tmp, out)
-        except OSError as exc:
-            raise OutputError(f"{out}: cannot write status: {exc.strerror or exc}") from exc
+        from ..paths import atomic_write
+
+        atomic_write(out, lambda tmp: tmp.write_text(text + "\n", encoding="utf-8"), "status", mkdir=True)
 
 
 def run(args) -> int:

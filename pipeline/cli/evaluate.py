@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import sys
 from pathlib import Path
 
@@ -223,18 +222,10 @@ def format_table(per_image: dict, overall: dict, title: str = "") -> str:
 
 
 def _write_json_atomic(doc: dict, path: Path) -> None:
-    from ..errors import OutputError
-    from ..paths import atomic_target
+    from ..paths import atomic_write
 
-    tmp = atomic_target(path)
-    try:
-        with open(tmp, "w", encoding="utf-8") as fh:
-            json.dump(doc, fh, sort_keys=True, indent=1, allow_nan=False, ensure_ascii=False)
-            fh.write("\n")
-        os.replace(tmp, path)
-    except OSError as exc:
-        tmp.unlink(missing_ok=True)
-        raise OutputError(f"{path}: cannot write results ({exc.strerror or exc})") from None
+    text = json.dumps(doc, sort_keys=True, indent=1, allow_nan=False, ensure_ascii=False) + "\n"
+    atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"), "results")
 
 
 def run(args) -> int:

@@ -21,14 +21,14 @@ def register(sub):
 
 def run(args):
     import logging
-    import os
     from pathlib import Path
 
     import numpy as np
     import tifffile
 
     from ..data.readers import read_image
-    from ..errors import InputError, OutputError
+    from ..errors import InputError
+    from ..paths import atomic_write
 
     log = logging.getLogger("cellsam.predict")
     if args.mpp is not None and args.mpp <= 0:
@@ -58,13 +58,6 @@ def run(args):
         img = read_image(src)
         labels, scores = seg(img)
         dst = out / f"{Path(src).stem}.tif" if many else out
-        tmp = dst.with_name(dst.name + f".tmp-{os.getpid()}")
-        try:
-            dst.parent.mkdir(parents=True, exist_ok=True)
-            tifffile.imwrite(tmp, labels.astype(np.uint32), compression="zlib")
-            os.replace(tmp, dst)
-        except OSError as exc:
-            tmp.unlink(missing_ok=True)
-            raise OutputError(f"{dst}: cannot write ({exc.strerror or exc})") from None
+        atomic_write(dst, lambda tmp: tifffile.imwrite(tmp, labels.astype(np.uint32), compression="zlib"), mkdir=True)
         log.info("%s: %d nuclei -> %s", src, int(labels.max()), dst)
     return 0
