@@ -1,4 +1,5 @@
-"""The distance head: targets, augmentation consistency, decoding, and the 3 -> 4 channel warm start."""
+"""The distance head (targets, augmentation consistency, decoding, 3 -> 4 channel warm start) and the
+inference copy of the network."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import torch
 from pipeline.data.augment import dihedral
 from pipeline.data.datasets import distance_targets, hv_targets
 from pipeline.metrics import evaluate_pair
-from pipeline.model.cellsam import CellSAM, with_distance_head
+from pipeline.model.cellsam import CellSAM, inference_copy, with_distance_head
 from pipeline.model.postprocess import PostprocessParams, instances_from_maps
 
 
@@ -68,3 +69,20 @@ def test_with_distance_head_keeps_hv_outputs():
         a, b = old(x)["maps"], new(x)["maps"]
     torch.testing.assert_close(a, b[:, :3])
     assert torch.all(b[:, 3] == 0)
+
+
+def test_inference_copy_matches_and_leaves_the_model_alone():
+    torch.manual_seed(1)
+    model = CellSAM().eval()
+    with torch.no_grad():  # non-trivial BatchNorm statistics
+        for mod in model.modules():
+            if isinstance(mod, torch.nn.BatchNorm2d):
+                mod.running_mean.uniform_(-0.5, 0.5)
+                mod.running_var.uniform_(0.5, 2.0)
+    fast = inference_copy(model)
+    x = (torch.rand(1, 3, 64, 96) * 255).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        ref, out = model(x)["maps"], fast(x)["maps"]
+    torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
+    assert any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in fast.modules())

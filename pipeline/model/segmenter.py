@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import InputError, ModelError
-from .cellsam import fold_batchnorm
+from .cellsam import inference_copy
 from .checkpoint import load_checkpoint
 from .postprocess import PostprocessParams, instances_from_maps
 
@@ -57,7 +57,7 @@ class Segmenter:
         if self.refine and getattr(model, "mask_decoder", None) is None:
             raise ModelError("this checkpoint has no SAM mask decoder: refinement is not available")
         # an inference copy with BatchNorm folded into the convolutions (the caller's model is untouched)
-        self.model = fold_batchnorm(model.eval()).to(self.device)
+        self.model = inference_copy(model.eval()).to(self.device)
         if self.device.type == "cpu":
             self.model = self.model.to(memory_format=torch.channels_last)
         self.metadata["mode"] = self.model.mode

@@ -126,5 +126,5 @@ class DenseDecoder(nn.Module):
         x = self.up4(torch.cat([self._up(x, feats["s4"]), feats["s4"]], 1))
         x = self.up2(torch.cat([self._up(x, feats["s2"]), feats["s2"]], 1))
         x = self.up1(torch.cat([self._up(x, image), self.full(image)], 1))
-        out = self.head(x)
+        out = self.head(x).contiguous()  # channel slices of a contiguous tensor: fast tanh
         return torch.cat([out[:, :1], torch.tanh(out[:, 1:3]), out[:, 3:]], 1)
