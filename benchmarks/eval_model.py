@@ -9,8 +9,10 @@ Scores the 6 validation tiles (3 MoNuSeg-2018 *train* tiles with XML + 3 CPM-15 
 ``pipeline.data.datasets``) at each tile's native resolution (the model resamples internally, as
 ``cellsam predict --mpp`` does), for:
 
-* ``lite``           the checkpoint as shipped (dense heads + HV marker watershed);
-* ``lite_cc``        same network, connected components instead of the HV watershed;
+* ``lite``           the checkpoint as shipped (dense heads + its own decoding: distance-marker
+                     watershed for 4-channel checkpoints, HV marker watershed for 3-channel ones);
+* ``lite_cc``        same network, connected components of the foreground (no splitting);
+* ``lite_hv``        same network, HoVer-Net decoding from the H/V maps instead of the distance map;
 * ``refined``        with SAM prompt-encoder/mask-decoder refinement + mask fusion (``--refined``);
 * ``classical``      the H-channel watershed baseline (``pipeline.baseline``).
 
@@ -38,6 +40,7 @@ from pipeline.baseline import segment_classical  # noqa: E402
 from pipeline.data.datasets import builtin_samples, split_samples  # noqa: E402
 from pipeline.metrics import aggregate, evaluate_pair  # noqa: E402
 from pipeline.model import load_model  # noqa: E402
+from pipeline.model.postprocess import PostprocessParams, instances_from_maps  # noqa: E402
 
 KEYS = ("aji", "pq", "dq", "sq", "dice", "obj_f1", "pixel_precision", "pixel_recall", "mean_class_accuracy")
 
@@ -46,6 +49,15 @@ def cc_segment(seg, img, mpp):
     prob, _ = seg.predict_maps(img, mpp)
     lab, _ = ndi.label(prob >= seg.params.fg_threshold)
     return lab.astype(np.uint32)
+
+
+def hv_segment(seg, img, mpp):
+    """Same network, HoVer-Net decoding (markers from the H/V map gradients; the distance channel
+    ignored), with the thresholds tuned for the previous (HV-only) shipped model."""
+    prob, hv = seg.predict_maps(img, mpp)
+    p = PostprocessParams(fg_threshold=seg.params.fg_threshold, marker_threshold=0.3, sigma_um=1.0,
+                          min_area_um2=seg.params.min_area_um2)
+    return instances_from_maps(prob, hv[:2], mpp, p)[0]
 
 
 def score(method, samples):
@@ -103,6 +115,8 @@ def main(argv=None):
            f"{torch.get_num_threads()} torch threads, torch {torch.__version__}", "results": {}}
     res["results"]["lite"] = score(lambda im, m: seg.segment(im, m)[0], val)
     res["results"]["lite_cc"] = score(lambda im, m: cc_segment(seg, im, m), val)
+    if seg.model.decoder.head.out_channels == 4:
+        res["results"]["lite_hv"] = score(lambda im, m: hv_segment(seg, im, m), val)
     if ARGS.refined:
         rseg = load_model(ARGS.refined, device="cpu", refine=True)
         res["results"]["refined"] = score(lambda im, m: rseg.segment(im, m)[0], val)
