@@ -326,6 +326,9 @@ def e2e(slide: Path, slide_info: dict, spec: str, args, workdir: Path) -> dict:
         # classical runs in parallel threads (model_s summed over them): no forward pass to compare with
         "overhead_ratio": round((wall - model_s) / model_s, 3) if model_s > 0 and label != "classical" else None,
         "stages_s": stage_breakdown(t, wall),
+        # megapixels of the inference windows and of the tissue boxes the network actually saw
+        "window_mpx": t.get("window_mpx"),
+        "model_mpx": t.get("model_mpx"),
     })
     res["store_mpx_per_s"] = round(res["store_mpx"] / wall, 3) if wall > 0 else None
     res["slide_mpx_per_s"] = round(res["slide_mpx"] / wall, 3) if wall > 0 else None
@@ -570,8 +573,8 @@ def markdown(res: dict) -> str:
             "## End to end (`cellsam segment`)",
             "",
             "| slide | model | tissue mm² | chunks | nuclei | wall s | s/mm² | CPU s/mm² | store Mpx/s | overhead "
-            "| peak RSS GB (proc / tree) | CPU share |",
-            "|---|---|---|---|---|---|---|---|---|---|---|---|",
+            "| peak RSS GB (proc / tree) | CPU share | network Mpx / window Mpx |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         for r in runs:
             size = "x".join(str(v) for v in r["size_px"])
@@ -583,7 +586,7 @@ def markdown(res: dict) -> str:
                 f"{_fmt(r['wall_s'], 1)} | {_fmt(r['s_per_mm2'])} | {_fmt(r['cpu_s_per_mm2'])} | "
                 f"{_fmt(r['store_mpx_per_s'], 3)} | "
                 f"{_fmt(r['overhead_ratio'], 3)} | {_fmt(r['peak_rss_gb'])} / {_fmt(r['peak_tree_rss_gb'])} | "
-                f"{_fmt(r['cpu_share'])} |"
+                f"{_fmt(r['cpu_share'])} | {_fmt(r.get('model_mpx'), 1)} / {_fmt(r.get('window_mpx'), 1)} |"
             )
         lines += ["", "Stage seconds (infer stages summed over worker threads; share = stage / wall):", ""]
         keys = list(STAGES) if any("stages_s" in r for r in runs) else []
