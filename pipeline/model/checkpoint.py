@@ -16,7 +16,6 @@ Training checkpoints (``last.pt``) add ``optimizer``, ``scheduler``, ``epoch``, 
 
 from __future__ import annotations
 
-import os
 import re
 import warnings
 from pathlib import Path
@@ -31,14 +30,12 @@ DEFAULT_WEIGHTS = Path(__file__).resolve().parents[1] / "weights" / "cellsam_def
 
 
 def save_checkpoint(path, model: CellSAM, metadata: dict, **extra) -> None:
-    """Write atomically (tmp + rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """Write atomically (:func:`pipeline.paths.atomic_write`)."""
+    from ..paths import atomic_write
+
     obj = {"format": FORMAT, "format_version": 1, "arch": model.arch, "metadata": metadata,
            "state_dict": model.trainable_state_dict(), **extra}
-    tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    atomic_write(path, lambda tmp: torch.save(obj, tmp), "checkpoint", mkdir=True)
 
 
 def read_checkpoint(path) -> dict:
