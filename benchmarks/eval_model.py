@@ -115,7 +115,7 @@ def main(argv=None):
            f"{torch.get_num_threads()} torch threads, torch {torch.__version__}", "results": {}}
     res["results"]["lite"] = score(lambda im, m: seg.segment(im, m)[0], val)
     res["results"]["lite_cc"] = score(lambda im, m: cc_segment(seg, im, m), val)
-    if seg.model.decoder.head.out_channels == 4:
+    if seg.model.arch["decoder"].get("out", 3) == 4:
         res["results"]["lite_hv"] = score(lambda im, m: hv_segment(seg, im, m), val)
     if ARGS.refined:
         rseg = load_model(ARGS.refined, device="cpu", refine=True)

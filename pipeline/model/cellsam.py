@@ -122,6 +122,7 @@ class Pointwise(nn.Module):
 
     def __init__(self, conv: nn.Conv2d) -> None:
         super().__init__()
+        self.in_channels, self.out_channels = conv.in_channels, conv.out_channels
         self.weight = nn.Parameter(conv.weight.detach()[:, :, 0, 0].clone(), requires_grad=False)
         self.bias = None if conv.bias is None else nn.Parameter(conv.bias.detach().clone(), requires_grad=False)
 
