@@ -395,11 +395,6 @@ def process_batch(
     n_inst = 0
     shape_rc = tuple(int(v) for v in attrs["shape_rc"])
     for w, img, (labels, scores) in zip(windows, images, results):
-        labels = np.asarray(labels)
-        if labels.shape != img.shape[:2] or labels.dtype != np.uint32:
-            raise ModelError(
-                f"model returned labels {labels.dtype}{labels.shape} for a {img.shape[:2]} tile (need uint32 of the tile size)"
-            )
         t0 = time.perf_counter()
         (r0, c0, r1, c1) = w.clipped_box_rc(shape_rc)
         dr, dc = r0 - w.window_origin_rc[0], c0 - w.window_origin_rc[1]
@@ -446,9 +441,11 @@ def _run_model_on_boxes(model: Model, images: np.ndarray, boxes: list, timings: 
             if labels.shape != (r1 - r0, c1 - c0) or labels.dtype != np.uint32:
                 raise ModelError(f"model returned labels {labels.dtype}{labels.shape} for a {(r1 - r0, c1 - c0)} "
                                  "tile (need uint32 of the tile size)")
-            full = np.zeros(images.shape[1:3], np.uint32)
-            full[r0:r1, c0:c1] = labels
-            results[i] = (full, scores)
+            if labels.shape != images.shape[1:3]:
+                full = np.zeros(images.shape[1:3], np.uint32)
+                full[r0:r1, c0:c1] = labels
+                labels = full
+            results[i] = (labels, scores)
     return results
 
 
