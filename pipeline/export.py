@@ -94,8 +94,6 @@ def nucleus_uuids_ascii(slide_key, nucleus_ids):
     return out
 
 
-_atomic = atomic_write
-
 
 def to_level0(geoms, scale_xy_l0, offset_xy_l0=(0.0, 0.0)):
     """Store-px polygons -> QuPath level-0 px, on the 0.01 px grid, valid, exterior CCW.
@@ -405,7 +403,7 @@ def write_geojson(table, path, *, scale_xy_l0, slide_key, gz=True, offset_xy_l0=
                 if gz:
                     stream.close()
 
-    _atomic(path, write)
+    atomic_write(path, write)
 
 
 def geoparquet_table(table, *, scale_xy_l0, slide_key, offset_xy_l0=(0.0, 0.0)):
@@ -492,7 +490,7 @@ def write_geoparquet(table, path, *, scale_xy_l0, slide_key, offset_xy_l0=(0.0, 
     def write(tmp):
         pq.write_table(out, tmp, compression="zstd", row_group_size=row_group_rows, write_statistics=True)
 
-    _atomic(path, write)
+    atomic_write(path, write)
 
 
 def write_json_atomic(obj, path):
@@ -512,4 +510,4 @@ def write_json_atomic(obj, path):
         with open(tmp, "w", encoding="utf-8") as fh:
             fh.write(text)
 
-    _atomic(path, write)
+    atomic_write(path, write)

@@ -442,7 +442,7 @@ def read_window(group, row0: int, col0: int, height: int, width: int) -> np.ndar
     ndarray of shape (height, width, 3), dtype uint8
         RGB; pixels outside the image are white (255), as are absent (non-tissue) chunks.
     """
-    return np.moveaxis(_read_box(group["0"], row0, col0, height, width, 255), 0, -1)
+    return np.ascontiguousarray(np.moveaxis(_read_box(group["0"], row0, col0, height, width, 255), 0, -1))
 
 
 def read_tissue_window(group, row0: int, col0: int, height: int, width: int) -> np.ndarray:

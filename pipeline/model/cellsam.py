@@ -144,13 +144,14 @@ def inference_copy(model: CellSAM) -> CellSAM:
 
     memo = {} if model.teacher is None else {id(model.teacher): model.teacher}
     out = copy.deepcopy(model, memo).eval()
-    for mod in list(out.student.modules()) + list(out.decoder.modules()):
+    containers = [*out.student.modules(), *out.decoder.modules()]
+    for mod in containers:
         if isinstance(mod, nn.Sequential):
             for i in range(len(mod) - 1):
                 if isinstance(mod[i], nn.Conv2d) and isinstance(mod[i + 1], nn.BatchNorm2d):
                     mod[i] = fuse_conv_bn_eval(mod[i], mod[i + 1])
                     mod[i + 1] = nn.Identity()
-    for mod in list(out.student.modules()) + list(out.decoder.modules()):
+    for mod in containers:
         for name, child in list(mod.named_children()):
             if (isinstance(child, nn.Conv2d) and child.kernel_size == (1, 1) and child.groups == 1
                     and child.stride == (1, 1) and child.padding == (0, 0)):
