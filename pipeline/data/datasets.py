@@ -160,9 +160,8 @@ def distance_targets(lab: np.ndarray) -> np.ndarray:
     for i, sl in enumerate(ndi.find_objects(lab), start=1):
         if sl is None:
             continue
-        sl = tuple(slice(max(0, s.start - 1), s.stop + 1) for s in sl)
         m = lab[sl] == i
-        d = ndi.distance_transform_edt(np.pad(m, 1))[1:-1, 1:-1]
+        d = ndi.distance_transform_edt(np.pad(m, 1))[1:-1, 1:-1]  # the zero pad is the box's outside
         mx = d.max()
         if mx > 0:
             sub = out[sl]
