@@ -214,65 +214,104 @@ def worker_gen_big(args):
     cols = int(np.ceil(np.sqrt(n_win)))
     polys = shapely.from_wkb(base["geometry"].to_numpy(zero_copy_only=False))
     coords, index = shapely.get_coordinates(polys, return_index=True)
-    with pq.ParquetWriter(args.table, CHUNK_SCHEMA) as w:
-        rows = 0
-        for k in range(n_win):
-            i, j = divmod(k, cols)
-            dy, dx = i * core + HALO_PX, j * core + HALO_PX  # slide starts at (HALO, HALO): no slide edge
-            t = base.slice(0, min(base.num_rows, args.n - rows))
-            m = t.num_rows
-            moved = shapely.polygons(shapely.linearrings(coords[index < m] + [dx, dy], indices=index[index < m]))
-            upd = {
-                "chunk_row": np.full(m, i, np.int32), "chunk_col": np.full(m, j, np.int32),
-                "anchor_y_px": t["anchor_y_px"].to_numpy() + dy, "anchor_x_px": t["anchor_x_px"].to_numpy() + dx,
-                "centroid_y_um": t["centroid_y_um"].to_numpy() + dy * MPP,
-                "centroid_x_um": t["centroid_x_um"].to_numpy() + dx * MPP,
-                "geometry": shapely.to_wkb(moved),
-            }
-            for name, v in upd.items():
-                t = t.set_column(t.schema.get_field_index(name), name, pa.array(v, type=CHUNK_SCHEMA.field(name).type))
-            w.write_table(t)
-            rows += m
-            if rows >= args.n:
-                break
+    out = Path(args.table)  # a directory of chunk files, as `cellsam infer` writes them
+    out.mkdir(parents=True, exist_ok=True)
+    rows = 0
+    for k in range(n_win):
+        i, j = divmod(k, cols)
+        dy, dx = i * core + HALO_PX, j * core + HALO_PX  # slide starts at (HALO, HALO): no slide edge
+        t = base.slice(0, min(base.num_rows, args.n - rows))
+        m = t.num_rows
+        moved = shapely.polygons(shapely.linearrings(coords[index < m] + [dx, dy], indices=index[index < m]))
+        upd = {
+            "chunk_row": np.full(m, i, np.int32), "chunk_col": np.full(m, j, np.int32),
+            "anchor_y_px": t["anchor_y_px"].to_numpy() + dy, "anchor_x_px": t["anchor_x_px"].to_numpy() + dx,
+            "centroid_y_um": t["centroid_y_um"].to_numpy() + dy * MPP,
+            "centroid_x_um": t["centroid_x_um"].to_numpy() + dx * MPP,
+            "geometry": shapely.to_wkb(moved),
+        }
+        for name, v in upd.items():
+            t = t.set_column(t.schema.get_field_index(name), name, pa.array(v, type=CHUNK_SCHEMA.field(name).type))
+        pq.write_table(t, out / f"{i}_{j}.parquet")
+        rows += m
+        if rows >= args.n:
+            break
     return {"rows": rows, "windows": k + 1}
 
 
+def _chunk_files(directory):
+    files = {}
+    for p in Path(directory).glob("*.parquet"):
+        r, c = p.stem.split("_")
+        files[(int(r), int(c))] = p
+    return dict(sorted(files.items()))
+
+
 def worker_big(args):
+    """Stitch + GeoJSON.gz + GeoParquet of a directory of chunk files, as ``cellsam export`` does.
+
+    Streamed strip by strip (:mod:`pipeline.assemble`, writers of :mod:`pipeline.export`) when the
+    revision has it; older revisions stitch the concatenated table in memory.
+    """
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
     import pipeline
     from pipeline import export
-    from pipeline.stitch import assign_ids, resolve_duplicates
 
-    res = {"pipeline": str(Path(pipeline.__file__).parent), "rss_after_import_gb": _rss_gb()}
-    t0 = time.perf_counter()
-    table = pq.read_table(args.table).replace_schema_metadata(None)
-    res["read_s"] = time.perf_counter() - t0
-    res["instances"] = table.num_rows
-    t0, c0 = time.perf_counter(), time.process_time()
-    table = resolve_duplicates(table, mpp=MPP)  # as pipeline.segment.stitch_chunks: the input is released
-    table = assign_ids(table)
-    res["stitch_s"], res["stitch_cpu_s"] = time.perf_counter() - t0, time.process_time() - c0
-    res["nuclei"] = table.num_rows
-    res["rss_after_stitch_gb"] = _rss_gb()
+    files = _chunk_files(args.table)
+    res = {"pipeline": str(Path(pipeline.__file__).parent), "rss_after_import_gb": _rss_gb(), "chunk_files": len(files)}
+    key, scale = "k" * 64, (2.0, 2.0)
     with tempfile.TemporaryDirectory(dir=args.tmp) as tmp:
         out = Path(tmp)
-        t0, c0 = time.perf_counter(), time.process_time()
-        export.write_geojson(table, out / "s.geojson.gz", scale_xy_l0=(2.0, 2.0), slide_key="k" * 64)
-        res["geojson_gz_s"], res["geojson_gz_cpu_s"] = time.perf_counter() - t0, time.process_time() - c0
+        try:
+            from pipeline.assemble import iter_nuclei
+        except ImportError:
+            iter_nuclei = None
+        if iter_nuclei is not None:
+            res["mode"] = "stream"
+            t0, c0 = time.perf_counter(), time.process_time()
+            st = iter_nuclei(files, mpp=MPP, dedup_iou=0.5, min_area_um2=3.0, chunk_px=WINDOW_PX - 2 * HALO_PX)
+            res["stitch_s"], res["stitch_cpu_s"] = time.perf_counter() - t0, time.process_time() - c0
+            res["instances"] = st.scan.instances
+            res["rss_after_stitch_gb"] = _rss_gb()
+            t0, c0 = time.perf_counter(), time.process_time()
+            n = 0
+            with export.GeoJSONWriter(out / "s.geojson.gz", scale_xy_l0=scale, slide_key=key) as gj, \
+                    export.GeoParquetWriter(out / "s.parquet", scale_xy_l0=scale, slide_key=key) as gp:
+                for strip in st:
+                    gj.write(strip)
+                    gp.write(strip)
+                    n += strip.num_rows
+            res["export_s"], res["export_cpu_s"] = time.perf_counter() - t0, time.process_time() - c0
+            res["nuclei"] = n
+        else:
+            res["mode"] = "in_memory"
+            from pipeline.stitch import assign_ids, resolve_duplicates
+
+            t0 = time.perf_counter()
+            table = pa.concat_tables([pq.read_table(p).replace_schema_metadata(None) for p in files.values()])
+            res["read_s"] = time.perf_counter() - t0
+            res["instances"] = table.num_rows
+            t0, c0 = time.perf_counter(), time.process_time()
+            table = assign_ids(resolve_duplicates(table, mpp=MPP))
+            res["stitch_s"], res["stitch_cpu_s"] = time.perf_counter() - t0, time.process_time() - c0
+            res["nuclei"] = table.num_rows
+            res["rss_after_stitch_gb"] = _rss_gb()
+            t0, c0 = time.perf_counter(), time.process_time()
+            export.write_geojson(table, out / "s.geojson.gz", scale_xy_l0=scale, slide_key=key)
+            export.write_geoparquet(table, out / "s.parquet", scale_xy_l0=scale, slide_key=key)
+            res["export_s"], res["export_cpu_s"] = time.perf_counter() - t0, time.process_time() - c0
+            res["stitch_s"] += res.pop("read_s")
         res["geojson_gz_mb"] = (out / "s.geojson.gz").stat().st_size / 1e6
-        res["rss_after_geojson_gb"] = _rss_gb()
-        t0, c0 = time.perf_counter(), time.process_time()
-        export.write_geoparquet(table, out / "s.parquet", scale_xy_l0=(2.0, 2.0), slide_key="k" * 64)
-        res["geoparquet_s"], res["geoparquet_cpu_s"] = time.perf_counter() - t0, time.process_time() - c0
         res["geoparquet_mb"] = (out / "s.parquet").stat().st_size / 1e6
+        res["geojson_sha256"] = hashlib.sha256((out / "s.geojson.gz").read_bytes()).hexdigest()
         if args.save:
             import shutil
 
             shutil.copy(out / "s.geojson.gz", args.save)
-    res["stitch_export_s"] = res["stitch_s"] + res["geojson_gz_s"] + res["geoparquet_s"]
-    res["stitch_export_cpu_s"] = res["stitch_cpu_s"] + res["geojson_gz_cpu_s"] + res["geoparquet_cpu_s"]
+    res["stitch_export_s"] = res["stitch_s"] + res["export_s"]
+    res["stitch_export_cpu_s"] = res["stitch_cpu_s"] + res["export_cpu_s"]
     res["peak_rss_gb"] = _rss_gb()
     return res
 
@@ -285,7 +324,11 @@ def worker_gzip_levels(args):
     from pipeline import export
     from pipeline.stitch import assign_ids, resolve_duplicates
 
-    table = assign_ids(resolve_duplicates(pq.read_table(args.table).replace_schema_metadata(None), mpp=MPP))
+    import pyarrow as pa
+
+    files = _chunk_files(args.table)
+    table = pa.concat_tables([pq.read_table(p).replace_schema_metadata(None) for p in files.values()])
+    table = assign_ids(resolve_duplicates(table, mpp=MPP))
     with tempfile.TemporaryDirectory(dir=args.tmp) as tmp:
         p = Path(tmp) / "s.geojson"
         export.write_geojson(table, p, scale_xy_l0=(2.0, 2.0), slide_key="k" * 64, gz=False)
@@ -401,19 +444,19 @@ def main(argv=None):
             w["compare"] = _compare_tables(Path(tmp) / "old.parquet", Path(tmp) / "new.parquet")
         if not args.skip_big:
             res["big"] = {}
-            cmp_table = str(Path(tmp) / "cmp.parquet")
+            cmp_table = str(Path(tmp) / "cmp_chunks")
             _run("gen-big", ROOT, ["--n", str(args.cmp_n), "--table", cmp_table], tmp)
             for name, path in impls.items():
                 res["big"][f"{name}_{args.cmp_n}"] = _run("big", path, ["--table", cmp_table], tmp)
             if "old" in impls:
                 o, n = res["big"][f"old_{args.cmp_n}"], res["big"][f"new_{args.cmp_n}"]
                 res["big"]["speedup_cmp"] = {k: o[k] / n[k] for k in (
-                    "stitch_s", "geojson_gz_s", "geoparquet_s", "stitch_export_s", "stitch_cpu_s", "geojson_gz_cpu_s",
-                    "geoparquet_cpu_s", "stitch_export_cpu_s")}
+                    "stitch_s", "export_s", "stitch_export_s", "stitch_cpu_s", "export_cpu_s", "stitch_export_cpu_s")}
+                res["big"]["same_geojson"] = o["geojson_sha256"] == n["geojson_sha256"]
             if args.gzip_levels:
                 res["gzip_levels"] = _run("gzip-levels", ROOT, ["--table", cmp_table], tmp)
             if args.n != args.cmp_n:
-                big_table = str(Path(tmp) / "big.parquet")
+                big_table = str(Path(tmp) / "big_chunks")
                 res["big"]["generate"] = _run("gen-big", ROOT, ["--n", str(args.n), "--table", big_table], tmp)
                 res["big"][f"new_{args.n}"] = _run("big", ROOT, ["--table", big_table], tmp)
     out = Path(args.out)

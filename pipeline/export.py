@@ -12,13 +12,16 @@ QuPath's reader rules.
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import hashlib
 import json
 import logging
 import math
+import os
 import uuid
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -28,7 +31,7 @@ import shapely
 from . import geometry
 from .errors import OutputError
 from .measure import MEASUREMENT_COLUMNS, QUPATH_NAMES
-from .paths import atomic_write
+from .paths import atomic_target, atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -338,6 +341,126 @@ def _features_json(batch, polys, values, finite, ids, *, slide_key, cols):
     return ",\n".join(out).encode("utf-8"), len(out)
 
 
+class _AtomicSink:
+    """A file written in pieces to its :func:`~pipeline.paths.atomic_target` and renamed on
+    :meth:`close`; any failure removes the temporary (nothing incomplete under any name) and an
+    ``OSError`` becomes one :class:`OutputError` line naming the file. Use as a context manager."""
+
+    what = ""
+
+    def __init__(self, path):
+        self.path = Path(path)
+        self.tmp = atomic_target(self.path)
+        self._done = False
+
+    def _error(self, exc):
+        what = f" ({self.what})" if self.what else ""
+        return OutputError(f"cannot write {self.path}{what}: {exc.strerror or exc}")
+
+    def _open(self, fn, *args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except OSError as exc:
+            with contextlib.suppress(OSError):
+                self.tmp.unlink(missing_ok=True)
+            raise self._error(exc) from exc
+
+    def _guard(self, fn, *args):
+        try:
+            return fn(*args)
+        except OSError as exc:
+            self.abort()
+            raise self._error(exc) from exc
+        except BaseException:
+            self.abort()
+            raise
+
+    def write(self, table):
+        """Append final nuclei (:func:`pipeline.stitch.assign_ids` rows, in id order)."""
+        self._guard(self._write, table)
+
+    def close(self):
+        """Finish the file and move it onto its final name."""
+        if self._done:
+            return
+        self._guard(self._finish)
+        self._guard(os.replace, self.tmp, self.path)
+        self._done = True
+
+    def abort(self):
+        """Drop the temporary (idempotent)."""
+        if self._done:
+            return
+        self._done = True
+        try:
+            self._cleanup()
+        finally:
+            with contextlib.suppress(OSError):
+                self.tmp.unlink(missing_ok=True)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
+
+
+class GeoJSONWriter(_AtomicSink):
+    """Streaming QuPath GeoJSON writer (see :func:`write_geojson` for the format).
+
+    Memory is bounded by one batch of :data:`_BATCH_ROWS` features, whatever the number of
+    nuclei: tables given to :meth:`write` are formatted in slices, and compression of one slice
+    overlaps the formatting of the next (one worker thread, writes in order).
+    """
+
+    what = "GeoJSON"
+
+    def __init__(self, path, *, scale_xy_l0, slide_key, gz=True, offset_xy_l0=(0.0, 0.0)):
+        super().__init__(path)
+        self.scale_xy_l0, self.offset_xy_l0, self.slide_key = scale_xy_l0, offset_xy_l0, slide_key
+        self._cols = None
+        self._first = True
+        self._pool = ThreadPoolExecutor(max_workers=1)
+        self._pending = []
+        self._raw = self._open(open, self.tmp, "wb")
+        self._stream = gzip.GzipFile(filename="", mode="wb", fileobj=self._raw, mtime=0,
+                                     compresslevel=GEOJSON_GZIP_LEVEL) if gz else self._raw
+        self._put(b'{"type":"FeatureCollection","features":[')
+
+    def _put(self, data):  # compress/write in order on the worker thread (zlib releases the GIL)
+        if self._pending:
+            self._pending.pop().result()  # at most one batch in flight: bounded memory
+        self._pending.append(self._pool.submit(self._stream.write, data))
+
+    def _write(self, table):
+        if self._cols is None:
+            self._cols = _measurement_columns(table)
+        for batch in _batches(table):
+            text, n = _features(batch, scale_xy_l0=self.scale_xy_l0, offset_xy_l0=self.offset_xy_l0,
+                                slide_key=self.slide_key, cols=self._cols)
+            if n:
+                self._put((b"\n" if self._first else b",\n") + text)
+                self._first = False
+
+    def _finish(self):
+        self._put(b"\n]}\n")
+        self._pending.pop().result()
+        self._pool.shutdown()
+        if self._stream is not self._raw:
+            self._stream.close()
+        self._raw.close()
+
+    def _cleanup(self):
+        for f in self._pending:  # an error in the main thread: let the last write finish first
+            f.exception()
+        self._pending.clear()
+        self._pool.shutdown()
+        self._raw.close()
+
+
 def write_geojson(table, path, *, scale_xy_l0, slide_key, gz=True, offset_xy_l0=(0.0, 0.0)):
     """Write nuclei as a QuPath-readable GeoJSON FeatureCollection of detections.
 
@@ -349,8 +472,7 @@ def write_geojson(table, path, *, scale_xy_l0, slide_key, gz=True, offset_xy_l0=
     number of nuclei); ``gz`` writes gzip (level :data:`GEOJSON_GZIP_LEVEL`) with ``mtime=0``
     and no file name (deterministic bytes). Features are formatted with vectorised numpy code
     (numbers as fixed-point text: at most 2 decimals for coordinates, 4 for measurements,
-    trailing zeros trimmed); compression of one batch overlaps the formatting of the next (one
-    worker thread, writes in order).
+    trailing zeros trimmed). A whole slide is written strip by strip with :class:`GeoJSONWriter`.
 
     Parameters
     ----------
@@ -373,46 +495,20 @@ def write_geojson(table, path, *, scale_xy_l0, slide_key, gz=True, offset_xy_l0=
     OutputError
         If the file cannot be written.
     """
-    cols = _measurement_columns(table)
-
-    def write(tmp):
-        with open(tmp, "wb") as raw, ThreadPoolExecutor(max_workers=1) as pool:
-            stream = gzip.GzipFile(filename="", mode="wb", fileobj=raw, mtime=0,
-                                   compresslevel=GEOJSON_GZIP_LEVEL) if gz else raw
-            pending = []
-
-            def put(data):  # compress/write in order on the worker thread (zlib releases the GIL)
-                if pending:
-                    pending.pop().result()  # at most one batch in flight: bounded memory
-                pending.append(pool.submit(stream.write, data))
-
-            try:
-                put(b'{"type":"FeatureCollection","features":[')
-                first = True
-                for batch in _batches(table):
-                    text, n = _features(batch, scale_xy_l0=scale_xy_l0, offset_xy_l0=offset_xy_l0,
-                                        slide_key=slide_key, cols=cols)
-                    if n:
-                        put((b"\n" if first else b",\n") + text)
-                        first = False
-                put(b"\n]}\n")
-                pending.pop().result()
-            finally:
-                for f in pending:  # an error in the main thread: let the last write finish first
-                    f.exception()
-                if gz:
-                    stream.close()
-
-    atomic_write(path, write)
+    with GeoJSONWriter(path, scale_xy_l0=scale_xy_l0, slide_key=slide_key, gz=gz, offset_xy_l0=offset_xy_l0) as w:
+        w.write(table)
 
 
-def geoparquet_table(table, *, scale_xy_l0, slide_key, offset_xy_l0=(0.0, 0.0)):
-    """The GeoParquet table (level-0 geometry, uuid) of final nuclei, without writing it.
+#: Arrow schema of the GeoParquet nuclei table (:func:`geoparquet_table`).
+GEOPARQUET_SCHEMA = pa.schema(
+    [("nucleus_id", pa.int64()), ("uuid", pa.string()), ("geometry", pa.binary()), ("score", pa.float32()),
+     ("chunk_row", pa.int32()), ("chunk_col", pa.int32())]
+    + [(c, pa.float64()) for c in MEASUREMENT_COLUMNS]
+)
 
-    Columns: ``nucleus_id`` int64, ``uuid`` string, ``geometry`` WKB (QuPath level-0 px),
-    ``score`` float32, ``chunk_row``/``chunk_col`` int32, measurement columns float64 (µm, OD).
-    Schema metadata: ``geo`` (GeoParquet 1.1.0, ``crs`` null = pixel coordinates) and ``cellsam``.
-    """
+
+def _geoparquet_rows(table, *, scale_xy_l0, slide_key, offset_xy_l0):
+    """Columns of :data:`GEOPARQUET_SCHEMA` for final nuclei, and the level-0 bbox (lo (2,), hi (2,))."""
     n = table.num_rows
     ids = table["nucleus_id"].to_numpy() if n else np.zeros(0, np.int64)
     # level-0 geometry in slices (bounded temporaries: shapely objects and coordinates of one slice)
@@ -437,12 +533,14 @@ def geoparquet_table(table, *, scale_xy_l0, slide_key, offset_xy_l0=(0.0, 0.0)):
             n, pa.py_buffer(np.arange(0, 36 * (n + 1), 36, dtype=np.int32)),
             pa.py_buffer(nucleus_uuids_ascii(slide_key, ids).tobytes())),
         "geometry": pa.chunked_array(wkb, type=pa.binary()),
-        "score": column("score", pa.float32()),
-        "chunk_row": column("chunk_row", pa.int32()),
-        "chunk_col": column("chunk_col", pa.int32()),
     }
-    for c in MEASUREMENT_COLUMNS:
-        cols[c] = column(c, pa.float64())
+    for f in GEOPARQUET_SCHEMA:
+        if f.name not in cols:
+            cols[f.name] = column(f.name, f.type)
+    return pa.table(cols, schema=GEOPARQUET_SCHEMA), lo, hi
+
+
+def _geoparquet_metadata(lo, hi, n, *, scale_xy_l0, offset_xy_l0):
     bbox = [float(lo[0]), float(lo[1]), float(hi[0]), float(hi[1])] if n else None
     geo_col = {"encoding": "WKB", "geometry_types": ["Polygon"], "crs": None}
     if bbox and all(math.isfinite(v) for v in bbox):
@@ -455,15 +553,79 @@ def geoparquet_table(table, *, scale_xy_l0, slide_key, offset_xy_l0=(0.0, 0.0)):
         "offset_xy_l0": [float(v) for v in offset_xy_l0],
         "units": "µm, µm^2; OD unitless; centroid_*_um in the store frame",
     }
-    out = pa.table(cols)
-    return out.replace_schema_metadata({
+    return {
         b"geo": json.dumps(geo, sort_keys=True).encode(),
         b"cellsam": json.dumps(meta, sort_keys=True, ensure_ascii=False).encode("utf-8"),
-    })
+    }
+
+
+def geoparquet_table(table, *, scale_xy_l0, slide_key, offset_xy_l0=(0.0, 0.0)):
+    """The GeoParquet table (level-0 geometry, uuid) of final nuclei, without writing it.
+
+    Columns (:data:`GEOPARQUET_SCHEMA`): ``nucleus_id`` int64, ``uuid`` string, ``geometry`` WKB
+    (QuPath level-0 px), ``score`` float32, ``chunk_row``/``chunk_col`` int32, measurement
+    columns float64 (µm, OD). Schema metadata: ``geo`` (GeoParquet 1.1.0, ``crs`` null = pixel
+    coordinates) and ``cellsam``.
+    """
+    out, lo, hi = _geoparquet_rows(table, scale_xy_l0=scale_xy_l0, slide_key=slide_key, offset_xy_l0=offset_xy_l0)
+    return out.replace_schema_metadata(_geoparquet_metadata(lo, hi, out.num_rows, scale_xy_l0=scale_xy_l0,
+                                                            offset_xy_l0=offset_xy_l0))
+
+
+class GeoParquetWriter(_AtomicSink):
+    """Streaming GeoParquet writer (see :func:`write_geoparquet` for the format).
+
+    Rows are buffered into row groups of exactly ``row_group_rows`` (the last one shorter), so the
+    bytes do not depend on how the nuclei were batched. The ``geo`` metadata (with the bbox of all
+    rows) and ``cellsam`` metadata are written into the footer at :meth:`close`; the Arrow schema
+    is not stored (every column type round-trips without it), so readers see both keys.
+    """
+
+    what = "GeoParquet"
+
+    def __init__(self, path, *, scale_xy_l0, slide_key, offset_xy_l0=(0.0, 0.0), row_group_rows=100_000):
+        super().__init__(path)
+        self.scale_xy_l0, self.offset_xy_l0, self.slide_key = scale_xy_l0, offset_xy_l0, slide_key
+        self.row_group_rows = int(row_group_rows)
+        self._lo, self._hi, self._n = np.full(2, np.inf), np.full(2, -np.inf), 0
+        self._buf, self._buf_rows = [], 0
+        self._writer = self._open(pq.ParquetWriter, self.tmp, GEOPARQUET_SCHEMA, compression="zstd",
+                                  write_statistics=True, store_schema=False)
+
+    def _flush(self, final):
+        while self._buf_rows >= self.row_group_rows or (final and self._buf_rows):
+            whole = pa.concat_tables(self._buf)
+            take = min(self.row_group_rows, whole.num_rows)
+            self._writer.write_table(whole.slice(0, take), row_group_size=take)
+            rest = whole.slice(take)
+            self._buf, self._buf_rows = ([rest] if rest.num_rows else []), rest.num_rows
+
+    def _write(self, table):
+        rows, lo, hi = _geoparquet_rows(table, scale_xy_l0=self.scale_xy_l0, slide_key=self.slide_key,
+                                        offset_xy_l0=self.offset_xy_l0)
+        self._lo, self._hi = np.fmin(self._lo, lo), np.fmax(self._hi, hi)
+        self._n += rows.num_rows
+        if rows.num_rows:
+            self._buf.append(rows)
+            self._buf_rows += rows.num_rows
+            self._flush(final=False)
+
+    def _finish(self):
+        self._flush(final=True)
+        self._writer.add_key_value_metadata(_geoparquet_metadata(
+            self._lo, self._hi, self._n, scale_xy_l0=self.scale_xy_l0, offset_xy_l0=self.offset_xy_l0))
+        self._writer.close()
+
+    def _cleanup(self):
+        with contextlib.suppress(Exception):
+            self._writer.close()
 
 
 def write_geoparquet(table, path, *, scale_xy_l0, slide_key, offset_xy_l0=(0.0, 0.0), row_group_rows=100_000):
     """Write final nuclei as GeoParquet 1.1 (readable by ``geopandas.read_parquet``).
+
+    Columns: :data:`GEOPARQUET_SCHEMA` (see :func:`geoparquet_table`); zstd, statistics, row groups
+    of ``row_group_rows``. A whole slide is written strip by strip with :class:`GeoParquetWriter`.
 
     Parameters
     ----------
@@ -485,12 +647,9 @@ def write_geoparquet(table, path, *, scale_xy_l0, slide_key, offset_xy_l0=(0.0, 
     OutputError
         If the file cannot be written.
     """
-    out = geoparquet_table(table, scale_xy_l0=scale_xy_l0, slide_key=slide_key, offset_xy_l0=offset_xy_l0)
-
-    def write(tmp):
-        pq.write_table(out, tmp, compression="zstd", row_group_size=row_group_rows, write_statistics=True)
-
-    atomic_write(path, write)
+    with GeoParquetWriter(path, scale_xy_l0=scale_xy_l0, slide_key=slide_key, offset_xy_l0=offset_xy_l0,
+                          row_group_rows=row_group_rows) as w:
+        w.write(table)
 
 
 def write_json_atomic(obj, path):

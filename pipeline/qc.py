@@ -34,10 +34,8 @@ OUTLINE_RGB = (0, 90, 255)
 
 def _fit(img: Image.Image, size: int) -> tuple[Image.Image, float]:
     """Resize ``img`` to fit a ``size`` square (aspect kept); return it and the scale used."""
-    w, h = img.size
-    scale = size / max(w, h, 1)
-    new = (max(1, round(w * scale)), max(1, round(h * scale)))
-    return img.resize(new, Image.Resampling.BILINEAR), scale
+    sw, sh, scale = _fit_size(*img.size, size)
+    return img.resize((sw, sh), Image.Resampling.BILINEAR), scale
 
 
 def _mask_outline(mask: np.ndarray) -> np.ndarray:
@@ -57,11 +55,42 @@ def _heat_rgb(values: np.ndarray) -> np.ndarray:
     return (stops[i] * (1 - f) + stops[i + 1] * f).astype(np.uint8)
 
 
+def _fit_size(w: int, h: int, size: int) -> tuple[int, int, float]:
+    scale = size / max(w, h, 1)
+    return max(1, round(w * scale)), max(1, round(h * scale)), scale
+
+
+def _cell_px(sw: int, sh: int) -> float:
+    return max(4.0, max(sw, sh) / DENSITY_BINS)  # panel px per density bin
+
+
+def density_layout(thumb_hw: tuple[int, int], thumb_mpp: float) -> tuple[int, int, float]:
+    """Density grid of the QC figure for a thumbnail: ``(rows, cols, bin edge in µm)``."""
+    sw, sh, scale = _fit_size(int(thumb_hw[1]), int(thumb_hw[0]), PANEL_PX)
+    cell_px = _cell_px(sw, sh)
+    return int(np.ceil(sh / cell_px)), int(np.ceil(sw / cell_px)), thumb_mpp / scale * cell_px
+
+
+def bin_anchors(anchors_rc_um: np.ndarray, layout: tuple[int, int, float]) -> np.ndarray:
+    """Count nucleus anchors (row, col; µm from the store origin, shape (N, 2)) per density bin.
+
+    Returns float32 counts of shape ``layout[:2]`` (:func:`density_layout`); anchors outside the
+    grid are ignored. Counts of several batches add up to the counts of their union.
+    """
+    gh, gw, bin_um = layout
+    density = np.zeros((gh, gw), np.float32)
+    if len(anchors_rc_um):
+        rc = np.floor(np.asarray(anchors_rc_um, np.float64) / bin_um).astype(np.int64)
+        ok = (rc[:, 0] >= 0) & (rc[:, 0] < gh) & (rc[:, 1] >= 0) & (rc[:, 1] < gw)
+        np.add.at(density, (rc[ok, 0], rc[ok, 1]), 1.0)
+    return density
+
+
 def render_qc(
     thumb_rgb: np.ndarray,
     thumb_mpp: float,
     tissue_mask: np.ndarray | None,
-    anchors_rc_um: np.ndarray,
+    density_counts: np.ndarray,
     crop_rgb: np.ndarray | None,
     crop_rings_rc: Sequence[np.ndarray],
     caption: str,
@@ -76,8 +105,8 @@ def render_qc(
         µm/px of the thumbnail.
     tissue_mask : ndarray of shape (h, w), bool, optional
         Tissue mask in the store frame at any resolution (resized to the thumbnail).
-    anchors_rc_um : ndarray of shape (N, 2), float
-        Nucleus anchors (row, col) in µm from the store origin.
+    density_counts : ndarray of shape :func:`density_layout` ``[:2]``, float32
+        Nuclei per density bin (:func:`bin_anchors`).
     crop_rgb : ndarray of shape (h, w, 3), uint8, optional
         Full-resolution crop; ``None`` draws an empty panel.
     crop_rings_rc : sequence of ndarray of shape (M, 2), float
@@ -105,14 +134,10 @@ def render_qc(
 
     # panel 2: nucleus density (anchors binned on a coarse grid, smoothed) over the grey thumbnail
     grey = np.asarray(small.convert("L"), np.float32)[..., None].repeat(3, axis=2)
-    px_um = thumb_mpp / scale  # µm per panel pixel
-    cell_px = max(4.0, max(sw, sh) / DENSITY_BINS)  # panel px per density bin
-    gh, gw = int(np.ceil(sh / cell_px)), int(np.ceil(sw / cell_px))
-    density = np.zeros((gh, gw), np.float32)
-    if len(anchors_rc_um):
-        rc = np.floor(np.asarray(anchors_rc_um, np.float64) / (px_um * cell_px)).astype(np.int64)
-        ok = (rc[:, 0] >= 0) & (rc[:, 0] < gh) & (rc[:, 1] >= 0) & (rc[:, 1] < gw)
-        np.add.at(density, (rc[ok, 0], rc[ok, 1]), 1.0)
+    gh, gw, _ = density_layout(thumb_rgb.shape[:2], thumb_mpp)
+    cell_px = _cell_px(sw, sh)
+    density = np.asarray(density_counts, np.float32).reshape(gh, gw)
+    if density.any():
         from scipy.ndimage import gaussian_filter
 
         density = gaussian_filter(density, sigma=1.0, mode="constant")
@@ -180,20 +205,77 @@ def _thumbnail(group, attrs: dict) -> tuple[np.ndarray, np.ndarray | None, float
     return thumb, mask, mpp * 2**level * step
 
 
-def densest_chunk(table, tissue_chunks) -> tuple[int, int] | None:
-    """Tissue chunk holding the most nuclei (ties: smallest (row, col)); ``None`` if no tissue."""
-    if table.num_rows:
-        rc = np.stack([table["chunk_row"].to_numpy(), table["chunk_col"].to_numpy()], axis=1).astype(np.int64)
-        uniq, counts = np.unique(rc, axis=0, return_counts=True)  # sorted by (row, col)
-        best = uniq[int(np.argmax(counts))]
-        return int(best[0]), int(best[1])
+def densest_chunk(chunk_counts: dict, tissue_chunks) -> tuple[int, int] | None:
+    """Chunk holding the most nuclei (ties: smallest (row, col)); else the first tissue chunk; else ``None``.
+
+    ``chunk_counts``: (chunk_row, chunk_col) -> nuclei.
+    """
+    if chunk_counts:
+        top = max(chunk_counts.values())
+        return min(rc for rc, n in chunk_counts.items() if n == top)
     if tissue_chunks:
         return tuple(int(v) for v in sorted(tuple(rc) for rc in tissue_chunks)[0])
     return None
 
 
+class QCAccumulator:
+    """Collects what the QC figure needs from final nuclei given strip by strip (bounded memory).
+
+    :meth:`add` bins anchors into the density grid and counts nuclei per chunk; :meth:`write`
+    picks the densest chunk, reads its crop from the store and draws the outlines of the nuclei
+    that ``outlines(r0, c0, side)`` returns (store-px polygons near the crop).
+    """
+
+    def __init__(self, group, attrs: dict):
+        self.group, self.attrs = group, attrs
+        self.mpp = float(attrs["mpp"])
+        self.thumb, self.mask, self.thumb_mpp = _thumbnail(group, attrs)
+        self.layout = density_layout(self.thumb.shape[:2], self.thumb_mpp)
+        self.density = np.zeros(self.layout[:2], np.float32)
+        self.chunk_counts: dict = {}
+
+    def add(self, table) -> None:
+        """Add final nuclei (``anchor_y_px``, ``anchor_x_px``, ``chunk_row``, ``chunk_col``)."""
+        if not table.num_rows:
+            return
+        anchors = np.stack([table["anchor_y_px"].to_numpy(), table["anchor_x_px"].to_numpy()], axis=1) * self.mpp
+        self.density += bin_anchors(anchors, self.layout)
+        rc = np.stack([table["chunk_row"].to_numpy(), table["chunk_col"].to_numpy()], axis=1).astype(np.int64)
+        uniq, counts = np.unique(rc, axis=0, return_counts=True)
+        for (r, c), n in zip(uniq.tolist(), counts.tolist()):
+            self.chunk_counts[(r, c)] = self.chunk_counts.get((r, c), 0) + n
+
+    def write(self, path: str | os.PathLike, outlines, *, caption: str = "") -> Path:
+        """Render and write the PNG atomically.
+
+        ``outlines(r0, c0, side)`` returns shapely polygons (store px) of the final nuclei whose
+        chunk neighbours the crop ``[r0, r0 + side) x [c0, c0 + side)``; those intersecting it are drawn.
+        """
+        import shapely
+
+        from .store import read_window
+
+        crop, rings = None, []
+        best = densest_chunk(self.chunk_counts, self.attrs.get("tissue_chunks", []))
+        if best is not None:
+            chunk_px = int(self.attrs["chunk_px"])
+            H, W = (int(v) for v in self.attrs["shape_rc"])
+            side = min(CROP_PX, chunk_px)
+            r0 = best[0] * chunk_px + (min(chunk_px, H - best[0] * chunk_px) - side) // 2
+            c0 = best[1] * chunk_px + (min(chunk_px, W - best[1] * chunk_px) - side) // 2
+            crop = read_window(self.group, r0, c0, side, side)
+            if self.chunk_counts:
+                geoms = np.asarray(outlines(r0, c0, side), dtype=object)
+                box = shapely.box(c0, r0, c0 + side, r0 + side)
+                for g in geoms[shapely.intersects(geoms, box)] if len(geoms) else []:
+                    xy = np.asarray(g.exterior.coords)
+                    rings.append(np.stack([xy[:, 1] - r0, xy[:, 0] - c0], axis=1))
+        img = render_qc(self.thumb, self.thumb_mpp, self.mask, self.density, crop, rings, caption)
+        return save_png_atomic(img, path)
+
+
 def qc_image(group, attrs: dict, table, path: str | os.PathLike, *, caption: str = "") -> Path:
-    """Write the QC PNG of a segmented slide.
+    """Write the QC PNG of a segmented slide from an in-memory table of final nuclei.
 
     Parameters
     ----------
@@ -210,33 +292,13 @@ def qc_image(group, attrs: dict, table, path: str | os.PathLike, *, caption: str
         Text line under the panels.
     """
     from .geometry import from_wkb
-    from .store import read_window
 
-    mpp = float(attrs["mpp"])
-    thumb, mask, thumb_mpp = _thumbnail(group, attrs)
-    if table.num_rows:
-        anchors_um = np.stack([table["anchor_y_px"].to_numpy(), table["anchor_x_px"].to_numpy()], axis=1) * mpp
-    else:
-        anchors_um = np.zeros((0, 2))
-    crop, rings = None, []
-    best = densest_chunk(table, attrs.get("tissue_chunks", []))
-    if best is not None:
-        chunk_px = int(attrs["chunk_px"])
-        H, W = (int(v) for v in attrs["shape_rc"])
-        side = min(CROP_PX, chunk_px)
-        r0 = best[0] * chunk_px + (min(chunk_px, H - best[0] * chunk_px) - side) // 2
-        c0 = best[1] * chunk_px + (min(chunk_px, W - best[1] * chunk_px) - side) // 2
-        crop = read_window(group, r0, c0, side, side)
-        if table.num_rows:
-            ay, ax = table["anchor_y_px"].to_numpy(), table["anchor_x_px"].to_numpy()
-            near = np.flatnonzero((ay >= r0 - side) & (ay < r0 + 2 * side) & (ax >= c0 - side) & (ax < c0 + 2 * side))
-            if len(near):
-                import shapely
+    acc = QCAccumulator(group, attrs)
+    acc.add(table)
 
-                geoms = from_wkb(table["geometry"].take(near))
-                box = shapely.box(c0, r0, c0 + side, r0 + side)
-                for g in geoms[shapely.intersects(geoms, box)]:
-                    xy = np.asarray(g.exterior.coords)
-                    rings.append(np.stack([xy[:, 1] - r0, xy[:, 0] - c0], axis=1))
-    img = render_qc(thumb, thumb_mpp, mask, anchors_um, crop, rings, caption)
-    return save_png_atomic(img, path)
+    def outlines(r0, c0, side):
+        ay, ax = table["anchor_y_px"].to_numpy(), table["anchor_x_px"].to_numpy()
+        near = np.flatnonzero((ay >= r0 - side) & (ay < r0 + 2 * side) & (ax >= c0 - side) & (ax < c0 + 2 * side))
+        return from_wkb(table["geometry"].take(near)) if len(near) else []
+
+    return acc.write(path, outlines, caption=caption)

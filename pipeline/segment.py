@@ -86,8 +86,10 @@ def _check_chunks(chunks_dir: Path, attrs: dict, store_path: str) -> dict:
     return {rc: files[rc] for rc in expected}
 
 
-def stitch_chunks(files: dict, *, mpp: float, dedup_iou: float, min_area_um2: float):
-    """Concatenate chunk tables, resolve duplicates across chunks and number the nuclei.
+def stitch_chunks(files: dict, *, mpp: float, dedup_iou: float, min_area_um2: float, chunk_px: int):
+    """All final nuclei of a set of chunk files in one table (tests, small slides).
+
+    :func:`run_export` streams the same nuclei strip by strip instead (:mod:`pipeline.assemble`).
 
     Parameters
     ----------
@@ -95,6 +97,8 @@ def stitch_chunks(files: dict, *, mpp: float, dedup_iou: float, min_area_um2: fl
         Chunk parquet files in (row, col) order.
     mpp : float
         µm per store px.
+    chunk_px : int
+        Core edge, store px.
 
     Returns
     -------
@@ -103,22 +107,43 @@ def stitch_chunks(files: dict, *, mpp: float, dedup_iou: float, min_area_um2: fl
     n_truncated_owned : int
         Nuclei dropped because they touched an inner window edge (halo too small if > 0).
     """
-    import pyarrow as pa
+    from .assemble import iter_nuclei
+
+    st = iter_nuclei(files, mpp=mpp, dedup_iou=dedup_iou, min_area_um2=min_area_um2, chunk_px=chunk_px)
+    return st.table(), st.n_truncated_owned
+
+
+class _ParquetColumns:
+    """Read-one-column-at-a-time view of a Parquet file for :func:`pipeline.measure.summarize`."""
+
+    def __init__(self, path):
+        import pyarrow.parquet as pq
+
+        self._file = pq.ParquetFile(path)
+        self.num_rows = self._file.metadata.num_rows
+        self.column_names = self._file.schema_arrow.names
+
+    def __getitem__(self, name):
+        return self._file.read(columns=[name])[name]
+
+
+def _parquet_outlines(path, scale_xy_l0, chunk_rc):
+    """``outlines(r0, c0, side)`` for :class:`pipeline.qc.QCAccumulator`: store-px polygons of the
+    nuclei of the chunks around ``chunk_rc``, read back from the written GeoParquet."""
+    import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
-    from .stitch import assign_ids, empty_chunk_table, resolve_duplicates
+    from .geometry import from_wkb, scale_translate
 
-    tables, n_trunc = [], 0
-    for path in files.values():
-        t = pq.read_table(path)
-        md = t.schema.metadata or {}
-        n_trunc += int(md.get(b"n_truncated_owned", b"0") or 0)
-        tables.append(t.replace_schema_metadata(None))
-    table = pa.concat_tables(tables) if tables else empty_chunk_table()
-    del tables  # only the concatenated table stays referenced while stitching
-    table = table.replace_schema_metadata(None)
-    table = resolve_duplicates(table, mpp=mpp, dedup_iou=dedup_iou, min_area_px=min_area_um2 / (mpp * mpp))
-    return assign_ids(table), n_trunc
+    def outlines(r0, c0, side):
+        r, c = chunk_rc()
+        t = pq.read_table(path, columns=["chunk_row", "chunk_col", "geometry"],
+                          filters=[("chunk_row", ">=", r - 1), ("chunk_row", "<=", r + 1)])
+        col = t["chunk_col"]
+        t = t.filter(pc.and_(pc.greater_equal(col, c - 1), pc.less_equal(col, c + 1)))
+        return scale_translate(from_wkb(t["geometry"]), (1.0 / scale_xy_l0[0], 1.0 / scale_xy_l0[1]), (0.0, 0.0))
+
+    return outlines
 
 
 def _parameters(attrs: dict, meta: dict, cfg: Config) -> dict:
@@ -209,11 +234,14 @@ def run_export(
     mpp = float(attrs["mpp"])
 
     t0 = time.perf_counter()
-    table, n_trunc = stitch_chunks(
-        files, mpp=mpp, dedup_iou=cfg.segment.dedup_iou, min_area_um2=float(meta.get("min_area_um2", cfg.segment.min_area_um2))
-    )
-    timings["stitch_s"] = time.perf_counter() - t0
-    log.info("stitch: %d chunk files -> %d nuclei in %.1f s", len(files), table.num_rows, timings["stitch_s"])
+    from .assemble import iter_nuclei
+    from .export import GeoJSONWriter, GeoParquetWriter
+    from .qc import QCAccumulator
+
+    nuclei = iter_nuclei(files, mpp=mpp, dedup_iou=cfg.segment.dedup_iou, chunk_px=int(attrs["chunk_px"]),
+                         min_area_um2=float(meta.get("min_area_um2", cfg.segment.min_area_um2)))
+    n_trunc = nuclei.n_truncated_owned
+    timings["stitch_s"] = time.perf_counter() - t0  # passes 0-1; pass 2 runs inside the export below
 
     # <id>.summary.json (written last) marks a complete set: drop the old one first, and on any
     # failure (disk full, interrupt) remove every final this export may have written, so a failed
@@ -221,28 +249,40 @@ def run_export(
     outputs = [*sp.finals(), sp.geojson]
     with contextlib.suppress(OSError):
         sp.summary.unlink(missing_ok=True)
+        for path in outputs:  # temporaries of a killed earlier run
+            for tmp in path.parent.glob(f"{path.name}.tmp-*"):
+                tmp.unlink(missing_ok=True)
     try:
         t0 = time.perf_counter()
         scale = (float(attrs["scale_x_l0"]), float(attrs["scale_y_l0"]))
         # UUIDs derive from the slide's content hash: stable across reruns and renames, distinct across slides
         key = str(attrs.get("source_sha256") or sp.slide_id)
-        write_geojson(table, sp.geojson_gz, scale_xy_l0=scale, slide_key=key, gz=True)
-        pause_point("export")  # crash tests only (pipeline.testhooks)
-        if cfg.segment.geojson_plain:
-            write_geojson(table, sp.geojson, scale_xy_l0=scale, slide_key=key, gz=False)
-        write_geoparquet(table, sp.parquet, scale_xy_l0=scale, slide_key=key)
+        qc = QCAccumulator(group, attrs)
+        with contextlib.ExitStack() as stack:
+            writers = [stack.enter_context(GeoJSONWriter(sp.geojson_gz, scale_xy_l0=scale, slide_key=key, gz=True))]
+            if cfg.segment.geojson_plain:
+                writers.append(stack.enter_context(GeoJSONWriter(sp.geojson, scale_xy_l0=scale, slide_key=key, gz=False)))
+            writers.append(stack.enter_context(GeoParquetWriter(sp.parquet, scale_xy_l0=scale, slide_key=key)))
+            for strip in nuclei:  # strip by strip: memory bounded by a few chunk rows of nuclei
+                for w in writers:
+                    w.write(strip)
+                qc.add(strip)
+                pause_point("export")  # crash tests only (pipeline.testhooks)
         timings["export_s"] = time.perf_counter() - t0
+        log.info("stitch + export: %d chunk files -> %s (%.1f s)", len(files), sp.outdir,
+                 timings["stitch_s"] + timings["export_s"])
 
         t0 = time.perf_counter()
-        from .qc import qc_image
-
-        stats = summarize(table, attrs.get("tissue_area_mm2"))
+        stats = summarize(_ParquetColumns(sp.parquet), attrs.get("tissue_area_mm2"))  # one column at a time
         n = int(stats["count"])
         caption = (
             f"{sp.slide_id}: {n} nuclei, tissue {attrs.get('tissue_area_mm2') or 0:.2f} mm2, "
             f"{(stats['nuclei_per_mm2'] or 0):.0f} nuclei/mm2, store {mpp:g} um/px, model {(meta.get('model') or {}).get('name')}"
         )
-        qc_image(group, attrs, table, sp.qc_png, caption=caption)
+        from .qc import densest_chunk
+
+        best = lambda: densest_chunk(qc.chunk_counts, attrs.get("tissue_chunks", []))  # noqa: E731
+        qc.write(sp.qc_png, _parquet_outlines(sp.parquet, scale, best), caption=caption)
         timings["qc_s"] = time.perf_counter() - t0
 
         if not attrs.get("tissue_chunks"):

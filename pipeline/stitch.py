@@ -261,32 +261,169 @@ def extract_chunk_instances(labels, scores, rgb, *, window_origin_rc, core_box_r
     return table.replace_schema_metadata({b"n_truncated_owned": str(n_trunc_owned).encode()})
 
 
-def _rank(table):
-    """Position of each row in the total order (owned desc, score desc, chunk_row, chunk_col, local_id)."""
-    score = table["score"].to_numpy().astype(np.float64)
+def _rank(owned, score, chunk_row, chunk_col, local_id):
+    """Position of each row in the total order (owned desc, score desc, chunk_row, chunk_col, local_id).
+
+    Only the relative order matters: the rank of a subset equals the order of those rows in the
+    rank of any superset.
+    """
+    score = np.asarray(score, dtype=np.float64)
     score = np.where(np.isnan(score), -np.inf, score)
-    order = np.lexsort((
-        table["local_id"].to_numpy(),
-        table["chunk_col"].to_numpy(),
-        table["chunk_row"].to_numpy(),
-        -score,
-        ~table["owned"].to_numpy(zero_copy_only=False),
-    ))
+    order = np.lexsort((local_id, chunk_col, chunk_row, -score, ~np.asarray(owned, dtype=bool)))
     rank = np.empty(len(order), dtype=np.int64)
     rank[order] = np.arange(len(order))
     return rank
+
+
+def _table_rank(table):
+    return _rank(table["owned"].to_numpy(zero_copy_only=False), table["score"].to_numpy(),
+                 table["chunk_row"].to_numpy(), table["chunk_col"].to_numpy(), table["local_id"].to_numpy())
+
+
+def band_reach(core_margin_px):
+    """Largest overshoot ``D`` of instances out of their core (0 if none sticks out).
+
+    Parameters
+    ----------
+    core_margin_px : numpy.ndarray, float32, shape (N,)
+        ``core_margin_px`` column (:data:`CHUNK_SCHEMA`).
+
+    Returns
+    -------
+    float
+        ``D`` >= 0, store px. Rows with ``core_margin_px <= D + 1e-6`` form the dedup band: every
+        instance that can overlap an instance of another chunk is in it.
+    """
+    margin = np.asarray(core_margin_px, dtype=np.float64)
+    out = margin[margin <= 0]
+    return float(-out.min()) if len(out) else 0.0
+
+
+def in_band(core_margin_px, reach):
+    """Rows of the dedup band (:func:`band_reach`), boolean (N,)."""
+    return np.asarray(core_margin_px, dtype=np.float64) <= reach + 1e-6
+
+
+def overlap_pairs(geoms, chunk_key, query=None):
+    """Pairs of instances from different chunks whose intersection has positive area.
+
+    Parameters
+    ----------
+    geoms : numpy.ndarray of shapely.Polygon, shape (K,)
+        Band instances, store px, in table order.
+    chunk_key : numpy.ndarray, int64, shape (K,)
+        Chunk identity of each (``chunk_row << 32 | chunk_col``).
+    query : numpy.ndarray of int, optional
+        Only pairs with at least one member in these indices (default: all).
+
+    Returns
+    -------
+    left, right : numpy.ndarray, int64, shape (P,)
+        ``left < right`` (table order), sorted by (left, right).
+    iou : numpy.ndarray, float64, shape (P,)
+        IoU of ``geoms[left]`` and ``geoms[right]`` (computed in that order).
+    """
+    tree = shapely.STRtree(geoms)
+    q = np.arange(len(geoms)) if query is None else np.asarray(query, dtype=np.int64)
+    a, b = tree.query(geoms[q], predicate="intersects")
+    a = q[a]
+    left, right = np.minimum(a, b), np.maximum(a, b)
+    sel = (a != b) & (chunk_key[left] != chunk_key[right])
+    pairs = np.unique(np.stack([left[sel], right[sel]], axis=1), axis=0).reshape(-1, 2)
+    left, right = pairs[:, 0].astype(np.int64), pairs[:, 1].astype(np.int64)
+    iou, inter = geometry.pair_iou(geoms[left], geoms[right])
+    pos = inter > 0
+    return left[pos], right[pos], iou[pos]
+
+
+def greedy_resolve(geoms, left, right, iou, rank, *, dedup_iou, min_area_px):
+    """Resolve overlapping pairs greedily under a total order (the core of :func:`resolve_duplicates`).
+
+    Pairs are processed in the order (rank of winner, rank of loser), the winner being the row of
+    smaller ``rank``. The outcome of a pair depends only on the state of its two members, so
+    connected components of the pair graph may be resolved separately (or together) with the same
+    result.
+
+    Parameters
+    ----------
+    geoms : numpy.ndarray of shapely.Polygon, shape (K,)
+        Modified in place: clipped instances get their clipped polygon.
+    left, right : numpy.ndarray of int, shape (P,)
+        Overlapping pairs (indices into ``geoms``).
+    iou : numpy.ndarray, float64, shape (P,)
+    rank : numpy.ndarray, int64, shape (K,)
+        Position of each instance in the total order (:func:`_rank`).
+    dedup_iou, min_area_px : float
+        See :func:`resolve_duplicates`.
+
+    Returns
+    -------
+    alive, clipped : numpy.ndarray, bool, shape (K,)
+    """
+    left, right = np.asarray(left, dtype=np.int64), np.asarray(right, dtype=np.int64)
+    win = np.where(rank[left] < rank[right], left, right)
+    lose = np.where(rank[left] < rank[right], right, left)
+    order = np.lexsort((rank[lose], rank[win]))
+    alive = np.ones(len(geoms), dtype=bool)
+    clipped = np.zeros(len(geoms), dtype=bool)
+    for w, l, pair_iou in zip(win[order].tolist(), lose[order].tolist(), np.asarray(iou)[order].tolist()):
+        if not (alive[w] and alive[l]):
+            continue
+        if clipped[w] or clipped[l]:
+            pair_iou, inter_area = geometry.pair_iou(geoms[[w]], geoms[[l]])
+            if inter_area[0] <= 0:
+                continue
+            pair_iou = pair_iou[0]
+        if pair_iou >= dedup_iou:
+            alive[l] = False
+            continue
+        rest = geometry.clean_polygons(geometry.largest_polygon(
+            np.array([shapely.difference(geoms[l], geoms[w])], dtype=object)))[0]
+        area = shapely.area(rest)
+        if shapely.is_empty(rest) or area < min_area_px or area < MIN_KEEP_FRACTION * shapely.area(geoms[l]):
+            alive[l] = False
+        else:
+            geoms[l] = rest
+            clipped[l] = True
+    return alive, clipped
+
+
+def apply_clips(table, geoms, mpp):
+    """Rows of ``table`` with their geometry replaced by ``geoms`` and shape measurements recomputed.
+
+    Parameters
+    ----------
+    table : pyarrow.Table
+        :data:`CHUNK_SCHEMA` rows (the clipped instances).
+    geoms : numpy.ndarray of shapely.Polygon, shape (table.num_rows,)
+        Their clipped polygons, store px.
+    mpp : float
+        µm per store px.
+
+    Returns
+    -------
+    pyarrow.Table
+        Same schema; intensity measurements stay those of the model's mask.
+    """
+    shape = measure.shape_measurements(geoms, mpp)
+    out = table.set_column(table.schema.get_field_index("geometry"), "geometry",
+                           pa.array(geometry.to_wkb(geoms), type=pa.binary()))
+    for col, values in shape.items():
+        out = out.set_column(out.schema.get_field_index(col), col, pa.array(values, type=pa.float64()))
+    return out
 
 
 def resolve_duplicates(table, *, mpp, dedup_iou=SegmentConfig.dedup_iou, min_area_px=None):
     """Resolve overlaps between instances of different chunks (boundary band only).
 
     Candidates: ``S`` = instances whose bbox touches or leaves their core
-    (``core_margin_px <= 0``); ``D`` = the largest overshoot in ``S``. An instance overlapping one
-    of another chunk is always within ``D`` of its own core boundary, so only instances with
-    ``core_margin_px <= D`` (a thin band) go into the STRtree. Pairs from different chunks whose
-    intersection has positive area are processed in the order (rank of winner, rank of loser),
-    where the winner is the better instance under the total order
-    (``owned`` desc, ``score`` desc, ``chunk_row``, ``chunk_col``, ``local_id``):
+    (``core_margin_px <= 0``); ``D`` = the largest overshoot in ``S`` (:func:`band_reach`). An
+    instance overlapping one of another chunk is always within ``D`` of its own core boundary, so
+    only instances with ``core_margin_px <= D`` (a thin band) go into the STRtree. Pairs from
+    different chunks whose intersection has positive area are processed in the order (rank of
+    winner, rank of loser), where the winner is the better instance under the total order
+    (``owned`` desc, ``score`` desc, ``chunk_row``, ``chunk_col``, ``local_id``)
+    (:func:`greedy_resolve`):
 
     - a pair with a dropped member is skipped (suppressed instances suppress nothing);
     - IoU >= ``dedup_iou`` (recomputed if either polygon was clipped before): drop the loser;
@@ -294,6 +431,9 @@ def resolve_duplicates(table, *, mpp, dedup_iou=SegmentConfig.dedup_iou, min_are
       grid), dropped if smaller than ``min_area_px`` or than :data:`MIN_KEEP_FRACTION` of its
       area. Clipped nuclei get their shape measurements recomputed; their intensity measurements
       stay those of the model's mask.
+
+    This is the in-memory reference; :mod:`pipeline.assemble` computes the same result chunk row
+    by chunk row with bounded memory.
 
     Parameters
     ----------
@@ -317,66 +457,25 @@ def resolve_duplicates(table, *, mpp, dedup_iou=SegmentConfig.dedup_iou, min_are
     n = table.num_rows
     if n == 0:
         return table
-    margin = table["core_margin_px"].to_numpy().astype(np.float64)
-    out_of_core = margin <= 0
-    if not out_of_core.any():
+    margin = table["core_margin_px"].to_numpy()
+    if not (margin <= 0).any():
         return table
-    reach = float(-margin[out_of_core].min())
-    band = np.flatnonzero(margin <= reach + 1e-6)
+    band = np.flatnonzero(in_band(margin, band_reach(margin)))
     sub = table.take(band)
     geoms = geometry.from_wkb(sub["geometry"])
     chunk = sub["chunk_row"].to_numpy().astype(np.int64) * (1 << 32) + sub["chunk_col"].to_numpy()
-    tree = shapely.STRtree(geoms)
-    left, right = tree.query(geoms, predicate="intersects")
-    sel = (left < right) & (chunk[left] != chunk[right])
-    left, right = left[sel], right[sel]
-    iou, inter = geometry.pair_iou(geoms[left], geoms[right])
-    pos = inter > 0
-    left, right, iou = left[pos], right[pos], iou[pos]
-    rank = _rank(sub)
-    win = np.where(rank[left] < rank[right], left, right)
-    lose = np.where(rank[left] < rank[right], right, left)
-    order = np.lexsort((rank[lose], rank[win]))
-    alive = np.ones(len(sub), dtype=bool)
-    clipped = np.zeros(len(sub), dtype=bool)
-    n_dropped = n_clipped = 0
-    for w, l, pair_iou in zip(win[order].tolist(), lose[order].tolist(), iou[order].tolist()):
-        if not (alive[w] and alive[l]):
-            continue
-        if clipped[w] or clipped[l]:
-            pair_iou, inter_area = geometry.pair_iou(geoms[[w]], geoms[[l]])
-            if inter_area[0] <= 0:
-                continue
-            pair_iou = pair_iou[0]
-        if pair_iou >= dedup_iou:
-            alive[l] = False
-            n_dropped += 1
-            continue
-        rest = geometry.clean_polygons(geometry.largest_polygon(
-            np.array([shapely.difference(geoms[l], geoms[w])], dtype=object)))[0]
-        area = shapely.area(rest)
-        if shapely.is_empty(rest) or area < min_area_px or area < MIN_KEEP_FRACTION * shapely.area(geoms[l]):
-            alive[l] = False
-            n_dropped += 1
-        else:
-            geoms[l] = rest
-            clipped[l] = True
-            n_clipped += 1
+    left, right, iou = overlap_pairs(geoms, chunk)
+    alive, clipped = greedy_resolve(geoms, left, right, iou, _table_rank(sub), dedup_iou=dedup_iou,
+                                    min_area_px=min_area_px)
     log.info("dedup: %d band instances, %d overlapping pairs, %d dropped, %d clipped",
-             len(sub), len(left), n_dropped, n_clipped)
+             len(sub), len(left), int((~alive).sum()), int((clipped & alive).sum()))
 
     keep = np.ones(n, dtype=bool)
     keep[band[~alive]] = False
     fix = np.flatnonzero(clipped & alive)
     if not len(fix):
         return table.filter(pa.array(keep))
-    fixed = table.take(band[fix])
-    new_geoms = geoms[fix]
-    shape = measure.shape_measurements(new_geoms, mpp)
-    fixed = fixed.set_column(fixed.schema.get_field_index("geometry"), "geometry",
-                             pa.array(geometry.to_wkb(new_geoms), type=pa.binary()))
-    for col, values in shape.items():
-        fixed = fixed.set_column(fixed.schema.get_field_index(col), col, pa.array(values, type=pa.float64()))
+    fixed = apply_clips(table.take(band[fix]), geoms[fix], mpp)
     # one copy: rows of [table, fixed] (zero-copy concatenation) in input order, clipped rows from fixed
     source = np.arange(n, dtype=np.int64)
     source[band[fix]] = n + np.arange(len(fix))
@@ -384,7 +483,14 @@ def resolve_duplicates(table, *, mpp, dedup_iou=SegmentConfig.dedup_iou, min_are
     return both.take(pa.array(source[keep]))
 
 
-def assign_ids(table):
+def id_order_keys(anchor_y_px, anchor_x_px):
+    """Rounded anchors ``(y, x)`` of the id order (round half up: ``floor(v + 0.5)``), int64 (N,) each."""
+    y = np.floor(np.asarray(anchor_y_px, dtype=np.float64) + 0.5).astype(np.int64)
+    x = np.floor(np.asarray(anchor_x_px, dtype=np.float64) + 0.5).astype(np.int64)
+    return y, x
+
+
+def assign_ids(table, first_id=1):
     """Sort nuclei by position and number them.
 
     Order: ``(round(anchor_y_px), round(anchor_x_px), chunk_row, chunk_col, local_id)`` with
@@ -394,14 +500,15 @@ def assign_ids(table):
     ----------
     table : pyarrow.Table
         Resolved nuclei (:data:`CHUNK_SCHEMA`).
+    first_id : int
+        Id of the first nucleus (a strip of a slide numbered after the strips above it).
 
     Returns
     -------
     pyarrow.Table
-        Sorted, with ``nucleus_id`` (int64, 1..N) as the first column.
+        Sorted, with ``nucleus_id`` (int64, ``first_id`` .. ``first_id + N - 1``) as the first column.
     """
-    y = np.floor(table["anchor_y_px"].to_numpy() + 0.5).astype(np.int64)
-    x = np.floor(table["anchor_x_px"].to_numpy() + 0.5).astype(np.int64)
+    y, x = id_order_keys(table["anchor_y_px"].to_numpy(), table["anchor_x_px"].to_numpy())
     order = np.lexsort((
         table["local_id"].to_numpy(),
         table["chunk_col"].to_numpy(),
@@ -410,4 +517,4 @@ def assign_ids(table):
         y,
     ))
     out = table.take(pa.array(order, type=pa.int64()))
-    return out.add_column(0, "nucleus_id", pa.array(np.arange(1, len(order) + 1, dtype=np.int64)))
+    return out.add_column(0, "nucleus_id", pa.array(np.arange(first_id, first_id + len(order), dtype=np.int64)))

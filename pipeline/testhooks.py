@@ -11,8 +11,9 @@ Without the variable (always, outside tests) it does nothing. Points:
 ``infer``
     :func:`pipeline.infer.run_infer`: the first batch of chunk files written, more pending.
 ``export``
-    :func:`pipeline.segment.run_export`: ``<id>.geojson.gz`` written; parquet, QC image and
-    summary still pending.
+    :func:`pipeline.segment.run_export`: the first strip of nuclei written to the temporaries of
+    ``<id>.geojson.gz`` and ``<id>.nuclei.parquet``; their renames, the QC image and the summary
+    still pending.
 """
 
 from __future__ import annotations

@@ -228,8 +228,9 @@ def test_kill_during_export(slide, reference, tmp_path):
     with Watcher(out) as watcher:
         proc = run_until_pause(slide, out, "export")
         kill(proc)
-        fc = json.loads(gzip.decompress(sp.geojson_gz.read_bytes()))  # written before the pause: complete
-        assert len(fc["features"]) == summary_wo_timings(reference)["nuclei"]
+        # paused mid-stream: the exports exist only as temporaries of the killed process
+        assert sp.geojson_gz.with_name(f"{sp.geojson_gz.name}.tmp-{proc.pid}").exists()
+        assert sp.parquet.with_name(f"{sp.parquet.name}.tmp-{proc.pid}").exists()
         assert not sp.summary.exists(), "a killed export left a summary: the set would look complete"
-        assert not sp.parquet.exists() and not sp.qc_png.exists()
+        assert not sp.geojson_gz.exists() and not sp.parquet.exists() and not sp.qc_png.exists()
         rerun_and_compare(slide, out, reference, watcher)
