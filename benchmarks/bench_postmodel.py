@@ -285,6 +285,7 @@ def worker_big(args):
                     n += strip.num_rows
             res["export_s"], res["export_cpu_s"] = time.perf_counter() - t0, time.process_time() - c0
             res["nuclei"] = n
+            res["peak_cached_rows"] = st.peak_cached_rows
         else:
             res["mode"] = "in_memory"
             from pipeline.stitch import assign_ids, resolve_duplicates

@@ -405,6 +405,7 @@ def stitch_export(n: int, workdir: Path) -> dict:
         "nuclei": big.get("nuclei"),
         "mode": big.get("mode"),
         "chunk_files": big.get("chunk_files"),
+        "peak_cached_rows": big.get("peak_cached_rows"),
         "stitch_s": big.get("stitch_s"),
         "export_s": big.get("export_s"),
         "stitch_export_s": big.get("stitch_export_s"),
@@ -610,16 +611,16 @@ def markdown(res: dict) -> str:
     if curve:
         lines += ["## Stitch + export at scale (synthetic chunk files, streamed strip by strip)", "",
                   "| nuclei | candidates | chunk files | stitch s (scan + dedup) | export s (strips + GeoJSON.gz + "
-                  "GeoParquet) | stitch+export s | peak RSS GB | CPU share |",
-                  "|---|---|---|---|---|---|---|---|"]
+                  "GeoParquet) | stitch+export s | peak RSS GB | most rows held | CPU share |",
+                  "|---|---|---|---|---|---|---|---|---|"]
         for se in curve:
             if "error" in se:
-                lines.append(f"| {se.get('nuclei_requested')} | error: {se['error']} | | | | | | |")
+                lines.append(f"| {se.get('nuclei_requested')} | error: {se['error']} | | | | | | | |")
                 continue
             lines.append(
                 f"| {se.get('nuclei')} | {se.get('instances')} | {se.get('chunk_files')} | {_fmt(se.get('stitch_s'), 1)} | "
                 f"{_fmt(se.get('export_s'), 1)} | {_fmt(se.get('stitch_export_s'), 1)} | {_fmt(se.get('peak_rss_gb'))} | "
-                f"{_fmt(se.get('cpu_share'))} |")
+                f"{se.get('peak_cached_rows', '–')} | {_fmt(se.get('cpu_share'))} |")
         lines.append("")
     fw = res.get("forward")
     if fw:

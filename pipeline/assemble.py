@@ -22,8 +22,8 @@ Three passes over the chunk files (``files``: (chunk_row, chunk_col) -> Parquet 
    ``[s * chunk_px, (s + 1) * chunk_px)``. Ids are ordered by rounded anchor row first
    (:func:`pipeline.stitch.assign_ids`), so numbering strip after strip gives the global ids. A
    strip needs the chunk rows up to ``s + rows_ahead`` (usually ``s + 1``: anchors within
-   ``anchor_eps_px`` above a core); rows are read once, trimmed to the strips still to come, and
-   released, so at most ~2-3 chunk rows of nuclei are in memory.
+   ``anchor_eps_px`` above a core); each chunk row is read once and released after its last
+   strip, so at most ~2-3 chunk rows of nuclei are in memory.
 """
 
 from __future__ import annotations
@@ -274,7 +274,8 @@ class Stitched:
     """Final nuclei of a set of chunk files, as an iterable of strips (:func:`iter_nuclei`).
 
     Attributes ``scan`` (:class:`ChunkScan`) and ``dedup`` (:class:`DedupResult`) are filled on
-    construction (passes 0 and 1); iterating runs pass 2 and may be repeated.
+    construction (passes 0 and 1); iterating runs pass 2 and may be repeated, recording in
+    ``peak_cached_rows`` the most chunk-table rows it held at once.
     """
 
     def __init__(self, files, *, mpp, dedup_iou, min_area_um2, chunk_px):
@@ -282,6 +283,7 @@ class Stitched:
         self.scan = scan_chunks(files, chunk_px)
         self.dedup = resolve_streaming(self.scan, mpp=self.mpp, dedup_iou=dedup_iou,
                                        min_area_px=float(min_area_um2) / (self.mpp * self.mpp))
+        self.peak_cached_rows = 0  #: most chunk-table rows held at once while iterating (memory bound)
 
     @property
     def n_truncated_owned(self):
@@ -301,17 +303,15 @@ class Stitched:
                 if t is not None and t.num_rows:
                     cache[r] = (t, _strip(t["anchor_y_px"].to_numpy(), scan.chunk_px))
                 next_row += 1
+            self.peak_cached_rows = max(self.peak_cached_rows, sum(t.num_rows for t, _ in cache.values()))
             parts = []
             for r in sorted(cache):
                 t, strip = cache[r]
                 here = strip == s
                 if here.any():
                     parts.append(t.filter(pa.array(here)))
-                    later = strip > s
-                    if later.any():
-                        cache[r] = (t.filter(pa.array(later)), strip[later])
-                    else:
-                        del cache[r]
+                if not (strip > s).any():  # a row is released whole once its last strip is out (no copies)
+                    del cache[r]
             if not parts:
                 continue
             out = assign_ids(pa.concat_tables(parts), first_id=first_id)

@@ -290,7 +290,9 @@ def _wrap_segmenter(seg: Any) -> Model:
     info = {k: v for k, v in meta.items() if isinstance(v, (str, int, float, bool)) and k not in {"path", "device"}}
     info.setdefault("name", type(seg).__name__)
     mpp = getattr(seg, "mpp", None)
-    return Model(seg.segment_batch, mpp=float(mpp) if mpp is not None else None, info=info)
+    # a Segmenter serialises its own network calls and decodes outside its lock: thread safe
+    safe = getattr(seg, "_lock", None) is not None
+    return Model(seg.segment_batch, mpp=float(mpp) if mpp is not None else None, info=info, thread_safe=safe)
 
 
 def resolve_model(model: Any, *, device: str, refine: bool, store_mpp: float) -> Model:

@@ -12,6 +12,10 @@ Outputs (names from :mod:`pipeline.paths`, all written to a temp sibling and ren
   stage timings;
 * ``<id>.qc.png``: QC image (:mod:`pipeline.qc`).
 
+Memory: the export streams the nuclei strip by strip (:mod:`pipeline.assemble`) into all outputs
+at once, so no stage holds the slide's nucleus table; peak memory grows with the slide's width,
+not its area (``benchmarks/results/stitch_curve.md``).
+
 The summary is written last and marks a complete set: a failed export (disk full, interrupt)
 removes the old summary and every output it wrote, so a set without a summary is incomplete.
 

@@ -70,6 +70,11 @@ def test_streaming_equals_in_memory_reference(blobs, tmp_path, core, perturb):
     if core == 20:
         assert int(2 * st.scan.reach_px // core) + 1 >= 2  # the dedup window spans several chunk rows
     assert list(st) and pa.concat_tables(list(st)).equals(got)  # iterating again gives the same
+    # bounded memory: never more than the chunk rows one strip needs (here 2-3 of the 5-15 rows)
+    per_row = max(sum(t.num_rows for (r, _), t in tables.items() if r == row) for row in range(len(st.scan.rows)))
+    assert st.peak_cached_rows <= (st.scan.rows_ahead + 2) * per_row
+    if len(st.scan.rows) > st.scan.rows_ahead + 2:
+        assert st.peak_cached_rows < st.scan.instances
 
 
 def test_scan_counts_and_empty_inputs(blobs, tmp_path):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import time
 from contextlib import nullcontext
 
@@ -61,6 +62,9 @@ class Segmenter:
         if self.device.type == "cpu":
             self.model = self.model.to(memory_format=torch.channels_last)
         self.metadata["mode"] = self.model.mode
+        # serialises the network calls of threads sharing this segmenter (pipeline.infer workers):
+        # one forward uses all intra-op threads; the decoding of one window overlaps the next forward
+        self._lock = threading.Lock()
 
     @property
     def mode(self) -> str:
@@ -115,22 +119,30 @@ class Segmenter:
         step = images.shape[0] if self.device.type == "cuda" else 1
         results = []
         for start in range(0, images.shape[0], step):
-            t0 = time.perf_counter()
-            out = self.forward(images[start:start + step])
-            if self.device.type == "cuda":
-                torch.cuda.synchronize()
-            t1 = time.perf_counter()
+            with self._lock:  # one network call at a time; decoding runs outside, beside the next forward
+                t0 = time.perf_counter()
+                out = self.forward(images[start:start + step])
+                if self.device.type == "cuda":
+                    torch.cuda.synchronize()
+                t1 = time.perf_counter()
+            model_s = t1 - t0
+            post_s = 0.0
             for i in range(out["prob"].shape[0]):
+                t2 = time.perf_counter()
                 lab, sc = instances_from_maps(out["prob"][i], out["hv"][i], self.mpp, self.params)
+                post_s += time.perf_counter() - t2
                 if self.refine:
                     from .refine import refine_and_fuse
 
-                    lab, sc = refine_and_fuse(self.model, out["embed"][i:i + 1], lab, sc, out["prob"][i],
-                                              out["padded_hw"], self.mpp, self.metadata.get("refine", {}))
+                    with self._lock:  # the refinement runs SAM's prompt encoder + mask decoder
+                        t2 = time.perf_counter()
+                        lab, sc = refine_and_fuse(self.model, out["embed"][i:i + 1], lab, sc, out["prob"][i],
+                                                  out["padded_hw"], self.mpp, self.metadata.get("refine", {}))
+                        model_s += time.perf_counter() - t2
                 results.append((lab, sc))
             if timings is not None:
-                timings["model_s"] = timings.get("model_s", 0.0) + (t1 - t0)
-                timings["postprocess_s"] = timings.get("postprocess_s", 0.0) + (time.perf_counter() - t1)
+                timings["model_s"] = timings.get("model_s", 0.0) + model_s
+                timings["postprocess_s"] = timings.get("postprocess_s", 0.0) + post_s
         return results
 
     def predict_maps(self, image: np.ndarray, mpp: float) -> tuple[np.ndarray, np.ndarray]:
