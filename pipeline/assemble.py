@@ -22,8 +22,9 @@ Three passes over the chunk files (``files``: (chunk_row, chunk_col) -> Parquet 
    ``[s * chunk_px, (s + 1) * chunk_px)``. Ids are ordered by rounded anchor row first
    (:func:`pipeline.stitch.assign_ids`), so numbering strip after strip gives the global ids. A
    strip needs the chunk rows up to ``s + rows_ahead`` (usually ``s + 1``: anchors within
-   ``anchor_eps_px`` above a core); each chunk row is read once and released after its last
-   strip, so at most ~2-3 chunk rows of nuclei are in memory.
+   ``anchor_eps_px`` above a core); each chunk row is read once, cut down to its rest once
+   mostly consumed, and released after its last strip, so about two chunk rows of nuclei are in
+   memory.
 """
 
 from __future__ import annotations
@@ -197,7 +198,7 @@ def resolve_streaming(scan, *, mpp, dedup_iou, min_area_px):
             res.clipped.setdefault(key, {})[int(sub["local_id"][i])] = geoms[i]
 
     rows = sorted(scan.rows)
-    for step, r in enumerate(rows + [None]):
+    for r in rows + [None]:  # None: the end, every open component is final
         if r is not None:
             new = _band_rows(scan, r)
             if new is not None:
@@ -310,11 +311,15 @@ class Stitched:
                 here = strip == s
                 if here.any():
                     parts.append(t.filter(pa.array(here)))
-                if not (strip > s).any():  # a row is released whole once its last strip is out (no copies)
+                later = strip > s
+                if not later.any():
                     del cache[r]
+                elif later.mean() < 0.5:  # mostly consumed: keep only the (small) rest; else no copy
+                    cache[r] = (t.filter(pa.array(later)), strip[later])
             if not parts:
                 continue
             out = assign_ids(pa.concat_tables(parts), first_id=first_id)
+            del parts  # only the numbered strip stays alive while the writers consume it
             first_id += out.num_rows
             yield out
 
