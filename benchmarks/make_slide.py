@@ -328,7 +328,7 @@ def write_slide(
         ``size_px``, ``mpp``, ``seed``, ``levels``, ``tissue_fraction`` (measured on the lowest
         level), ``bytes``, ``seconds``, ``sources``.
     """
-    import tifffile
+    from pipeline.synthetic import write_pyramid_tiff
 
     if isinstance(size_px, int):
         size_px = (size_px, size_px)
@@ -367,25 +367,7 @@ def write_slide(
     comp = ("jpeg", {"level": 90}) if compression == "jpeg" else ("zlib", {"level": 1})
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        bigtiff = h * w * 3 * 4 // 3 > 2**32 - 2**25
-        with tifffile.TiffWriter(tmp, bigtiff=bigtiff) as tw_:
-            for k in range(levels):
-                lh, lw = -(-h // 2**k), -(-w // 2**k)
-                res = 1e4 / (mpp * 2**k)  # pixels per centimetre
-                tw_.write(
-                    tiles(k, lh, lw),
-                    shape=(lh, lw, 3),
-                    dtype=np.uint8,
-                    tile=(tile, tile),
-                    photometric="rgb",
-                    compression=comp[0],
-                    compressionargs=comp[1],
-                    resolution=(res, res),
-                    resolutionunit="CENTIMETER",
-                    subfiletype=0 if k == 0 else 1,
-                    metadata=None,
-                    software=False,
-                )
+        write_pyramid_tiff(tmp, (h, w), mpp, levels, tile, tiles, compression=comp[0], compressionargs=comp[1])
         os.replace(tmp, path)
     finally:
         if tmp.exists():

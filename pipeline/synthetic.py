@@ -125,6 +125,54 @@ def render_tile(
     return tile
 
 
+def write_pyramid_tiff(path, size_px, mpp, levels, tile, tiles, *, compression="zlib", compressionargs=None):
+    """Write a tiled pyramidal RGB TIFF (one page per level, level ``k`` = size / 2**k).
+
+    OpenSlide reads it as a generic tiled TIFF with ``openslide.mpp-x/y`` from the resolution tags
+    (pixels per centimetre); BigTIFF when the level-0 data would approach 4 GB.
+
+    Parameters
+    ----------
+    path : path
+        Destination (written directly: callers wrap this in :func:`pipeline.paths.atomic_write`).
+    size_px : tuple of int
+        Level-0 (height, width), px.
+    mpp : float
+        Level-0 µm/px.
+    levels : int
+        Pyramid levels.
+    tile : int
+        Tile edge, px (a multiple of 16).
+    tiles : callable
+        ``tiles(k, level_h, level_w)`` yields the level's (tile, tile, 3) uint8 tiles in row-major
+        order, or their bytes already compressed with ``compression``.
+    compression, compressionargs
+        As ``tifffile.TiffWriter.write``.
+    """
+    import tifffile
+
+    h, w = (int(v) for v in size_px)
+    bigtiff = h * w * 3 * 4 // 3 > 2**32 - 2**25
+    with tifffile.TiffWriter(path, bigtiff=bigtiff) as tw_:
+        for k in range(levels):
+            lh, lw = -(-h // 2**k), -(-w // 2**k)
+            res = 1e4 / (mpp * 2**k)  # pixels per centimetre
+            tw_.write(
+                tiles(k, lh, lw),
+                shape=(lh, lw, 3),
+                dtype=np.uint8,
+                tile=(tile, tile),
+                photometric="rgb",
+                compression=compression,
+                compressionargs=compressionargs,
+                resolution=(res, res),
+                resolutionunit="CENTIMETER",
+                subfiletype=0 if k == 0 else 1,
+                metadata=None,
+                software=False,
+            )
+
+
 def write_synthetic_slide(
     path: str | os.PathLike,
     size_px: tuple[int, int] = (4096, 4096),
@@ -169,8 +217,6 @@ def write_synthetic_slide(
     OutputError
         If the file cannot be written.
     """
-    import tifffile
-
     h, w = (int(v) for v in size_px)
     if h <= 0 or w <= 0 or mpp <= 0 or levels < 1:
         raise InputError(f"synthetic slide needs positive size/mpp/levels, got {size_px}, {mpp}, {levels}")
@@ -199,24 +245,6 @@ def write_synthetic_slide(
                 yield zlib.compress(block.tobytes(), 1)
 
     def write(tmp):
-        bigtiff = h * w * 3 * 4 // 3 > 2**32 - 2**25
-        with tifffile.TiffWriter(tmp, bigtiff=bigtiff) as tw_:
-            for k in range(levels):
-                lh, lw = -(-h // 2**k), -(-w // 2**k)
-                px_um = mpp * 2**k
-                res = 1e4 / px_um  # pixels per centimetre
-                tw_.write(
-                    tiles(lh, lw, px_um),
-                    shape=(lh, lw, 3),
-                    dtype=np.uint8,
-                    tile=(tile, tile),
-                    photometric="rgb",
-                    compression="zlib",
-                    resolution=(res, res),
-                    resolutionunit="CENTIMETER",
-                    subfiletype=0 if k == 0 else 1,
-                    metadata=None,
-                    software=False,
-                )
+        write_pyramid_tiff(tmp, (h, w), mpp, levels, tile, lambda k, lh, lw: tiles(lh, lw, mpp * 2**k))
 
     return atomic_write(path, write, "synthetic slide", mkdir=True)
