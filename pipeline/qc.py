@@ -248,8 +248,9 @@ class QCAccumulator:
     def write(self, path: str | os.PathLike, outlines, *, caption: str = "") -> Path:
         """Render and write the PNG atomically.
 
-        ``outlines(r0, c0, side)`` returns shapely polygons (store px) of the final nuclei whose
-        chunk neighbours the crop ``[r0, r0 + side) x [c0, c0 + side)``; those intersecting it are drawn.
+        ``outlines(chunk_rc, (r0, c0, side))`` returns shapely polygons (store px) of the final
+        nuclei near the crop ``[r0, r0 + side) x [c0, c0 + side)`` inside chunk ``chunk_rc`` (at
+        least those of that chunk and its 8 neighbours); those intersecting the crop are drawn.
         """
         import shapely
 
@@ -265,7 +266,7 @@ class QCAccumulator:
             c0 = best[1] * chunk_px + (min(chunk_px, W - best[1] * chunk_px) - side) // 2
             crop = read_window(self.group, r0, c0, side, side)
             if self.chunk_counts:
-                geoms = np.asarray(outlines(r0, c0, side), dtype=object)
+                geoms = np.asarray(outlines(best, (r0, c0, side)), dtype=object)
                 box = shapely.box(c0, r0, c0 + side, r0 + side)
                 for g in geoms[shapely.intersects(geoms, box)] if len(geoms) else []:
                     xy = np.asarray(g.exterior.coords)
@@ -296,7 +297,8 @@ def qc_image(group, attrs: dict, table, path: str | os.PathLike, *, caption: str
     acc = QCAccumulator(group, attrs)
     acc.add(table)
 
-    def outlines(r0, c0, side):
+    def outlines(_chunk_rc, crop):
+        r0, c0, side = crop
         ay, ax = table["anchor_y_px"].to_numpy(), table["anchor_x_px"].to_numpy()
         near = np.flatnonzero((ay >= r0 - side) & (ay < r0 + 2 * side) & (ax >= c0 - side) & (ax < c0 + 2 * side))
         return from_wkb(table["geometry"].take(near)) if len(near) else []

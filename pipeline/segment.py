@@ -131,16 +131,16 @@ class _ParquetColumns:
         return self._file.read(columns=[name])[name]
 
 
-def _parquet_outlines(path, scale_xy_l0, chunk_rc):
-    """``outlines(r0, c0, side)`` for :class:`pipeline.qc.QCAccumulator`: store-px polygons of the
-    nuclei of the chunks around ``chunk_rc``, read back from the written GeoParquet."""
+def _parquet_outlines(path, scale_xy_l0):
+    """``outlines(chunk_rc, crop)`` for :class:`pipeline.qc.QCAccumulator`: store-px polygons of the
+    nuclei of chunk ``chunk_rc`` and its neighbours, read back from the written GeoParquet."""
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
     from .geometry import from_wkb, scale_translate
 
-    def outlines(r0, c0, side):
-        r, c = chunk_rc()
+    def outlines(chunk_rc, _crop):
+        r, c = chunk_rc
         t = pq.read_table(path, columns=["chunk_row", "chunk_col", "geometry"],
                           filters=[("chunk_row", ">=", r - 1), ("chunk_row", "<=", r + 1)])
         col = t["chunk_col"]
@@ -283,10 +283,7 @@ def run_export(
             f"{sp.slide_id}: {n} nuclei, tissue {attrs.get('tissue_area_mm2') or 0:.2f} mm2, "
             f"{(stats['nuclei_per_mm2'] or 0):.0f} nuclei/mm2, store {mpp:g} um/px, model {(meta.get('model') or {}).get('name')}"
         )
-        from .qc import densest_chunk
-
-        best = lambda: densest_chunk(qc.chunk_counts, attrs.get("tissue_chunks", []))  # noqa: E731
-        qc.write(sp.qc_png, _parquet_outlines(sp.parquet, scale, best), caption=caption)
+        qc.write(sp.qc_png, _parquet_outlines(sp.parquet, scale), caption=caption)
         timings["qc_s"] = time.perf_counter() - t0
 
         if not attrs.get("tissue_chunks"):
