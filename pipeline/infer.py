@@ -29,8 +29,11 @@ Scheduling
     Batches of ``batch_size`` chunks are dask tasks (``read -> model -> extract -> write``), run
     by the threaded scheduler with ``workers`` threads, or by a ``dask.distributed`` scheduler
     (``scheduler="tcp://host:port"``; the model is then loaded once per worker process through a
-    cached loader). The model call itself is serialized per process (one forward at a time on the
-    GPU) while the other threads read/decode the next windows and polygonize the previous ones,
+    cached loader). The network forward is serialized per process (one forward at a time, using
+    all intra-op threads or the GPU): the shipped segmenter holds its own lock around the forward
+    only, so the watershed decoding of one window runs beside the next forward; a user model
+    without ``thread_safe`` is called under a per-process lock. Other threads read the next windows
+    and polygonize the previous ones,
     so at most ``workers * batch_size`` windows are in memory (the bounded prefetch queue):
     memory does not grow with the slide.
 
