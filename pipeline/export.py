@@ -31,7 +31,7 @@ import shapely
 from . import geometry
 from .errors import OutputError
 from .measure import MEASUREMENT_COLUMNS, QUPATH_NAMES
-from .paths import atomic_target, atomic_write
+from .paths import atomic_target, atomic_write, output_error, unlink_quietly
 
 log = logging.getLogger(__name__)
 
@@ -353,24 +353,19 @@ class _AtomicSink:
         self.tmp = atomic_target(self.path)
         self._done = False
 
-    def _error(self, exc):
-        what = f" ({self.what})" if self.what else ""
-        return OutputError(f"cannot write {self.path}{what}: {exc.strerror or exc}")
-
     def _open(self, fn, *args, **kwargs):
         try:
             return fn(*args, **kwargs)
         except OSError as exc:
-            with contextlib.suppress(OSError):
-                self.tmp.unlink(missing_ok=True)
-            raise self._error(exc) from exc
+            unlink_quietly(self.tmp)
+            raise output_error(self.path, exc, self.what) from exc
 
     def _guard(self, fn, *args):
         try:
             return fn(*args)
         except OSError as exc:
             self.abort()
-            raise self._error(exc) from exc
+            raise output_error(self.path, exc, self.what) from exc
         except BaseException:
             self.abort()
             raise
@@ -395,8 +390,7 @@ class _AtomicSink:
         try:
             self._cleanup()
         finally:
-            with contextlib.suppress(OSError):
-                self.tmp.unlink(missing_ok=True)
+            unlink_quietly(self.tmp)
 
     def __enter__(self):
         return self

@@ -102,8 +102,6 @@ def atomic_write(path, write, what: str = "", *, mkdir: bool = False) -> Path:
     ``path``. On any failure the temporary is removed (nothing incomplete under any name) and an
     ``OSError`` (disk full, unwritable directory...) becomes one :class:`OutputError` line naming
     ``path``. ``mkdir``: create the parent directory first. Returns ``path``."""
-    from .errors import OutputError
-
     path = Path(path)
     tmp = atomic_target(path)
     try:
@@ -112,15 +110,22 @@ def atomic_write(path, write, what: str = "", *, mkdir: bool = False) -> Path:
         write(tmp)
         os.replace(tmp, path)
     except OSError as exc:
-        _unlink_quietly(tmp)
-        raise OutputError(f"cannot write {path}{f' ({what})' if what else ''}: {exc.strerror or exc}") from exc
+        unlink_quietly(tmp)
+        raise output_error(path, exc, what) from exc
     except BaseException:
-        _unlink_quietly(tmp)
+        unlink_quietly(tmp)
         raise
     return path
 
 
-def _unlink_quietly(path: Path) -> None:
+def output_error(path, exc: OSError, what: str = ""):
+    """The one-line :class:`OutputError` for a failed write of ``path`` (``what``: which output)."""
+    from .errors import OutputError
+
+    return OutputError(f"cannot write {path}{f' ({what})' if what else ''}: {exc.strerror or exc}")
+
+
+def unlink_quietly(path: Path) -> None:
     try:
         path.unlink(missing_ok=True)
     except OSError:

@@ -43,7 +43,7 @@ from . import __version__
 from .config import Config
 from .errors import InputError
 from .infer import list_chunk_files, read_chunks_meta, run_infer
-from .paths import SlidePaths, slide_id_from_path, slide_paths
+from .paths import SlidePaths, slide_id_from_path, slide_paths, unlink_quietly
 from .testhooks import pause_point
 
 log = logging.getLogger(__name__)
@@ -212,8 +212,10 @@ def run_export(
     InputError
         Chunk files missing or from another store.
     """
-    from .export import write_geojson, write_geoparquet, write_json_atomic
+    from .assemble import iter_nuclei
+    from .export import GeoJSONWriter, GeoParquetWriter, write_json_atomic
     from .measure import summarize
+    from .qc import QCAccumulator
     from .store import open_store
 
     t_start = time.perf_counter()
@@ -238,10 +240,6 @@ def run_export(
     mpp = float(attrs["mpp"])
 
     t0 = time.perf_counter()
-    from .assemble import iter_nuclei
-    from .export import GeoJSONWriter, GeoParquetWriter
-    from .qc import QCAccumulator
-
     nuclei = iter_nuclei(files, mpp=mpp, dedup_iou=cfg.segment.dedup_iou, chunk_px=int(attrs["chunk_px"]),
                          min_area_um2=float(meta.get("min_area_um2", cfg.segment.min_area_um2)))
     n_trunc = nuclei.n_truncated_owned
@@ -251,11 +249,10 @@ def run_export(
     # failure (disk full, interrupt) remove every final this export may have written, so a failed
     # export never leaves a half-new set of outputs behind (each file is atomic on its own)
     outputs = [*sp.finals(), sp.geojson]
-    with contextlib.suppress(OSError):
-        sp.summary.unlink(missing_ok=True)
-        for path in outputs:  # temporaries of a killed earlier run
-            for tmp in path.parent.glob(f"{path.name}.tmp-*"):
-                tmp.unlink(missing_ok=True)
+    unlink_quietly(sp.summary)
+    for path in outputs:  # temporaries of a killed earlier run
+        for tmp in path.parent.glob(f"{path.name}.tmp-*"):
+            unlink_quietly(tmp)
     try:
         t0 = time.perf_counter()
         scale = (float(attrs["scale_x_l0"]), float(attrs["scale_y_l0"]))

@@ -2,40 +2,13 @@
 
 from __future__ import annotations
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from skimage.segmentation import expand_labels, relabel_sequential
-from test_stitch import EPS, MIN_AREA_UM2, MPP, make_blobs
+from test_stitch import MIN_AREA_UM2, MPP, chunk_tables, make_blobs
 
 from pipeline.assemble import iter_nuclei, scan_chunks
-from pipeline.stitch import assign_ids, extract_chunk_instances, resolve_duplicates
-
-
-def chunk_tables(labels, scores, rgb, core, halo, perturb=None):
-    """Chunk tables of a tiled run; ``perturb`` changes what alternate windows 'see'."""
-    H, W = labels.shape
-    out = {}
-    for i, r0 in enumerate(range(0, H, core)):
-        for j, c0 in enumerate(range(0, W, core)):
-            r1, c1 = min(r0 + core, H), min(c0 + core, W)
-            wr0, wc0 = max(r0 - halo, 0), max(c0 - halo, 0)
-            wr1, wc1 = min(r1 + halo, H), min(c1 + halo, W)
-            crop = labels[wr0:wr1, wc0:wc1]
-            if perturb == "expand" and (i + j) % 2:
-                crop = expand_labels(crop, 1)
-            elif perturb == "shift" and (i + j) % 2:
-                crop = np.roll(crop, (4, -3), axis=(0, 1))  # partial overlaps: clipped, not dropped
-            local, fw, _ = relabel_sequential(crop)
-            present = np.unique(crop[crop > 0]).astype(np.int64)
-            local_scores = np.zeros(int(local.max()), np.float32)
-            local_scores[fw[present] - 1] = scores[present - 1]
-            out[(i, j)] = extract_chunk_instances(
-                local.astype(np.uint32), local_scores, rgb[wr0:wr1, wc0:wc1],
-                window_origin_rc=(wr0, wc0), core_box_rc=(r0, c0, r1, c1), store_shape_rc=(H, W),
-                mpp=MPP, eps_px=EPS, min_area_um2=MIN_AREA_UM2, chunk_rc=(i, j))
-    return out
+from pipeline.stitch import assign_ids, resolve_duplicates
 
 
 def write_files(tables, tmp_path):

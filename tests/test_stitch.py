@@ -45,28 +45,39 @@ def make_blobs(shape=(320, 290), n_try=400, seed=0):
     return labels, scores, rgb
 
 
-def run_tiled(labels, scores, rgb, core, halo, perturb=False):
-    """Cut the slide into cores + halo and stitch; the 'model' returns the window crop."""
+def chunk_tables(labels, scores, rgb, core, halo, perturb=None):
+    """Chunk tables of a tiled run, {(row, col): table}; the 'model' returns the window crop.
+
+    ``perturb`` changes what alternate windows see: ``"expand"`` grows every label by 1 px
+    (near-duplicates: dropped), ``"shift"`` moves the labels by (4, -3) px (partial overlaps: clipped).
+    """
     H, W = labels.shape
-    tables = []
+    out = {}
     for i, r0 in enumerate(range(0, H, core)):
         for j, c0 in enumerate(range(0, W, core)):
             r1, c1 = min(r0 + core, H), min(c0 + core, W)
             wr0, wc0 = max(r0 - halo, 0), max(c0 - halo, 0)
             wr1, wc1 = min(r1 + halo, H), min(c1 + halo, W)
             crop = labels[wr0:wr1, wc0:wc1]
-            if perturb and (i + j) % 2:
+            if perturb == "expand" and (i + j) % 2:
                 crop = expand_labels(crop, 1)
+            elif perturb == "shift" and (i + j) % 2:
+                crop = np.roll(crop, (4, -3), axis=(0, 1))
             local, fw, _ = relabel_sequential(crop)  # model ids are window-local
             present = np.unique(crop[crop > 0]).astype(np.int64)
             local_scores = np.zeros(int(local.max()), np.float32)
-            present = present[present > 0]
             local_scores[fw[present] - 1] = scores[present - 1]
-            tables.append(extract_chunk_instances(
+            out[(i, j)] = extract_chunk_instances(
                 local.astype(np.uint32), local_scores, rgb[wr0:wr1, wc0:wc1],
                 window_origin_rc=(wr0, wc0), core_box_rc=(r0, c0, r1, c1), store_shape_rc=(H, W),
-                mpp=MPP, eps_px=EPS, min_area_um2=MIN_AREA_UM2, chunk_rc=(i, j)))
-    table = pa.concat_tables(tables)
+                mpp=MPP, eps_px=EPS, min_area_um2=MIN_AREA_UM2, chunk_rc=(i, j))
+    return out
+
+
+def run_tiled(labels, scores, rgb, core, halo, perturb=False):
+    """Cut the slide into cores + halo and stitch (``perturb``: alternate windows see grown labels)."""
+    tables = chunk_tables(labels, scores, rgb, core, halo, "expand" if perturb else None)
+    table = pa.concat_tables([tables[k] for k in sorted(tables)])
     return assign_ids(resolve_duplicates(table, mpp=MPP, dedup_iou=0.5, min_area_px=MIN_AREA_UM2 / MPP**2))
 
 
