@@ -40,7 +40,7 @@ from . import geometry
 from .errors import InputError
 from .stitch import (
     CHUNK_SCHEMA,
-    apply_clips,
+    apply_dedup,
     assign_ids,
     band_reach,
     empty_chunk_table,
@@ -258,16 +258,10 @@ def _load_row(scan, dedup, r, mpp):
             continue
         lid = t["local_id"].to_numpy()
         keep = ~np.isin(lid, dedup.dropped.get(rc, np.zeros(0, np.int32)))
-        fix = dedup.clipped.get(rc)
-        if fix:
-            pos = np.flatnonzero(np.isin(lid, np.fromiter(fix, dtype=np.int64)) & keep)
-            fixed = apply_clips(t.take(pos), np.array([fix[int(v)] for v in lid[pos]], dtype=object), mpp)
-            source = np.arange(t.num_rows, dtype=np.int64)
-            source[pos] = t.num_rows + np.arange(len(pos))
-            t = pa.concat_tables([t, fixed.cast(t.schema)]).take(pa.array(source[keep]))
-        elif not keep.all():
-            t = t.filter(pa.array(keep))
-        parts.append(t.cast(CHUNK_SCHEMA))
+        fix = dedup.clipped.get(rc, {})
+        pos = np.flatnonzero(np.isin(lid, np.fromiter(fix, dtype=np.int64)) & keep)
+        geoms = np.array([fix[int(v)] for v in lid[pos]], dtype=object)
+        parts.append(apply_dedup(t, keep, pos, geoms, mpp).cast(CHUNK_SCHEMA))
     return pa.concat_tables(parts) if parts else None
 
 

@@ -223,7 +223,7 @@ class QCAccumulator:
 
     :meth:`add` bins anchors into the density grid and counts nuclei per chunk; :meth:`write`
     picks the densest chunk, reads its crop from the store and draws the outlines of the nuclei
-    that ``outlines(r0, c0, side)`` returns (store-px polygons near the crop).
+    that ``outlines(chunk_rc, crop)`` returns (store-px polygons near the crop, see :meth:`write`).
     """
 
     def __init__(self, group, attrs: dict):
@@ -273,34 +273,3 @@ class QCAccumulator:
                     rings.append(np.stack([xy[:, 1] - r0, xy[:, 0] - c0], axis=1))
         img = render_qc(self.thumb, self.thumb_mpp, self.mask, self.density, crop, rings, caption)
         return save_png_atomic(img, path)
-
-
-def qc_image(group, attrs: dict, table, path: str | os.PathLike, *, caption: str = "") -> Path:
-    """Write the QC PNG of a segmented slide from an in-memory table of final nuclei.
-
-    Parameters
-    ----------
-    group : zarr.Group
-        Tile store root (:func:`pipeline.store.open_store`).
-    attrs : dict
-        Its ``cellsam`` attributes.
-    table : pyarrow.Table
-        Final nuclei (``anchor_y_px``, ``anchor_x_px``, ``chunk_row``, ``chunk_col``, ``geometry``
-        WKB in store px).
-    path : path
-        Output PNG (written atomically).
-    caption : str
-        Text line under the panels.
-    """
-    from .geometry import from_wkb
-
-    acc = QCAccumulator(group, attrs)
-    acc.add(table)
-
-    def outlines(_chunk_rc, crop):
-        r0, c0, side = crop
-        ay, ax = table["anchor_y_px"].to_numpy(), table["anchor_x_px"].to_numpy()
-        near = np.flatnonzero((ay >= r0 - side) & (ay < r0 + 2 * side) & (ax >= c0 - side) & (ax < c0 + 2 * side))
-        return from_wkb(table["geometry"].take(near)) if len(near) else []
-
-    return acc.write(path, outlines, caption=caption)

@@ -90,33 +90,6 @@ def _check_chunks(chunks_dir: Path, attrs: dict, store_path: str) -> dict:
     return {rc: files[rc] for rc in expected}
 
 
-def stitch_chunks(files: dict, *, mpp: float, dedup_iou: float, min_area_um2: float, chunk_px: int):
-    """All final nuclei of a set of chunk files in one table (tests, small slides).
-
-    :func:`run_export` streams the same nuclei strip by strip instead (:mod:`pipeline.assemble`).
-
-    Parameters
-    ----------
-    files : dict of (int, int) -> Path
-        Chunk parquet files in (row, col) order.
-    mpp : float
-        µm per store px.
-    chunk_px : int
-        Core edge, store px.
-
-    Returns
-    -------
-    table : pyarrow.Table
-        Final nuclei, ``nucleus_id`` 1..N first (schema of :func:`pipeline.stitch.assign_ids`).
-    n_truncated_owned : int
-        Nuclei dropped because they touched an inner window edge (halo too small if > 0).
-    """
-    from .assemble import iter_nuclei
-
-    st = iter_nuclei(files, mpp=mpp, dedup_iou=dedup_iou, min_area_um2=min_area_um2, chunk_px=chunk_px)
-    return st.table(), st.n_truncated_owned
-
-
 class _ParquetColumns:
     """Read-one-column-at-a-time view of a Parquet file for :func:`pipeline.measure.summarize`."""
 
@@ -448,4 +421,4 @@ def run_segment(
     return run_export(store, sp.chunks, sp.outdir, slide_id=sid, cfg=cfg, quiet=quiet, timings=timings, started=t_start)
 
 
-__all__ = ["run_export", "run_segment", "stitch_chunks"]
+__all__ = ["run_export", "run_segment"]

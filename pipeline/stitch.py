@@ -473,12 +473,37 @@ def resolve_duplicates(table, *, mpp, dedup_iou=SegmentConfig.dedup_iou, min_are
     keep = np.ones(n, dtype=bool)
     keep[band[~alive]] = False
     fix = np.flatnonzero(clipped & alive)
-    if not len(fix):
-        return table.filter(pa.array(keep))
-    fixed = apply_clips(table.take(band[fix]), geoms[fix], mpp)
+    return apply_dedup(table, keep, band[fix], geoms[fix], mpp)
+
+
+def apply_dedup(table, keep, clip_rows, clip_geoms, mpp):
+    """``table`` with the dedup decisions applied: rows ``keep`` only, rows ``clip_rows`` clipped.
+
+    Parameters
+    ----------
+    table : pyarrow.Table
+        :data:`CHUNK_SCHEMA` rows.
+    keep : numpy.ndarray, bool, shape (table.num_rows,)
+        Surviving rows.
+    clip_rows : numpy.ndarray of int, shape (K,)
+        Surviving rows whose polygon was clipped.
+    clip_geoms : numpy.ndarray of shapely.Polygon, shape (K,)
+        Their clipped polygons (:func:`apply_clips`), store px.
+    mpp : float
+        µm per store px.
+
+    Returns
+    -------
+    pyarrow.Table
+        Surviving rows in input order.
+    """
+    if not len(clip_rows):
+        return table if keep.all() else table.filter(pa.array(keep))
+    n = table.num_rows
+    fixed = apply_clips(table.take(clip_rows), clip_geoms, mpp)
     # one copy: rows of [table, fixed] (zero-copy concatenation) in input order, clipped rows from fixed
     source = np.arange(n, dtype=np.int64)
-    source[band[fix]] = n + np.arange(len(fix))
+    source[clip_rows] = n + np.arange(len(clip_rows))
     both = pa.concat_tables([table, fixed.cast(table.schema)])
     return both.take(pa.array(source[keep]))
 
