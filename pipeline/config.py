@@ -69,6 +69,8 @@ class TrainConfig:
     aug_strength: float = 1.0
     threads: int = 0  # 0 = torch default
     log_every: int = 20  # iterations between progress log lines
+    grow_depth: int = 0  # extra zero-initialised residual blocks per stage (pipeline.model.cellsam.grown)
+    ema: float = 0.0  # weight EMA decay per iteration (0 = off); validation and outputs use the EMA
 
 
 @dataclass(frozen=True)

@@ -7,6 +7,10 @@ each epoch draws its crops from ``numpy.random.default_rng([seed, epoch])``, so 
 resumed from ``last.pt`` continues like an uninterrupted one (up to floating-point
 non-associativity of multithreaded CPU kernels).
 
+With ``cfg.ema`` an exponential moving average of the weights (parameters and BatchNorm statistics)
+is kept next to the trained ones; validation, ``best.pt`` and the output use the average, and
+``last.pt`` carries it for resuming.
+
 Losses (HoVer-Net style): nucleus BCE + soft Dice; HV maps MSE (x2) + MSGE (mean squared error of
 the maps' spatial gradients inside nuclei).
 """
@@ -29,7 +33,7 @@ from .data.augment import augment
 from .data.datasets import builtin_samples, prepare, split_samples, user_samples
 from .config import TrainConfig
 from .errors import InputError
-from .model.cellsam import DEFAULT_ARCH, CellSAM, with_distance_head
+from .model.cellsam import DEFAULT_ARCH, CellSAM, grown, with_distance_head
 from .model.checkpoint import load_checkpoint, read_checkpoint, save_checkpoint
 from .model.postprocess import PostprocessParams, instances_from_maps
 from .model.segmenter import Segmenter
@@ -199,6 +203,28 @@ def optimizer_step(ls: dict, opt, sched, params, sums: dict) -> None:
         sums[k] = sums.get(k, 0.0) + float(v.detach())
 
 
+class WeightEMA:
+    """Exponential moving average of a model's state (floating-point parameters and buffers):
+    ``ema = decay * ema + (1 - decay) * current`` after every step; integer buffers are copied."""
+
+    def __init__(self, model: CellSAM, decay: float) -> None:
+        import copy
+
+        self.decay = float(decay)
+        self.model = copy.deepcopy(model).eval()
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+
+    @torch.no_grad()
+    def update(self, model: CellSAM) -> None:
+        cur = model.state_dict()
+        for k, e in self.model.state_dict().items():
+            if e.is_floating_point():
+                e.mul_(self.decay).add_(cur[k], alpha=1 - self.decay)
+            else:
+                e.copy_(cur[k])
+
+
 def resume_from(last, model, opt, sched) -> dict | None:
     """Restore model/optimiser/scheduler from a run's ``last.pt`` if it exists; returns its dict."""
     last = Path(last)
@@ -227,16 +253,20 @@ def train(data: str, out, *, init=None, cfg: TrainConfig = TrainConfig(), tune: 
 
     if init is not None:
         model, meta0 = load_checkpoint(init)
-        model = with_distance_head(model).train()
+        model = grown(with_distance_head(model), cfg.grow_depth).train()
         metadata = {**base_metadata(cfg), **{k: v for k, v in meta0.items() if k in ("postprocess", "mpp")}}
         metadata["init"] = str(init)
     else:
-        model = CellSAM(DEFAULT_ARCH).train()
+        model = grown(CellSAM(DEFAULT_ARCH), cfg.grow_depth).train()
         metadata = base_metadata(cfg)
     model = model.to(memory_format=torch.channels_last)
     params = [p for n, p in model.named_parameters() if not n.startswith("teacher.") and p.requires_grad]
     opt, sched = optimizer_and_schedule(params, cfg)
     obj = resume_from(run / "last.pt", model, opt, sched)
+    ema = WeightEMA(model, cfg.ema) if cfg.ema else None
+    if ema is not None and obj is not None and "ema_state_dict" in obj:
+        ema.model.load_state_dict(obj["ema_state_dict"], strict=False)
+    scored = model if ema is None else ema.model
     start_epoch = 0 if obj is None else int(obj["epoch"]) + 1
     best_score = -1.0 if obj is None else float(obj.get("best_score", -1.0))
     last = run / "last.pt"
@@ -250,26 +280,32 @@ def train(data: str, out, *, init=None, cfg: TrainConfig = TrainConfig(), tune: 
             x, fg, hv = make_batch(rng, train_data, weights, cfg)
             out_maps = model(x)["maps"]
             optimizer_step(losses(out_maps, fg, hv), opt, sched, params, sums)
+            if ema is not None:
+                ema.update(model)
             if cfg.log_every and (it + 1) % cfg.log_every == 0:
                 log.info("epoch %d iter %d/%d loss %.4f (%.1f s)", epoch, it + 1, cfg.iters_per_epoch,
                          sums["loss"] / (it + 1), time.time() - t0)
         row = {"epoch": epoch, "lr": opt.param_groups[0]["lr"], "train_s": round(time.time() - t0, 1)}
         row.update({k: round(v / cfg.iters_per_epoch, 5) for k, v in sums.items()})
         if val_samples:
-            model.eval()
-            res = evaluate_model(model, metadata, val_samples, PostprocessParams.from_dict(metadata["postprocess"]))
+            scored.eval()
+            res = evaluate_model(scored, metadata, val_samples, PostprocessParams.from_dict(metadata["postprocess"]))
             row.update({f"val_{k}": round(res[k], 4) for k in ("aji", "pq", "dice", "pixel_precision", "pixel_recall")})
             score = res["aji"] + res["pq"]
             if score > best_score:
                 best_score = score
-                save_checkpoint(run / "best.pt", model, {**metadata, "epoch": epoch})
+                save_checkpoint(run / "best.pt", scored, {**metadata, "epoch": epoch})
+            model.train()
+        extra = {} if ema is None else {"ema_state_dict": ema.model.trainable_state_dict()}
         save_checkpoint(last, model, metadata, optimizer=opt.state_dict(), scheduler=sched.state_dict(),
-                        epoch=epoch, best_score=best_score)
+                        epoch=epoch, best_score=best_score, **extra)
         append_log_row(log_path, row)
         log.info("epoch %d %s", epoch, row)
     # final: best (or last) weights, decoding thresholds tuned on validation
-    src = run / "best.pt" if (run / "best.pt").exists() else last
-    model, meta = load_checkpoint(src)
+    if (run / "best.pt").exists():
+        model, meta = load_checkpoint(run / "best.pt")
+    else:
+        model, meta = scored.eval(), {}
     final_meta = {**metadata, **{k: v for k, v in meta.items() if k == "epoch"}}
     if val_samples and tune:
         best_p, res = tune_postprocess(model, final_meta, val_samples)

@@ -9,7 +9,8 @@ import torch
 from pipeline.data.augment import dihedral
 from pipeline.data.datasets import distance_targets, hv_targets
 from pipeline.metrics import evaluate_pair
-from pipeline.model.cellsam import CellSAM, inference_copy, with_distance_head
+from pipeline.model.cellsam import CellSAM, grown, inference_copy, with_distance_head
+from pipeline.model.checkpoint import load_checkpoint, save_checkpoint
 from pipeline.model.postprocess import PostprocessParams, instances_from_maps
 
 
@@ -69,6 +70,28 @@ def test_with_distance_head_keeps_hv_outputs():
         a, b = old(x)["maps"], new(x)["maps"]
     torch.testing.assert_close(a, b[:, :3])
     assert torch.all(b[:, 3] == 0)
+
+
+def test_grown_model_computes_the_same_function_with_more_blocks(tmp_path):
+    torch.manual_seed(2)
+    arch = {"student": {"widths": [8, 8, 16, 16], "depths": [1, 1, 1, 1], "expand": 2},
+            "decoder": {"dec": [16, 16, 8, 8, 8], "out": 4}}
+    old = CellSAM(arch).train()
+    for _ in range(2):  # non-trivial BatchNorm statistics
+        old(torch.rand(2, 3, 32, 32) * 255)
+    old.eval()
+    new = grown(old, 1).eval()
+    assert new.arch["student"]["depths"] == [1, 2, 2, 2] and new.arch["decoder"]["refine2"] == 1
+    assert len(new.decoder.refine2) == 1
+    assert sum(p.numel() for p in new.parameters()) > sum(p.numel() for p in old.parameters())
+    x = torch.rand(1, 3, 64, 64) * 255
+    with torch.no_grad():
+        torch.testing.assert_close(new(x)["maps"], old(x)["maps"], rtol=0, atol=0)
+        # the grown architecture round-trips through a checkpoint and its inference copy agrees
+        save_checkpoint(tmp_path / "g.pt", new, {"mpp": 0.5})
+        back, _ = load_checkpoint(tmp_path / "g.pt")
+        torch.testing.assert_close(inference_copy(back)(x)["maps"], old(x)["maps"], rtol=1e-4, atol=1e-4)
+    assert grown(old, 0) is old
 
 
 def test_inference_copy_matches_and_leaves_the_model_alone():

@@ -56,6 +56,24 @@ def test_train_then_resume(user_data, tmp_path):
     assert ck["metadata"]["postprocess"]["fg_threshold"] > 0
 
 
+def test_grown_ema_run_resumes_and_outputs_the_average(user_data, tmp_path):
+    out = tmp_path / "g.pt"
+    cfg = TrainConfig(**{**TINY.__dict__, "epochs": 1, "grow_depth": 1, "ema": 0.5})
+    train(str(user_data), out, cfg=cfg, tune=False)
+    run = out.with_name(out.name + ".run")
+    first = read_checkpoint(run / "last.pt")
+    assert first["arch"]["student"]["depths"] == [1, 3, 4, 4] and "ema_state_dict" in first
+    train(str(user_data), out, cfg=TrainConfig(**{**cfg.__dict__, "epochs": 2}), tune=False)
+    assert [r["epoch"] for r in _log_rows(out)] == ["0", "1"]
+    last, final = read_checkpoint(run / "last.pt"), read_checkpoint(out)
+    k = "decoder.head.weight"
+    # no validation split in a user folder: the output is the weight average, not the last step
+    torch.testing.assert_close(final["state_dict"][k], last["ema_state_dict"][k])
+    assert not torch.equal(final["state_dict"][k], last["state_dict"][k])
+    # the average kept moving in the resumed epoch
+    assert not torch.equal(last["ema_state_dict"][k], first["ema_state_dict"][k])
+
+
 def test_finetune_from_shipped_model(user_data, tmp_path):
     if not DEFAULT_WEIGHTS.exists():
         pytest.skip("shipped weights not present")

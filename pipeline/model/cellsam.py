@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .student import EMBED_DIM, DenseDecoder, StudentEncoder
+from .student import EMBED_DIM, DenseDecoder, InvertedResidual, StudentEncoder
 
 # SAM's preprocessing (segment_anything.modeling.Sam.pixel_mean / pixel_std), RGB in 0..255
 PIXEL_MEAN = (123.675, 116.28, 103.53)
@@ -57,7 +57,7 @@ class CellSAM(nn.Module):
         st = arch["student"]
         self.student = StudentEncoder(tuple(st["widths"]), tuple(st["depths"]), st.get("expand", 4))
         self.decoder = DenseDecoder(tuple(st["widths"]), tuple(arch["decoder"]["dec"]),
-                                    int(arch["decoder"].get("out", 3)))
+                                    int(arch["decoder"].get("out", 3)), int(arch["decoder"].get("refine2", 0)))
         self.fusion = GatedFusion() if arch.get("fusion") else None
         self.teacher = None  # frozen SAM image encoder, attached at run time (never saved)
         self.prompt_encoder = None
@@ -109,6 +109,33 @@ def with_distance_head(model: CellSAM) -> CellSAM:
         new.decoder.head.bias.zero_()
         new.decoder.head.weight[:3] = w
         new.decoder.head.bias[:3] = b
+    new.teacher = model.teacher
+    return new.train(model.training)
+
+
+def grown(model: CellSAM, extra_depth: int) -> CellSAM:
+    """A deeper copy of ``model`` that computes exactly the same function (a warm start with more
+    capacity, ``cellsam train --init CKPT --grow-depth N``): ``extra_depth`` residual
+    inverted-residual blocks are appended to each of the student's stride-4/8/16 stages and to the
+    decoder's stride-2 level (``arch["decoder"]["refine2"]``). Every new block's last BatchNorm
+    starts with zero scale, so each block is the identity until training moves it; every existing
+    weight is kept."""
+    if extra_depth <= 0:
+        return model
+    arch = copy.deepcopy(model.arch)
+    d = list(arch["student"]["depths"])
+    arch["student"]["depths"] = [d[0]] + [n + extra_depth for n in d[1:]]
+    arch["decoder"]["refine2"] = int(arch["decoder"].get("refine2", 0)) + extra_depth
+    new = CellSAM(arch)
+    old_state = model.trainable_state_dict()
+    missing, unexpected = new.load_state_dict(old_state, strict=False)
+    if unexpected:
+        raise ValueError(f"cannot grow: unexpected weights {unexpected[:3]}")
+    fresh = {k.rsplit(".", 4)[0] for k in missing}  # "...s4.2.block.2.1.weight" -> "...s4.2"
+    with torch.no_grad():
+        for name, mod in new.named_modules():
+            if name in fresh and isinstance(mod, InvertedResidual):
+                mod.block[2][1].weight.zero_()
     new.teacher = model.teacher
     return new.train(model.training)
 

@@ -102,7 +102,8 @@ class DenseDecoder(nn.Module):
     full-resolution maps ``(N, out, H, W)``: channel 0 nucleus logit, 1-2 horizontal/vertical (tanh),
     and with ``out=4`` channel 3 the logit of the normalised distance-to-border map."""
 
-    def __init__(self, widths=(24, 32, 64, 128), dec=(96, 64, 48, 24, 16), out: int = 3) -> None:
+    def __init__(self, widths=(24, 32, 64, 128), dec=(96, 64, 48, 24, 16), out: int = 3,
+                 refine2: int = 0) -> None:
         super().__init__()
         w0, w1, w2, _ = widths
         d16, d8, d4, d2, d1 = dec
@@ -110,6 +111,8 @@ class DenseDecoder(nn.Module):
         self.up8 = nn.Sequential(conv_bn(d16 + w2, d8, 1), conv_bn(d8, d8, 3, groups=d8), conv_bn(d8, d8, 1))
         self.up4 = nn.Sequential(conv_bn(d8 + w1, d4, 1), conv_bn(d4, d4, 3, groups=d4), conv_bn(d4, d4, 1))
         self.up2 = nn.Sequential(conv_bn(d4 + w0, d2, 1), conv_bn(d2, d2, 3))
+        # optional residual blocks at stride 2 (``refine2``; see pipeline.model.cellsam.grown)
+        self.refine2 = nn.Sequential(*[InvertedResidual(d2, d2, 1, 4) for _ in range(refine2)])
         self.full = conv_bn(3, 8, 3)
         self.up1 = nn.Sequential(conv_bn(d2 + 8, d1, 1), conv_bn(d1, d1, 3, groups=d1), conv_bn(d1, d1, 1))
         if out not in (3, 4):
@@ -124,7 +127,7 @@ class DenseDecoder(nn.Module):
         x = self.lat16(embed)
         x = self.up8(torch.cat([self._up(x, feats["s8"]), feats["s8"]], 1))
         x = self.up4(torch.cat([self._up(x, feats["s4"]), feats["s4"]], 1))
-        x = self.up2(torch.cat([self._up(x, feats["s2"]), feats["s2"]], 1))
+        x = self.refine2(self.up2(torch.cat([self._up(x, feats["s2"]), feats["s2"]], 1)))
         x = self.up1(torch.cat([self._up(x, image), self.full(image)], 1))
         out = self.head(x).contiguous()  # channel slices of a contiguous tensor: fast tanh
         return torch.cat([out[:, :1], torch.tanh(out[:, 1:3]), out[:, 3:]], 1)
