@@ -134,7 +134,8 @@ def tune_postprocess(model, metadata, val_samples) -> tuple[PostprocessParams, d
     best, best_score, best_res = PostprocessParams(), -1.0, {}
     if cache and cache[0][3].shape[0] > 2:  # distance head: markers from the distance map
         grid = [{"fg_threshold": f, "dist_threshold": d, "min_area_um2": a}
-                for f, d, a in itertools.product((0.4, 0.45, 0.5, 0.55, 0.6), (0.4, 0.45, 0.5, 0.55, 0.6), (3.0, 6.0))]
+                for f, d, a in itertools.product((0.45, 0.5, 0.55, 0.6, 0.65, 0.7), (0.35, 0.4, 0.45, 0.5, 0.55),
+                                                 (3.0, 6.0, 10.0))]
     else:
         grid = [{"fg_threshold": f, "marker_threshold": m, "sigma_um": g}
                 for f, m, g in itertools.product((0.4, 0.5, 0.6), (0.3, 0.45, 0.6, 0.8, 1.0, 1.3), (0.35, 0.6, 1.0, 2.0))]
