@@ -17,6 +17,7 @@ the maps' spatial gradients inside nuclei).
 
 from __future__ import annotations
 
+import copy
 import csv
 import itertools
 import logging
@@ -209,8 +210,6 @@ class WeightEMA:
     ``ema = decay * ema + (1 - decay) * current`` after every step; integer buffers are copied."""
 
     def __init__(self, model: CellSAM, decay: float) -> None:
-        import copy
-
         self.decay = float(decay)
         self.model = copy.deepcopy(model).eval()
         for p in self.model.parameters():
@@ -296,7 +295,6 @@ def train(data: str, out, *, init=None, cfg: TrainConfig = TrainConfig(), tune: 
             if score > best_score:
                 best_score = score
                 save_checkpoint(run / "best.pt", scored, {**metadata, "epoch": epoch})
-            model.train()
         extra = {} if ema is None else {"ema_state_dict": ema.model.trainable_state_dict()}
         save_checkpoint(last, model, metadata, optimizer=opt.state_dict(), scheduler=sched.state_dict(),
                         epoch=epoch, best_score=best_score, **extra)
