@@ -93,6 +93,15 @@ class CellSAM(nn.Module):
         return {k: v for k, v in self.state_dict().items() if not k.startswith("teacher.")}
 
 
+def _rebuilt(model: CellSAM, arch: dict, state: dict) -> tuple[CellSAM, list, list]:
+    """A new ``CellSAM(arch)`` loaded non-strictly with ``state``, sharing ``model``'s teacher and
+    training mode; returns it with the missing and unexpected state keys (architecture upgrades)."""
+    new = CellSAM(arch)
+    missing, unexpected = new.load_state_dict(state, strict=False)
+    new.teacher = model.teacher
+    return new.train(model.training), missing, unexpected
+
+
 def with_distance_head(model: CellSAM) -> CellSAM:
     """Upgrade a 3-channel (HV-only) model to the 4-channel decoder head: every weight is kept, the
     new distance channel starts from zero weights (a warm start for ``cellsam train --init``)."""
@@ -100,17 +109,15 @@ def with_distance_head(model: CellSAM) -> CellSAM:
         return model
     arch = copy.deepcopy(model.arch)
     arch["decoder"]["out"] = 4
-    new = CellSAM(arch)
     state = model.trainable_state_dict()
     w, b = state.pop("decoder.head.weight"), state.pop("decoder.head.bias")
-    new.load_state_dict(state, strict=False)
+    new, _, _ = _rebuilt(model, arch, state)
     with torch.no_grad():
         new.decoder.head.weight.zero_()
         new.decoder.head.bias.zero_()
         new.decoder.head.weight[:3] = w
         new.decoder.head.bias[:3] = b
-    new.teacher = model.teacher
-    return new.train(model.training)
+    return new
 
 
 def grown(model: CellSAM, extra_depth: int) -> CellSAM:
@@ -126,9 +133,7 @@ def grown(model: CellSAM, extra_depth: int) -> CellSAM:
     d = list(arch["student"]["depths"])
     arch["student"]["depths"] = [d[0]] + [n + extra_depth for n in d[1:]]
     arch["decoder"]["refine2"] = int(arch["decoder"].get("refine2", 0)) + extra_depth
-    new = CellSAM(arch)
-    old_state = model.trainable_state_dict()
-    missing, unexpected = new.load_state_dict(old_state, strict=False)
+    new, missing, unexpected = _rebuilt(model, arch, model.trainable_state_dict())
     if unexpected:
         raise ValueError(f"cannot grow: unexpected weights {unexpected[:3]}")
     fresh = {k.rsplit(".", 4)[0] for k in missing}  # "...s4.2.block.2.1.weight" -> "...s4.2"
@@ -136,8 +141,7 @@ def grown(model: CellSAM, extra_depth: int) -> CellSAM:
         for name, mod in new.named_modules():
             if name in fresh and isinstance(mod, InvertedResidual):
                 mod.block[2][1].weight.zero_()
-    new.teacher = model.teacher
-    return new.train(model.training)
+    return new
 
 
 class Pointwise(nn.Module):
