@@ -30,6 +30,8 @@ PIPELINE_DEFAULTS = {
     ("tile", "chunk_px"): (pconfig.StoreConfig, "chunk_px"),
     ("tile", "workers"): (pconfig.StoreConfig, "workers"),
     ("infer", "device"): (pconfig.SegmentConfig, "device"),
+    ("infer", "engine"): (pconfig.SegmentConfig, "engine"),
+    ("infer", "precision"): (pconfig.SegmentConfig, "precision"),
     ("infer", "batch_size"): (pconfig.SegmentConfig, "batch_size"),
     ("infer", "workers"): (pconfig.SegmentConfig, "workers"),
     ("infer", "halo_px"): (pconfig.SegmentConfig, "halo_px"),

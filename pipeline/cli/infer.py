@@ -16,6 +16,10 @@ def add_model_args(p) -> None:
         help="model checkpoint (.pt); 'classical' = the classical baseline; default: shipped weights",
     )
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default=None, help=f"default: {_D.device}")
+    p.add_argument("--engine", choices=["auto", "torch", "onnxruntime", "openvino"], default=None,
+                   help=f"network runner (default: {_D.engine} = fastest installed engine passing parity)")
+    p.add_argument("--precision", choices=["auto", "fp32", "bf16"], default=None,
+                   help=f"network precision (default: {_D.precision})")
     p.add_argument("--batch-size", type=int, default=None, metavar="N", help=f"tiles per forward pass (default: {_D.batch_size})")
     p.add_argument("--workers", type=int, default=None, metavar="N", help=f"dask threads (default: {_D.workers})")
     p.add_argument("--halo", type=int, default=None, metavar="PX", help=f"context around each chunk, store px (default: {_D.halo_px})")
@@ -30,6 +34,8 @@ def add_model_args(p) -> None:
 def segment_overrides(args) -> dict:
     return {
         "device": args.device,
+        "engine": args.engine,
+        "precision": args.precision,
         "batch_size": args.batch_size,
         "workers": args.workers,
         "halo_px": args.halo,

@@ -16,6 +16,9 @@ def register(sub):
     p.add_argument("--teacher", default=None, help="official SAM checkpoint for dual mode")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--refine", action="store_true", help="SAM-decoder refinement + mask fusion")
+    p.add_argument("--engine", default="auto", choices=["auto", "torch", "onnxruntime", "openvino"],
+                   help="network runner (default: auto = fastest installed engine passing parity)")
+    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"], help="network precision")
     p.set_defaults(func=run)
 
 
@@ -45,7 +48,8 @@ def run(args):
         from ..model import load_model
 
         kwargs = {"teacher": args.teacher} if args.teacher else {}
-        model = load_model(args.model, device=args.device, refine=args.refine, **kwargs)
+        model = load_model(args.model, device=args.device, refine=args.refine, engine=args.engine,
+                           precision=args.precision, **kwargs)
 
         def seg(img):
             return model.segment(img, args.mpp)

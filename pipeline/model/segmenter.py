@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import threading
 import time
-from contextlib import nullcontext
 
 import numpy as np
 import torch
@@ -13,6 +12,7 @@ import torch.nn.functional as F
 from ..errors import InputError, ModelError
 from .cellsam import inference_copy
 from .checkpoint import load_checkpoint
+from .engine import build_engine
 from .postprocess import PostprocessParams, instances_from_maps
 
 PAD_MULTIPLE = 16
@@ -49,7 +49,8 @@ class Segmenter:
         Checkpoint metadata (version, mode, postprocess thresholds, metrics...).
     """
 
-    def __init__(self, model, metadata: dict, device: str = "auto", refine: bool = False) -> None:
+    def __init__(self, model, metadata: dict, device: str = "auto", refine: bool = False,
+                 engine: str = "auto", precision: str = "auto", threads: int | None = None) -> None:
         self.device = resolve_device(device)
         self.metadata = dict(metadata)
         self.mpp = float(metadata.get("mpp", 0.5))
@@ -62,6 +63,10 @@ class Segmenter:
         if self.device.type == "cpu":
             self.model = self.model.to(memory_format=torch.channels_last)
         self.metadata["mode"] = self.model.mode
+        # the network's runner (pipeline.model.engine): torch, ONNX Runtime or OpenVINO
+        self.engine = build_engine(self.model, self.device, engine, precision, threads, with_embed=self.refine)
+        self.metadata["engine"] = self.engine.name
+        self.metadata["precision"] = self.engine.precision
         # serialises the network calls of threads sharing this segmenter (pipeline.infer workers):
         # one forward uses all intra-op threads; the decoding of one window overlaps the next forward
         self._lock = threading.Lock()
@@ -70,35 +75,25 @@ class Segmenter:
     def mode(self) -> str:
         return self.model.mode
 
-    def _autocast(self):
-        if self.device.type == "cuda":
-            dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-            return torch.autocast("cuda", dtype=dtype)
-        return nullcontext()
-
-    @torch.inference_mode()
     def forward(self, batch: np.ndarray) -> dict:
         """Run the network on ``uint8 (N, H, W, 3)``; returns numpy ``prob`` (N, H, W) float32,
         ``hv`` (N, C, H, W) float32 (C = 2: h, v; C = 3: h, v, distance map in [0, 1]) and the torch
-        ``embed`` (for refinement)."""
+        ``embed`` (for refinement; None unless the segmenter refines or runs torch)."""
         batch = _check_batch(batch)
         n, h, w, _ = batch.shape
         ph = (-h) % PAD_MULTIPLE
         pw = (-w) % PAD_MULTIPLE
-        x = torch.from_numpy(np.array(batch, copy=True)).to(self.device).permute(0, 3, 1, 2).float()
+        x = torch.from_numpy(np.array(batch, copy=True)).permute(0, 3, 1, 2).float()
         if ph or pw:
             x = F.pad(x, (0, pw, 0, ph), mode="reflect" if min(h, w) > max(ph, pw) else "replicate")
-        if self.device.type == "cpu":
-            x = x.contiguous(memory_format=torch.channels_last)
-        with self._autocast():
-            out = self.model(x)
-        maps = out["maps"].float()[:, :, :h, :w]
-        prob = torch.sigmoid(maps[:, 0]).cpu().numpy()
+        maps, embed = self.engine.run(np.ascontiguousarray(x.numpy()))
+        maps = torch.from_numpy(maps[:, :, :h, :w])
+        prob = torch.sigmoid(maps[:, 0]).numpy()
         aux = maps[:, 1:]
         if aux.shape[1] == 3:
             aux = torch.cat([aux[:, :2], torch.sigmoid(aux[:, 2:])], 1)
-        hv = aux.cpu().numpy()
-        return {"prob": prob, "hv": hv, "embed": out["embed"], "padded_hw": (h + ph, w + pw)}
+        hv = np.ascontiguousarray(aux.numpy())
+        return {"prob": prob, "hv": hv, "embed": embed, "padded_hw": (h + ph, w + pw)}
 
     def segment_batch(self, images, timings: dict | None = None) -> list[tuple[np.ndarray, np.ndarray]]:
         """Segment tiles already at :attr:`mpp`.
@@ -122,8 +117,6 @@ class Segmenter:
             with self._lock:  # one network call at a time; decoding runs outside, beside the next forward
                 t0 = time.perf_counter()
                 out = self.forward(images[start:start + step])
-                if self.device.type == "cuda":
-                    torch.cuda.synchronize()
                 t1 = time.perf_counter()
             model_s = t1 - t0
             post_s = 0.0
@@ -190,12 +183,14 @@ class Segmenter:
         return instances_from_maps(prob, hv, mpp, self.params)
 
 
-def load_model(path=None, device: str = "auto", refine: bool = False, teacher=None) -> Segmenter:
+def load_model(path=None, device: str = "auto", refine: bool = False, teacher=None, engine: str = "auto",
+               precision: str = "auto") -> Segmenter:
     """Load a CellSAM checkpoint (default: the shipped weights) as a :class:`Segmenter`.
 
     ``teacher``: a SAM checkpoint path (or a loaded :class:`pipeline.model.teacher.SamTeacher`) for
     dual mode; it is attached only when the checkpoint has a fusion gate (arch ``fusion``). A dual
     checkpoint loaded without a teacher runs in lite mode (student embedding only), with a warning.
+    ``engine`` / ``precision``: the network's runner (:func:`pipeline.model.engine.build_engine`).
     """
     import logging
 
@@ -215,4 +210,4 @@ def load_model(path=None, device: str = "auto", refine: bool = False, teacher=No
     elif model.fusion is not None:
         log.warning("%s: dual-mode checkpoint loaded without --teacher: running lite (student embedding only)",
                     path or "default weights")
-    return Segmenter(model, meta, device=device, refine=refine)
+    return Segmenter(model, meta, device=device, refine=refine, engine=engine, precision=precision)

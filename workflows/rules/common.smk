@@ -92,7 +92,8 @@ def slide_mpp_flag(wildcards):
 
 def infer_flags():
     cfg = config["infer"]
-    flags = [f"--device {cfg['device']}", f"--batch-size {cfg['batch_size']}", f"--halo {cfg['halo_px']}",
+    flags = [f"--device {cfg['device']}", f"--engine {cfg['engine']}", f"--precision {cfg['precision']}",
+             f"--batch-size {cfg['batch_size']}", f"--halo {cfg['halo_px']}",
              f"--tissue-margin {cfg['tissue_margin_px']}"]
     if not cfg["crop_to_tissue"]:
         flags.append("--no-tissue-crop")
