@@ -42,6 +42,9 @@ class SegmentConfig:
     anchor_eps_px: float = 3.0  # anchors within core+eps are kept; dedup resolves the band
     batch_size: int = 4  # tiles per forward pass
     device: str = "auto"  # auto | cpu | cuda
+    # network runner (pipeline.model.engine): auto | torch | onnxruntime | openvino; precision auto | fp32 | bf16
+    engine: str = "auto"
+    precision: str = "auto"
     workers: int = 2  # dask threads / reader threads
     refine: bool = False  # SAM-decoder refinement (see docs/model.md)
     dedup_iou: float = 0.5  # IoU at/above which the lower-ranked duplicate is dropped
@@ -73,9 +76,14 @@ class TrainConfig:
     ema: float = 0.0  # weight EMA decay per iteration (0 = off); validation and outputs use the EMA
 
 
+# compact resume state of a training run (``--resume-state FILE``, pipeline.training.loop): one file
+# small enough to commit next to the code; larger parts (best weights, optimiser moments) are dropped
+RESUME_STATE_MAX_MB = 15.0
+
+
 @dataclass(frozen=True)
 class DistillConfig:
-    """Distillation / dual-mode training (``cellsam distill``, :mod:`pipeline.model.distill`)."""
+    """Distillation / dual-mode training (``cellsam distill``, :mod:`pipeline.training.distill`)."""
 
     epochs: int = 20
     iters_per_epoch: int = 50
@@ -94,7 +102,7 @@ class DistillConfig:
 
 @dataclass(frozen=True)
 class RefinerConfig:
-    """SAM-decoder refiner training (``cellsam distill --refiner``, :mod:`pipeline.model.refine_train`)."""
+    """SAM-decoder refiner training (``cellsam distill --refiner``, :mod:`pipeline.training.refine_train`)."""
 
     epochs: int = 10
     iters_per_epoch: int = 40

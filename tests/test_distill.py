@@ -13,9 +13,9 @@ import torch.nn.functional as F
 from pipeline.cli import main
 from pipeline.model import load_model
 from pipeline.model.checkpoint import load_checkpoint
-from pipeline.model.distill import (DistillConfig, TeacherCache, crop_grid, dihedral_pair, distill, embedding_loss,
-                                    load_crops, train_dual)
-from pipeline.model.refine_train import RefinerConfig, train_refiner
+from pipeline.training.distill import (DistillConfig, TeacherCache, crop_grid, dihedral_pair, distill, embedding_loss,
+                                       load_crops, train_dual)
+from pipeline.training.refine_train import RefinerConfig, train_refiner
 from pipeline.model.teacher import build_tiny_sam_checkpoint, load_teacher
 from conftest import shared_file
 

@@ -14,7 +14,7 @@ import torch
 from pipeline.config import TrainConfig
 from pipeline.errors import ModelError
 from pipeline.model.checkpoint import DEFAULT_WEIGHTS, read_checkpoint
-from pipeline.train import train
+from pipeline.training.train import train
 
 from conftest import shared_file
 

@@ -1,6 +1,6 @@
 """`cellsam distill`: distil a SAM teacher into the student, train dual mode, or train the refiner.
 
-Modes (see pipeline/model/distill.py, pipeline/model/refine_train.py and docs/model.md):
+Modes (see pipeline/training/distill.py, pipeline/training/refine_train.py and docs/model.md):
 
 - default: student encoder learns the teacher's embeddings (teacher embeddings cached in ``--cache``);
 - ``--dual``: fusion gate + dense heads trained with the teacher attached (writes a dual checkpoint);
@@ -55,9 +55,9 @@ def run(args) -> int:
 
     from ..config import with_overrides
     from ..errors import InputError
-    from ..model.checkpoint import DEFAULT_WEIGHTS, load_checkpoint
-    from ..model.distill import DistillConfig, check_out, distill, train_dual
-    from ..model.refine_train import RefinerConfig, train_refiner
+    from ..model.checkpoint import DEFAULT_WEIGHTS, init_identity, load_checkpoint
+    from ..training.distill import DistillConfig, check_out, distill, train_dual
+    from ..training.refine_train import RefinerConfig, train_refiner
     from ..model.teacher import load_teacher
 
     log = logging.getLogger("pipeline.cli")
@@ -76,7 +76,7 @@ def run(args) -> int:
             raise InputError("--refiner needs --init CKPT (the model whose embeddings the decoder learns)")
         model, meta = load_checkpoint(init)
         teacher = load_teacher(args.teacher) if args.teacher else None
-        meta = train_refiner(model, args.data, out, cfg=cfg, teacher=teacher, metadata={**meta, "init": str(init)},
+        meta = train_refiner(model, args.data, out, cfg=cfg, teacher=teacher, metadata={**meta, **init_identity(init)},
                              device=args.device)
     else:
         if not args.teacher:

@@ -1,4 +1,4 @@
-"""`cellsam train`: train or fine-tune the CellSAM model (resumable; see pipeline/train.py)."""
+"""`cellsam train`: train or fine-tune the CellSAM model (resumable; see pipeline/training/train.py)."""
 
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ def run(args):
     from ..config import with_overrides
     from ..model.checkpoint import DEFAULT_WEIGHTS
     from ..config import TrainConfig
-    from ..train import train
+    from ..training.train import train
 
     cfg = with_overrides(TrainConfig(), **{f.name: getattr(args, f.name) for f in fields(TrainConfig)})
     init = DEFAULT_WEIGHTS if args.init == "default" else args.init

@@ -71,6 +71,19 @@ def _load_problem(exc: Exception) -> str:
     return (lines[0] if lines else exc.__class__.__name__)[:200]
 
 
+def init_identity(path) -> dict:
+    """What a checkpoint records about the checkpoint it was started from: its file name and
+    sha256 (``{"init": NAME, "init_sha256": HEX}``), never the absolute path of a machine."""
+    import hashlib
+
+    path = Path(path)
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 22), b""):
+            h.update(block)
+    return {"init": path.name, "init_sha256": h.hexdigest()}
+
+
 def load_checkpoint(path=None) -> tuple[CellSAM, dict]:
     """Build the model from a checkpoint (default: shipped weights). Returns ``(model.eval(), metadata)``."""
     path = DEFAULT_WEIGHTS if path is None else Path(path)

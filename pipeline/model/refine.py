@@ -20,8 +20,8 @@ Refinement (optional, off by default; ``Segmenter(refine=True)`` / ``--refine``)
    definition as :mod:`pipeline.model.postprocess`).
 
 The thresholds (:class:`RefineParams`) live in the checkpoint metadata (``refine``).
-:func:`train_refiner` trains the prompt encoder + mask decoder on frozen embeddings
-(:mod:`pipeline.model.refine_train`).
+:func:`pipeline.training.refine_train.train_refiner` trains the prompt encoder + mask decoder on
+frozen embeddings (training lives in :mod:`pipeline.training`; this module is inference only).
 """
 
 from __future__ import annotations
@@ -365,11 +365,3 @@ def refine_and_fuse(model, embed: torch.Tensor, labels: np.ndarray, scores: np.n
         return labels, scores
     masks, ious = decoder_masks(model, embed, labels, padded_hw, params)
     return fuse_instances(labels, scores, prob, masks, ious, params, mpp)
-
-
-def train_refiner(model, data, out, **kwargs):
-    """Train the prompt encoder + mask decoder on frozen embeddings (see
-    :func:`pipeline.model.refine_train.train_refiner`)."""
-    from .refine_train import train_refiner as _train
-
-    return _train(model, data, out, **kwargs)

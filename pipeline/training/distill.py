@@ -20,9 +20,9 @@ afterwards with ``cellsam train --init``.
 
 ``dual``: the teacher is attached, a gated fusion (:class:`pipeline.model.cellsam.GatedFusion`) is
 added, and the fusion gate + dense decoder are trained with the supervised losses of
-:mod:`pipeline.train` (student frozen; teacher runs on every batch, GPU recommended).
+:mod:`pipeline.training.train` (student frozen; teacher runs on every batch, GPU recommended).
 
-``refiner``: see :mod:`pipeline.model.refine_train`.
+``refiner``: see :mod:`pipeline.training.refine_train`.
 
 All modes are resumable: ``OUT.run/last.pt`` (model + optimiser + scheduler + epoch) is written
 atomically after every epoch and ``OUT.run/log.csv`` gets one row per epoch.
@@ -43,71 +43,15 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import InputError
-from .cellsam import DEFAULT_ARCH, PIXEL_MEAN, PIXEL_STD, CellSAM, GatedFusion
-from .checkpoint import load_checkpoint, save_checkpoint
-from .student import EMBED_STRIDE
-from ..train import append_log_row, optimizer_and_schedule, optimizer_step, resume_from, sampling_weights
+from ..model.cellsam import DEFAULT_ARCH, PIXEL_MEAN, PIXEL_STD, CellSAM, GatedFusion
+from ..model.checkpoint import load_checkpoint
+from ..model.student import EMBED_STRIDE
+from .loop import fit, sampling_weights
 
 log = logging.getLogger(__name__)
 
 
 from ..config import DistillConfig  # noqa: E402,F401  (defaults live in pipeline/config.py)
-
-
-# --------------------------------------------------------------------------------------------------
-# shared resumable loop
-
-
-def fit(model, params, out, metadata: dict, cfg, step, *, extra_row=None) -> dict:
-    """Generic resumable training loop (AdamW, warmup + cosine), shared by all distill modes.
-
-    Parameters
-    ----------
-    model : CellSAM
-        Built with its final architecture (fusion / SAM decoder attached) before calling.
-    params : list of Parameter
-        The trainable parameters.
-    out : path-like
-        Final checkpoint; run state in ``OUT.run/`` (``last.pt``, ``log.csv``).
-    step : callable
-        ``step(rng) -> dict`` of scalar tensors with a ``loss`` entry (one optimisation step's loss).
-    extra_row : callable, optional
-        ``extra_row(epoch) -> dict`` of extra CSV columns.
-
-    Returns
-    -------
-    dict
-        The metadata written with the final checkpoint.
-    """
-    out = Path(out)
-    run = out.with_name(out.name + ".run")
-    run.mkdir(parents=True, exist_ok=True)
-    opt, sched = optimizer_and_schedule(params, cfg)
-    last = run / "last.pt"
-    log_path = run / "log.csv"
-    obj = resume_from(last, model, opt, sched)
-    start = 0 if obj is None else int(obj["epoch"]) + 1
-    for epoch in range(start, cfg.epochs):
-        rng = np.random.default_rng([cfg.seed, epoch])
-        torch.manual_seed(cfg.seed * 100003 + epoch)
-        t0 = time.time()
-        sums: dict = {}
-        for _ in range(cfg.iters_per_epoch):
-            optimizer_step(step(rng), opt, sched, params, sums)
-        row = {"epoch": epoch, "lr": round(float(opt.param_groups[0]["lr"]), 8), "train_s": round(time.time() - t0, 2)}
-        row.update({k: round(v / cfg.iters_per_epoch, 6) for k, v in sums.items()})
-        if extra_row is not None:
-            row.update(extra_row(epoch))
-        save_checkpoint(last, model, metadata, optimizer=opt.state_dict(), scheduler=sched.state_dict(), epoch=epoch)
-        append_log_row(log_path, row)
-        log.info("epoch %d %s", epoch, row)
-    final = {**metadata, "epochs": cfg.epochs}
-    save_checkpoint(out, model, final)
-    if log_path.exists():
-        tmp = out.with_name(out.name + f".log.csv.tmp-{os.getpid()}")
-        shutil.copyfile(log_path, tmp)
-        os.replace(tmp, out.with_name(out.name + ".log.csv"))
-    return final
 
 
 # --------------------------------------------------------------------------------------------------
@@ -138,9 +82,9 @@ def cut_crop(image: np.ndarray, r: int, c: int, crop_px: int) -> np.ndarray:
 
 
 def load_crops(data, cfg: DistillConfig) -> list[dict]:
-    """Fixed crops of the training tiles of ``data`` (see :func:`pipeline.train.load_data`): dicts with
+    """Fixed crops of the training tiles of ``data`` (see :func:`pipeline.training.train.load_data`): dicts with
     ``key`` (``<tile>__r<row>_c<col>``) and ``image`` uint8 (crop, crop, 3)."""
-    from ..train import load_data
+    from .train import load_data
 
     if cfg.crop_px % EMBED_STRIDE:
         raise InputError(f"crop_px must be a multiple of {EMBED_STRIDE}, got {cfg.crop_px}")
@@ -235,25 +179,27 @@ def embedding_loss(s: torch.Tensor, t: torch.Tensor) -> dict:
 
 
 def _resolve_device(device: str) -> torch.device:
-    from .segmenter import resolve_device
+    from ..model.segmenter import resolve_device
 
     return resolve_device(device)
 
 
 def _init_model(init, cfg: DistillConfig) -> tuple[CellSAM, dict]:
-    from ..train import base_metadata
+    from .train import base_metadata
 
     if init is not None:
         model, meta = load_checkpoint(init)
         meta = dict(meta)
-        meta["init"] = str(init)
+        from ..model.checkpoint import init_identity
+
+        meta.update(init_identity(init))  # file name + sha256, never a machine path
     else:
         model, meta = CellSAM(DEFAULT_ARCH), base_metadata(_train_cfg(cfg))
     return model, meta
 
 
 def _train_cfg(cfg: DistillConfig):
-    from ..train import TrainConfig
+    from ..config import TrainConfig
 
     return TrainConfig(epochs=cfg.epochs, iters_per_epoch=cfg.iters_per_epoch, batch_size=cfg.batch_size,
                        crop_px=cfg.crop_px, lr=cfg.lr, weight_decay=cfg.weight_decay, warmup_iters=cfg.warmup_iters,
@@ -281,7 +227,7 @@ def distill(data, out, teacher, *, init=None, cache=None, cfg: DistillConfig = D
     dict
         Final metadata; ``metadata["distill"]["cache_new"]`` counts teacher runs of this call.
     """
-    from .teacher import SamTeacher, load_teacher
+    from ..model.teacher import SamTeacher, load_teacher
 
     dev = _resolve_device(device)
     if cfg.threads:
@@ -329,10 +275,10 @@ def distill(data, out, teacher, *, init=None, cache=None, cfg: DistillConfig = D
 
 def train_dual(data, out, teacher, *, init=None, cfg: DistillConfig = DistillConfig(), device: str = "auto") -> dict:
     """Dual mode: attach the teacher, add the gated fusion, train fusion gate + dense decoder with the
-    supervised losses of :mod:`pipeline.train` (student frozen). Returns the final metadata
+    supervised losses of :mod:`pipeline.training.train` (student frozen). Returns the final metadata
     (``mode`` "dual", ``teacher`` = the teacher's identity; arch ``fusion`` = True)."""
-    from ..train import load_data, losses, make_batch
-    from .teacher import SamTeacher, load_teacher
+    from ..model.teacher import SamTeacher, load_teacher
+    from .train import load_data, losses, make_batch
 
     dev = _resolve_device(device)
     if cfg.threads:

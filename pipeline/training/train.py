@@ -5,7 +5,9 @@ epoch + RNG-free state, written atomically every epoch), ``best.pt`` (best valid
 ``log.csv`` (one row per epoch: losses, validation metrics, seconds). Deterministic given ``seed``:
 each epoch draws its crops from ``numpy.random.default_rng([seed, epoch])``, so an interrupted run
 resumed from ``last.pt`` continues like an uninterrupted one (up to floating-point
-non-associativity of multithreaded CPU kernels).
+non-associativity of multithreaded CPU kernels). ``resume_state=FILE`` (``--resume-state``) also
+keeps a compact, committable copy of that state (fp16 weights; see :mod:`pipeline.training.loop`)
+that a run on another machine resumes from; it is deleted when the run ends.
 
 With ``cfg.ema`` an exponential moving average of the weights (parameters and BatchNorm statistics)
 is kept next to the trained ones; validation, ``best.pt`` and the output use the average, and
@@ -17,11 +19,8 @@ the maps' spatial gradients inside nuclei).
 
 from __future__ import annotations
 
-import copy
-import csv
 import itertools
 import logging
-import shutil
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -30,14 +29,16 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .data.augment import augment
-from .data.datasets import builtin_samples, prepare, split_samples, user_samples
-from .config import TrainConfig
-from .errors import InputError
-from .model.cellsam import DEFAULT_ARCH, CellSAM, grown, with_distance_head
-from .model.checkpoint import load_checkpoint, read_checkpoint, save_checkpoint
-from .model.postprocess import PostprocessParams, instances_from_maps
-from .model.segmenter import Segmenter
+from ..config import TrainConfig
+from ..data.augment import augment
+from ..data.datasets import builtin_samples, prepare, split_samples, user_samples
+from ..errors import InputError
+from ..model.cellsam import DEFAULT_ARCH, CellSAM, grown, with_distance_head
+from ..model.checkpoint import load_checkpoint, save_checkpoint
+from ..model.postprocess import PostprocessParams, instances_from_maps
+from ..model.segmenter import Segmenter
+from .loop import (WeightEMA, end_epoch, finish_run, optimizer_and_schedule, optimizer_step, restore_run,
+                   sampling_weights)
 
 log = logging.getLogger(__name__)
 
@@ -110,7 +111,7 @@ def make_batch(rng, data, weights, cfg: TrainConfig):
 
 def evaluate_model(model, metadata, val_samples, params: PostprocessParams | None = None) -> dict:
     """Validation metrics (native resolution of each tile): mean AJI, PQ, Dice, pixel P/R."""
-    from .metrics import aggregate, evaluate_pair
+    from ..metrics import aggregate, evaluate_pair
 
     seg = Segmenter(model, {**metadata, "postprocess": (params or PostprocessParams()).to_dict()}, device="cpu")
     per = {}
@@ -124,7 +125,7 @@ def evaluate_model(model, metadata, val_samples, params: PostprocessParams | Non
 
 def tune_postprocess(model, metadata, val_samples) -> tuple[PostprocessParams, dict]:
     """Grid-search the decoding thresholds on the validation split (maps computed once)."""
-    from .metrics import aggregate, evaluate_pair
+    from ..metrics import aggregate, evaluate_pair
 
     seg = Segmenter(model, metadata, device="cpu")
     cache = []
@@ -152,8 +153,8 @@ def tune_postprocess(model, metadata, val_samples) -> tuple[PostprocessParams, d
 
 
 def base_metadata(cfg: TrainConfig, arch_mode="lite") -> dict:
-    from .model.cellsam import PIXEL_MEAN, PIXEL_STD
-    from . import __version__
+    from .. import __version__
+    from ..model.cellsam import PIXEL_MEAN, PIXEL_STD
 
     return {"mpp": cfg.mpp, "input": "RGB uint8 0..255 normalised with SAM pixel mean/std",
             "pixel_mean": list(PIXEL_MEAN), "pixel_std": list(PIXEL_STD), "version": __version__,
@@ -161,85 +162,12 @@ def base_metadata(cfg: TrainConfig, arch_mode="lite") -> dict:
             "train_config": asdict(cfg)}
 
 
-def optimizer_and_schedule(params, cfg):
-    """AdamW + linear warm-up (``cfg.warmup_iters``) then cosine decay to 2 % over
-    ``cfg.epochs * cfg.iters_per_epoch`` iterations; shared by ``train`` and ``distill``."""
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    total = cfg.epochs * cfg.iters_per_epoch
+def train(data: str, out, *, init=None, cfg: TrainConfig = TrainConfig(), tune: bool = True,
+          resume_state=None) -> dict:
+    """Train (or resume, or fine-tune from ``init``) and write the final checkpoint to ``out``.
 
-    def lr_at(it):
-        # python floats: a numpy scalar in the scheduler state breaks weights_only loading of last.pt
-        if it < cfg.warmup_iters:
-            return float((it + 1) / cfg.warmup_iters)
-        prog = (it - cfg.warmup_iters) / max(1, total - cfg.warmup_iters)
-        return float(0.02 + 0.98 * 0.5 * (1 + np.cos(np.pi * min(prog, 1.0))))
-
-    return opt, torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
-
-
-def append_log_row(log_path, row: dict) -> None:
-    """Append one epoch row to a run's ``log.csv`` (header written with the first row)."""
-    new = not Path(log_path).exists()
-    with open(log_path, "a", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=list(row))
-        if new:
-            w.writeheader()
-        w.writerow(row)
-
-
-def sampling_weights(tiles: list[dict]) -> np.ndarray:
-    """Probability of drawing each prepared tile for a crop: proportional to its pixel count."""
-    areas = np.array([d["labels"].size for d in tiles], float)
-    return areas / areas.sum()
-
-
-def optimizer_step(ls: dict, opt, sched, params, sums: dict) -> None:
-    """One optimisation step on ``ls["loss"]`` (gradient clipping at 5), accumulating every loss
-    term of ``ls`` into ``sums``; shared by ``train`` and ``distill``."""
-    opt.zero_grad(set_to_none=True)
-    ls["loss"].backward()
-    torch.nn.utils.clip_grad_norm_(params, 5.0)
-    opt.step()
-    sched.step()
-    for k, v in ls.items():
-        sums[k] = sums.get(k, 0.0) + float(v.detach())
-
-
-class WeightEMA:
-    """Exponential moving average of a model's state (floating-point parameters and buffers):
-    ``ema = decay * ema + (1 - decay) * current`` after every step; integer buffers are copied."""
-
-    def __init__(self, model: CellSAM, decay: float) -> None:
-        self.decay = float(decay)
-        self.model = copy.deepcopy(model).eval()
-        for p in self.model.parameters():
-            p.requires_grad_(False)
-
-    @torch.no_grad()
-    def update(self, model: CellSAM) -> None:
-        cur = model.state_dict()
-        for k, e in self.model.state_dict().items():
-            if e.is_floating_point():
-                e.mul_(self.decay).add_(cur[k], alpha=1 - self.decay)
-            else:
-                e.copy_(cur[k])
-
-
-def resume_from(last, model, opt, sched) -> dict | None:
-    """Restore model/optimiser/scheduler from a run's ``last.pt`` if it exists; returns its dict."""
-    last = Path(last)
-    if not last.exists():
-        return None
-    obj = read_checkpoint(last)
-    model.load_state_dict(obj["state_dict"], strict=False)
-    opt.load_state_dict(obj["optimizer"])
-    sched.load_state_dict(obj["scheduler"])
-    log.info("resumed from %s at epoch %d", last, int(obj["epoch"]) + 1)
-    return obj
-
-
-def train(data: str, out, *, init=None, cfg: TrainConfig = TrainConfig(), tune: bool = True) -> dict:
-    """Train (or resume, or fine-tune from ``init``) and write the final checkpoint to ``out``."""
+    ``resume_state``: path of the compact resume file (written every epoch, resumed from, deleted at
+    the end; see :mod:`pipeline.training.loop`)."""
     out = Path(out)
     run = out.with_name(out.name + ".run")
     run.mkdir(parents=True, exist_ok=True)
@@ -255,22 +183,20 @@ def train(data: str, out, *, init=None, cfg: TrainConfig = TrainConfig(), tune: 
         model, meta0 = load_checkpoint(init)
         model = grown(with_distance_head(model), cfg.grow_depth).train()
         metadata = {**base_metadata(cfg), **{k: v for k, v in meta0.items() if k in ("postprocess", "mpp")}}
-        metadata["init"] = str(init)
+        from ..model.checkpoint import init_identity
+
+        metadata.update(init_identity(init))  # file name + sha256, never a machine path
     else:
         model = grown(CellSAM(DEFAULT_ARCH), cfg.grow_depth).train()
         metadata = base_metadata(cfg)
     model = model.to(memory_format=torch.channels_last)
     params = [p for n, p in model.named_parameters() if not n.startswith("teacher.") and p.requires_grad]
     opt, sched = optimizer_and_schedule(params, cfg)
-    obj = resume_from(run / "last.pt", model, opt, sched)
     ema = WeightEMA(model, cfg.ema) if cfg.ema else None
-    if ema is not None and obj is not None and "ema_state_dict" in obj:
-        ema.model.load_state_dict(obj["ema_state_dict"], strict=False)
+    got = restore_run(run, model, opt, sched, ema=ema, resume_state=resume_state, seed=cfg.seed)
     scored = model if ema is None else ema.model
-    start_epoch = 0 if obj is None else int(obj["epoch"]) + 1
-    best_score = -1.0 if obj is None else float(obj.get("best_score", -1.0))
-    last = run / "last.pt"
-    log_path = run / "log.csv"
+    start_epoch = 0 if got is None else got["epoch"] + 1
+    best_score = -1.0 if got is None else got["best_score"]
     for epoch in range(start_epoch, cfg.epochs):
         rng = np.random.default_rng([cfg.seed, epoch])
         torch.manual_seed(cfg.seed * 100003 + epoch)
@@ -295,10 +221,8 @@ def train(data: str, out, *, init=None, cfg: TrainConfig = TrainConfig(), tune: 
             if score > best_score:
                 best_score = score
                 save_checkpoint(run / "best.pt", scored, {**metadata, "epoch": epoch})
-        extra = {} if ema is None else {"ema_state_dict": ema.model.trainable_state_dict()}
-        save_checkpoint(last, model, metadata, optimizer=opt.state_dict(), scheduler=sched.state_dict(),
-                        epoch=epoch, best_score=best_score, **extra)
-        append_log_row(log_path, row)
+        end_epoch(run, model, metadata, opt, sched, epoch, row, seed=cfg.seed, ema=ema, best_score=best_score,
+                  resume_state=resume_state)
         log.info("epoch %d %s", epoch, row)
     # final: best (or last) weights, decoding thresholds tuned on validation
     if (run / "best.pt").exists():
@@ -311,5 +235,5 @@ def train(data: str, out, *, init=None, cfg: TrainConfig = TrainConfig(), tune: 
         final_meta["postprocess"] = best_p.to_dict()
         final_meta["validation"] = {k: round(float(v), 4) for k, v in res.items() if isinstance(v, float)}
     save_checkpoint(out, model, final_meta)
-    shutil.copyfile(log_path, out.with_name(out.name + ".log.csv")) if log_path.exists() else None
+    finish_run(run, out, resume_state)
     return final_meta

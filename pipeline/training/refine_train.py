@@ -10,7 +10,7 @@ Decoding uses the same local windows as inference (:func:`pipeline.model.refine.
 
 Loss (SAM-style): for each prompt, ``BCE + Dice`` of each of the 3 multimask outputs (upsampled to
 pixels) against the GT mask; only the best output is back-propagated; plus ``MSE`` between the
-predicted IoUs and the actual IoUs of all 3 outputs. Resumable via :func:`pipeline.model.distill.fit`.
+predicted IoUs and the actual IoUs of all 3 outputs. Resumable via :func:`pipeline.training.loop.fit`.
 """
 
 from __future__ import annotations
@@ -24,8 +24,8 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import InputError
-from .refine import RefineParams, attach_sam_decoder, decode_windows, prompt_windows
-from .student import EMBED_STRIDE
+from ..model.refine import RefineParams, attach_sam_decoder, decode_windows, prompt_windows
+from ..model.student import EMBED_STRIDE
 
 log = logging.getLogger(__name__)
 
@@ -118,9 +118,9 @@ def train_refiner(model, data, out, *, cfg: RefinerConfig = RefinerConfig(), tea
         Final metadata.
     """
     from ..data.augment import augment
-    from ..train import load_data, sampling_weights
-    from .distill import fit
-    from .segmenter import resolve_device
+    from ..model.segmenter import resolve_device
+    from .loop import fit, sampling_weights
+    from .train import load_data
 
     dev = resolve_device(device)
     if cfg.threads:
