@@ -14,6 +14,9 @@ Without the variable (always, outside tests) it does nothing. Points:
     :func:`pipeline.segment.run_export`: the first strip of nuclei written to the temporaries of
     ``<id>.geojson.gz`` and ``<id>.nuclei.parquet``; their renames, the QC image and the summary
     still pending.
+``train``
+    :func:`pipeline.training.train.train`: the first epoch's run state (``last.pt``, ``log.csv``,
+    the compact ``--resume-state`` file) written, more epochs pending.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ import sys
 import time
 
 ENV = "CELLSAM_TEST_PAUSE_AT"
-POINTS = ("tile", "infer", "export")
+POINTS = ("tile", "infer", "export", "train")
 
 
 def pause_point(name: str) -> None:

@@ -20,6 +20,9 @@ def register(sub):
         p.add_argument(f"--{f.name.replace('_', '-')}", type=type(f.default), default=None,
                        help=f"default {f.default}")
     p.add_argument("--no-tune", action="store_true", help="skip the post-processing threshold search")
+    p.add_argument("--resume-state", metavar="FILE", default=None,
+                   help="compact resume file (fp16 weights, <= 15 MB) rewritten every epoch, resumed from when "
+                        "OUT.run/ is gone (e.g. committed and continued on another machine), deleted at the end")
     p.set_defaults(func=run)
 
 
@@ -31,7 +34,7 @@ def run(args):
 
     cfg = with_overrides(TrainConfig(), **{f.name: getattr(args, f.name) for f in fields(TrainConfig)})
     init = DEFAULT_WEIGHTS if args.init == "default" else args.init
-    meta = train(args.data, args.out, init=init, cfg=cfg, tune=not args.no_tune)
+    meta = train(args.data, args.out, init=init, cfg=cfg, tune=not args.no_tune, resume_state=args.resume_state)
     val = meta.get("validation")
     print(f"wrote {args.out}" + (f" (validation AJI {val['aji']:.3f} PQ {val['pq']:.3f})" if val else ""))
     return 0

@@ -224,6 +224,10 @@ def train(data: str, out, *, init=None, cfg: TrainConfig = TrainConfig(), tune: 
         end_epoch(run, model, metadata, opt, sched, epoch, row, seed=cfg.seed, ema=ema, best_score=best_score,
                   resume_state=resume_state)
         log.info("epoch %d %s", epoch, row)
+        if epoch + 1 < cfg.epochs:
+            from ..testhooks import pause_point
+
+            pause_point("train")  # crash tests only (pipeline.testhooks)
     # final: best (or last) weights, decoding thresholds tuned on validation
     if (run / "best.pt").exists():
         model, meta = load_checkpoint(run / "best.pt")
