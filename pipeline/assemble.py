@@ -37,6 +37,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from . import geometry
+from .config import SegmentConfig
 from .errors import InputError
 from .stitch import (
     CHUNK_SCHEMA,
@@ -68,6 +69,7 @@ class ChunkScan:
     rows_ahead: int = 0  #: max(chunk_row - strip): strip s may need chunk rows up to s + rows_ahead
     instances: int = 0  #: rows over all chunk files (before dedup)
     n_truncated_owned: int = 0  #: masks dropped at an inner window edge (halo too small if > 0)
+    n_implausible_owned: int = 0  #: owned objects dropped as implausible nuclei (size/shape rule)
 
 
 @dataclass
@@ -78,6 +80,7 @@ class DedupResult:
     clipped: dict = field(default_factory=dict)  #: (chunk_row, chunk_col) -> {local_id: Polygon}
     band: int = 0  #: band instances
     pairs: int = 0  #: overlapping pairs
+    conflicts: int = 0  #: pairs whose windows disagreed on the partition (pipeline.stitch.resolve_duplicates)
 
 
 def _read(path, columns=None):
@@ -116,6 +119,7 @@ def scan_chunks(files, chunk_px):
         pf, t = _read(files[rc], ["anchor_y_px", "core_margin_px"])
         md = pf.schema_arrow.metadata or {}
         scan.n_truncated_owned += int(md.get(b"n_truncated_owned", b"0") or 0)
+        scan.n_implausible_owned += int(md.get(b"n_implausible_owned", b"0") or 0)
         if not t.num_rows:
             continue
         scan.instances += t.num_rows
@@ -158,21 +162,24 @@ def _take(nodes, idx):
     return {c: v[idx] for c, v in nodes.items()}
 
 
-def resolve_streaming(scan, *, mpp, dedup_iou, min_area_px):
+def resolve_streaming(scan, *, mpp, dedup_iou, min_area_px, conflict_min_width_px=None):
     """Pass 1: resolve duplicates across chunks, chunk row by chunk row (see the module doc).
 
     Parameters
     ----------
     scan : ChunkScan
         Output of :func:`scan_chunks`.
-    mpp, dedup_iou, min_area_px : float
+    mpp, dedup_iou, min_area_px, conflict_min_width_px : float
         As :func:`pipeline.stitch.resolve_duplicates`.
 
     Returns
     -------
     DedupResult
     """
+    if conflict_min_width_px is None:
+        conflict_min_width_px = SegmentConfig.conflict_min_width_um / mpp
     res = DedupResult()
+    stats = {"conflicts": 0}
     if not scan.instances:
         return res
     k = int(2 * scan.reach_px // scan.chunk_px) + 1  # older rows cannot reach the current one
@@ -189,7 +196,8 @@ def resolve_streaming(scan, *, mpp, dedup_iou, min_area_px):
         local = np.searchsorted(nodes_ids, final_pairs)
         rank = _rank(sub["owned"], sub["score"], sub["chunk_row"], sub["chunk_col"], sub["local_id"])
         alive, clipped = greedy_resolve(geoms, local[:, 0], local[:, 1], final_iou, rank,
-                                        dedup_iou=dedup_iou, min_area_px=min_area_px)
+                                        dedup_iou=dedup_iou, min_area_px=min_area_px,
+                                        conflict_min_width_px=conflict_min_width_px, stats=stats)
         for i in np.flatnonzero(~alive):
             key = (int(sub["chunk_row"][i]), int(sub["chunk_col"][i]))
             res.dropped.setdefault(key, []).append(int(sub["local_id"][i]))
@@ -243,8 +251,10 @@ def resolve_streaming(scan, *, mpp, dedup_iou, min_area_px):
             keep = (live["chunk_row"] > r - k) | np.isin(live["id"], open_pairs)
             live = _take(live, np.flatnonzero(keep))
     res.dropped = {key: np.sort(np.asarray(v, dtype=np.int32)) for key, v in res.dropped.items()}
-    log.info("dedup: %d band instances, %d overlapping pairs, %d dropped, %d clipped", res.band, res.pairs,
-             sum(len(v) for v in res.dropped.values()), sum(len(v) for v in res.clipped.values()))
+    res.conflicts = int(stats["conflicts"])
+    log.info("dedup: %d band instances, %d overlapping pairs, %d dropped, %d clipped, %d conflicts", res.band,
+             res.pairs, sum(len(v) for v in res.dropped.values()), sum(len(v) for v in res.clipped.values()),
+             res.conflicts)
     return res
 
 
@@ -273,11 +283,13 @@ class Stitched:
     ``peak_cached_rows`` the most chunk-table rows it held at once.
     """
 
-    def __init__(self, files, *, mpp, dedup_iou, min_area_um2, chunk_px):
+    def __init__(self, files, *, mpp, dedup_iou, min_area_um2, chunk_px,
+                 conflict_min_width_um=SegmentConfig.conflict_min_width_um):
         self.mpp = float(mpp)
         self.scan = scan_chunks(files, chunk_px)
         self.dedup = resolve_streaming(self.scan, mpp=self.mpp, dedup_iou=dedup_iou,
-                                       min_area_px=float(min_area_um2) / (self.mpp * self.mpp))
+                                       min_area_px=float(min_area_um2) / (self.mpp * self.mpp),
+                                       conflict_min_width_px=float(conflict_min_width_um) / self.mpp)
         self.peak_cached_rows = 0  #: most chunk-table rows held at once while iterating (memory bound)
 
     @property
@@ -325,7 +337,8 @@ class Stitched:
         return pa.concat_tables(parts)
 
 
-def iter_nuclei(files, *, mpp, dedup_iou, min_area_um2, chunk_px):
+def iter_nuclei(files, *, mpp, dedup_iou, min_area_um2, chunk_px,
+                conflict_min_width_um=SegmentConfig.conflict_min_width_um):
     """Final nuclei of chunk files, strip by strip (passes 0-2 of the module doc).
 
     Parameters
@@ -344,4 +357,5 @@ def iter_nuclei(files, *, mpp, dedup_iou, min_area_um2, chunk_px):
     Stitched
         Iterable of strip tables (``nucleus_id`` first, then :data:`pipeline.stitch.CHUNK_SCHEMA`).
     """
-    return Stitched(files, mpp=mpp, dedup_iou=dedup_iou, min_area_um2=min_area_um2, chunk_px=chunk_px)
+    return Stitched(files, mpp=mpp, dedup_iou=dedup_iou, min_area_um2=min_area_um2, chunk_px=chunk_px,
+                    conflict_min_width_um=conflict_min_width_um)

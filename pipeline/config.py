@@ -49,6 +49,16 @@ class SegmentConfig:
     refine: bool = False  # SAM-decoder refinement (see docs/model.md)
     dedup_iou: float = 0.5  # IoU at/above which the lower-ranked duplicate is dropped
     min_area_um2: float = 3.0  # nuclei smaller than this are discarded
+    # implausible objects (far outside nucleus size/shape: tissue folds, keratin, merged clumps) are
+    # discarded per window, before dedup, and counted (summary "nuclei_dropped_implausible")
+    max_area_um2: float = 200.0  # objects larger than this are not nuclei
+    min_circularity: float = 0.1  # objects less circular than this are not nuclei
+    # dedup: when the part of a losing instance not covered by the winner still holds a disk of
+    # this diameter, the two windows disagree on the partition (merge vs split): that part is
+    # kept as its own nucleus and the pair counted in summary "stitch_conflicts"
+    conflict_min_width_um: float = 3.0
+    # QuPath cells: grow each nucleus by this many µm (Voronoi-limited, clipped to tissue); 0 = off
+    cell_expansion_um: float = 0.0
     geojson_plain: bool = False  # also write an uncompressed .geojson
     # the model sees only the part of each window within tissue_margin_px of the tissue mask
     # (aligned to 16 px); windows at the tissue's edge shrink, fully covered ones are unchanged
@@ -74,6 +84,13 @@ class TrainConfig:
     log_every: int = 20  # iterations between progress log lines
     grow_depth: int = 0  # extra zero-initialised residual blocks per stage (pipeline.model.cellsam.grown)
     ema: float = 0.0  # weight EMA decay per iteration (0 = off); validation and outputs use the EMA
+
+
+# SAM teacher (pipeline.model.teacher): one physical scale everywhere. Every window is cut into
+# crops of SAM_TEACHER_TILE_PX model pixels, each resized by img_size / SAM_TEACHER_TILE_PX (4x for the
+# official 1024-px SAMs: SAM sees 0.125 µm/px at the model's 0.5), and the embeddings are stitched
+SAM_TEACHER_TILE_PX = 256
+SAM_TEACHER_BATCH = 4  # SAM inputs per encoder call (memory bound: a ViT-H 1024 input needs ~2 GB)
 
 
 # compact resume state of a training run (``--resume-state FILE``, pipeline.training.loop): one file
@@ -122,6 +139,15 @@ class RefinerConfig:
 
 
 @dataclass(frozen=True)
+class EvaluateConfig:
+    """Point-based scoring (``cellsam evaluate --points``, :func:`pipeline.metrics.match_points`)."""
+
+    # a predicted centre matches a ground-truth point within this distance (CRCHisto protocol:
+    # 6 px at 0.55 µm/px, Sirinukunwattana et al. 2016)
+    point_radius_um: float = 3.3
+
+
+@dataclass(frozen=True)
 class Config:
     tissue: TissueConfig = field(default_factory=TissueConfig)
     store: StoreConfig = field(default_factory=StoreConfig)
@@ -150,5 +176,7 @@ def with_overrides(cfg, **overrides):
                         raise ConfigError(f"{key} must be >= 0, got {value}")
                 else:
                     raise ConfigError(f"{key} must be > 0, got {value}")
+            if key == "cell_expansion_um" and not 0 <= value <= 100:
+                raise ConfigError(f"{key} must be between 0 (off) and 100 µm, got {value}")
         clean[key] = value
     return replace(cfg, **clean)

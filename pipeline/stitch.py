@@ -17,7 +17,9 @@ nucleus is seen whole by its owner; nothing is ever cut or glued across a seam.
 Across windows (:func:`resolve_duplicates`), only instances near a core boundary can overlap an
 instance of another chunk; those go through an STRtree. Overlapping pairs from different chunks
 are resolved greedily under a total order; finally :func:`assign_ids` numbers nuclei 1..N in a
-position order. Same inputs -> same table, whatever the order chunks were processed in.
+position order. When two windows disagree on the partition (one merges two touching nuclei that
+the other splits) the rule keeps the part of the loser the winner does not cover as its own
+nucleus, so nothing is lost; such *conflicts* are counted (:func:`resolve_duplicates`). Same inputs -> same table, whatever the order chunks were processed in.
 
 Chunk table schema (:data:`CHUNK_SCHEMA`, one row per kept instance, sorted by ``local_id``):
 
@@ -133,7 +135,8 @@ def _check_window(labels, scores, rgb, window_origin_rc, core_box_rc, store_shap
 
 
 def extract_chunk_instances(labels, scores, rgb, *, window_origin_rc, core_box_rc, store_shape_rc,
-                            mpp, eps_px, min_area_um2, chunk_rc):
+                            mpp, eps_px, min_area_um2, chunk_rc, max_area_um2=SegmentConfig.max_area_um2,
+                            min_circularity=SegmentConfig.min_circularity):
     """Instances one window contributes to the slide (steps 1-4 of the module docstring).
 
     Parameters
@@ -158,6 +161,10 @@ def extract_chunk_instances(labels, scores, rgb, *, window_origin_rc, core_box_r
         Instances whose polygon area is below this are dropped.
     chunk_rc : tuple of int
         Core grid (row, col) written to ``chunk_row``/``chunk_col``.
+    max_area_um2, min_circularity : float
+        Plausibility rule: instances larger than ``max_area_um2`` or with a circularity below
+        ``min_circularity`` are not nuclei (tissue folds, keratin flakes, merged clumps) and are
+        dropped; an undefined circularity (a one-pixel mask) passes.
 
     Returns
     -------
@@ -165,7 +172,8 @@ def extract_chunk_instances(labels, scores, rgb, *, window_origin_rc, core_box_r
         :data:`CHUNK_SCHEMA`, sorted by ``local_id``. The schema metadata
         ``{b"n_truncated_owned": ...}`` counts masks dropped for touching an inner window edge
         whose anchor was inside the core (nonzero means the halo is too small, see
-        :func:`check_halo`); a warning is logged in that case.
+        :func:`check_halo`); a warning is logged in that case. ``{b"n_implausible_owned": ...}``
+        counts owned instances dropped by the plausibility rule.
 
     Raises
     ------
@@ -228,6 +236,9 @@ def extract_chunk_instances(labels, scores, rgb, *, window_origin_rc, core_box_r
         raise StitchError(f"chunk {tuple(chunk_rc)}: {len(ids) - len(pid)} kept masks have no outline")
     shape = measure.shape_measurements(polys, mpp)
     big = (shape["area_um2"] >= min_area_um2) & ~shapely.is_empty(polys)
+    implausible = big & ((shape["area_um2"] > max_area_um2) | (shape["circularity"] < min_circularity))
+    n_implausible = int((implausible & owned).sum())
+    big &= ~implausible
     ids, ay, ax, owned, polys = ids[big], ay[big], ax[big], owned[big], polys[big]
     shape = {k: v[big] for k, v in shape.items()}
     inten = measure.intensity_measurements(labels, rgb, ids, pixels=(fg, lab))
@@ -258,7 +269,8 @@ def extract_chunk_instances(labels, scores, rgb, *, window_origin_rc, core_box_r
     }
     table = pa.Table.from_pydict({f.name: pa.array(cols[f.name], type=f.type) for f in CHUNK_SCHEMA},
                                  schema=CHUNK_SCHEMA)
-    return table.replace_schema_metadata({b"n_truncated_owned": str(n_trunc_owned).encode()})
+    return table.replace_schema_metadata({b"n_truncated_owned": str(n_trunc_owned).encode(),
+                                          b"n_implausible_owned": str(n_implausible).encode()})
 
 
 def _rank(owned, score, chunk_row, chunk_col, local_id):
@@ -336,7 +348,15 @@ def overlap_pairs(geoms, chunk_key, query=None):
     return left[pos], right[pos], iou[pos]
 
 
-def greedy_resolve(geoms, left, right, iou, rank, *, dedup_iou, min_area_px):
+def _holds_disk(geoms, width_px):
+    """True where a geometry contains a disk of diameter ``width_px`` (erosion by half of it is not empty)."""
+    if width_px <= 0:
+        return ~shapely.is_empty(geoms)
+    return ~shapely.is_empty(shapely.buffer(geoms, -0.5 * width_px, quad_segs=4))
+
+
+def greedy_resolve(geoms, left, right, iou, rank, *, dedup_iou, min_area_px, conflict_min_width_px=None,
+                   stats=None):
     """Resolve overlapping pairs greedily under a total order (the core of :func:`resolve_duplicates`).
 
     Pairs are processed in the order (rank of winner, rank of loser), the winner being the row of
@@ -355,11 +375,19 @@ def greedy_resolve(geoms, left, right, iou, rank, *, dedup_iou, min_area_px):
         Position of each instance in the total order (:func:`_rank`).
     dedup_iou, min_area_px : float
         See :func:`resolve_duplicates`.
+    conflict_min_width_px : float, optional
+        See :func:`resolve_duplicates`; ``None`` = ``2 * sqrt(min_area_px / pi)`` (the diameter of
+        the smallest nucleus; callers pass ``SegmentConfig.conflict_min_width_um / mpp``).
+    stats : dict, optional
+        ``stats["conflicts"]`` is incremented by the number of conflict pairs.
 
     Returns
     -------
     alive, clipped : numpy.ndarray, bool, shape (K,)
     """
+    if conflict_min_width_px is None:
+        conflict_min_width_px = 2.0 * float(np.sqrt(max(min_area_px, 0.0) / np.pi))
+    n_conflicts = 0
     left, right = np.asarray(left, dtype=np.int64), np.asarray(right, dtype=np.int64)
     win = np.where(rank[left] < rank[right], left, right)
     lose = np.where(rank[left] < rank[right], right, left)
@@ -374,17 +402,27 @@ def greedy_resolve(geoms, left, right, iou, rank, *, dedup_iou, min_area_px):
             if inter_area[0] <= 0:
                 continue
             pair_iou = pair_iou[0]
-        if pair_iou >= dedup_iou:
-            alive[l] = False
-            continue
-        rest = geometry.clean_polygons(geometry.largest_polygon(
-            np.array([shapely.difference(geoms[l], geoms[w])], dtype=object)))[0]
+        pair = np.array([geoms[l], geoms[w]], dtype=object)
+        # the parts of each instance the other does not cover (largest part, on the 0.01 px grid)
+        rest, extra = geometry.clean_polygons(geometry.largest_polygon(shapely.difference(pair, pair[::-1])))
         area = shapely.area(rest)
-        if shapely.is_empty(rest) or area < min_area_px or area < MIN_KEEP_FRACTION * shapely.area(geoms[l]):
-            alive[l] = False
-        else:
+        big = not shapely.is_empty(rest) and area >= min_area_px
+        if big and pair_iou < dedup_iou and area >= MIN_KEEP_FRACTION * shapely.area(geoms[l]):
+            geoms[l] = rest  # partial overlap: the loser keeps what the winner leaves
+            clipped[l] = True
+            continue
+        # the loser would be dropped; if either side has a nucleus-sized part the other does not
+        # cover, the windows disagree on the partition (one merged what the other split): a conflict
+        solid = _holds_disk(np.array([rest, extra], dtype=object), conflict_min_width_px)
+        if solid.any():
+            n_conflicts += 1
+        if big and solid[0]:  # the winner misses a whole nucleus of the loser: keep it
             geoms[l] = rest
             clipped[l] = True
+        else:  # the loser is covered by the winner (up to slivers): nothing is lost
+            alive[l] = False
+    if stats is not None:
+        stats["conflicts"] = stats.get("conflicts", 0) + n_conflicts
     return alive, clipped
 
 
@@ -413,7 +451,8 @@ def apply_clips(table, geoms, mpp):
     return out
 
 
-def resolve_duplicates(table, *, mpp, dedup_iou=SegmentConfig.dedup_iou, min_area_px=None):
+def resolve_duplicates(table, *, mpp, dedup_iou=SegmentConfig.dedup_iou, min_area_px=None,
+                       conflict_min_width_px=None, stats=None):
     """Resolve overlaps between instances of different chunks (boundary band only).
 
     Candidates: ``S`` = instances whose bbox touches or leaves their core
@@ -426,11 +465,21 @@ def resolve_duplicates(table, *, mpp, dedup_iou=SegmentConfig.dedup_iou, min_are
     (:func:`greedy_resolve`):
 
     - a pair with a dropped member is skipped (suppressed instances suppress nothing);
-    - IoU >= ``dedup_iou`` (recomputed if either polygon was clipped before): drop the loser;
-    - otherwise the loser becomes ``loser.difference(winner)`` (largest part, on the 0.01 px
-      grid), dropped if smaller than ``min_area_px`` or than :data:`MIN_KEEP_FRACTION` of its
-      area. Clipped nuclei get their shape measurements recomputed; their intensity measurements
-      stay those of the model's mask.
+    - ``rest = loser.difference(winner)`` (largest part, on the 0.01 px grid);
+    - IoU < ``dedup_iou`` (recomputed if either polygon was clipped before) and ``rest`` at least
+      ``min_area_px`` and :data:`MIN_KEEP_FRACTION` of the loser: the loser becomes ``rest``
+      (partial overlap);
+    - otherwise the loser is a duplicate and is dropped, **unless the two windows disagree on the
+      partition**: if ``rest`` (or ``winner - loser``) still holds a disk of diameter
+      ``conflict_min_width_px`` (a nucleus, not a sliver), one window merged what the other split
+      (e.g. two touching nuclei across a seam, both anchors moved by more than ``anchor_eps_px``).
+      Such a pair is a *conflict* (counted in ``stats["conflicts"]``, the summary's
+      ``stitch_conflicts``); the loser becomes ``rest`` when ``rest`` holds the disk and covers
+      ``min_area_px``, else it is dropped, being covered by the winner. Either way the union of
+      the pair stays covered: no nucleus is lost, at worst two stay merged in the winner.
+
+    Clipped nuclei get their shape measurements recomputed; their intensity measurements and
+    anchors stay those of the model's mask.
 
     This is the in-memory reference; :mod:`pipeline.assemble` computes the same result chunk row
     by chunk row with bounded memory.
@@ -446,6 +495,10 @@ def resolve_duplicates(table, *, mpp, dedup_iou=SegmentConfig.dedup_iou, min_are
     min_area_px : float, optional
         Minimum area of a clipped nucleus, store px^2; default
         ``SegmentConfig.min_area_um2 / mpp**2``.
+    conflict_min_width_px : float, optional
+        Default ``SegmentConfig.conflict_min_width_um / mpp``.
+    stats : dict, optional
+        Receives ``"conflicts"`` (number of conflict pairs).
 
     Returns
     -------
@@ -454,6 +507,8 @@ def resolve_duplicates(table, *, mpp, dedup_iou=SegmentConfig.dedup_iou, min_are
     """
     if min_area_px is None:
         min_area_px = SegmentConfig.min_area_um2 / (mpp * mpp)
+    if conflict_min_width_px is None:
+        conflict_min_width_px = SegmentConfig.conflict_min_width_um / mpp
     n = table.num_rows
     if n == 0:
         return table
@@ -466,7 +521,8 @@ def resolve_duplicates(table, *, mpp, dedup_iou=SegmentConfig.dedup_iou, min_are
     chunk = sub["chunk_row"].to_numpy().astype(np.int64) * (1 << 32) + sub["chunk_col"].to_numpy()
     left, right, iou = overlap_pairs(geoms, chunk)
     alive, clipped = greedy_resolve(geoms, left, right, iou, _table_rank(sub), dedup_iou=dedup_iou,
-                                    min_area_px=min_area_px)
+                                    min_area_px=min_area_px, conflict_min_width_px=conflict_min_width_px,
+                                    stats=stats)
     log.info("dedup: %d band instances, %d overlapping pairs, %d dropped, %d clipped",
              len(sub), len(left), int((~alive).sum()), int((clipped & alive).sum()))
 

@@ -211,3 +211,71 @@ def test_check_halo_names_the_parameter():
     check_halo(64, 40.0, 3.0)
     with pytest.raises(StitchError, match=r"halo_px.*at least 44"):
         check_halo(32, 40.2, 3.0)
+
+
+def _merge_split_windows(merged_score, split_score):
+    """Two windows across the seam at col 64 that disagree: the left one merges two touching nuclei
+    X (long, thin, mostly left) and Y (right), the right one splits them. The merged anchor lies in
+    the left core; X's anchor is far from the right core, so the right window keeps only Y."""
+    H, W = 60, 128
+    truth = np.zeros((H, W), np.uint32)
+    truth[20:30, 30:64] = 1  # X: 340 px, centroid col 47
+    truth[13:37, 64:80] = 2  # Y: 384 px, centroid col 72
+    rgb = np.full((H, W, 3), 200, np.uint8)
+    merged = (truth > 0).astype(np.uint32)
+    kw = dict(store_shape_rc=(H, W), mpp=MPP, eps_px=EPS, min_area_um2=MIN_AREA_UM2)
+    left = extract_chunk_instances(merged[:, :96].copy(), np.array([merged_score], np.float32), rgb[:, :96],
+                                   window_origin_rc=(0, 0), core_box_rc=(0, 0, H, 64), chunk_rc=(0, 0), **kw)
+    right = extract_chunk_instances(truth[:, 32:].copy(), np.array([0.5, split_score], np.float32), rgb[:, 32:],
+                                    window_origin_rc=(0, 32), core_box_rc=(0, 64, H, W), chunk_rc=(0, 1), **kw)
+    return truth, left, right
+
+
+@pytest.mark.parametrize("merged_score,split_score", [(0.6, 0.9), (0.9, 0.6)])
+def test_windows_that_merge_and_split_lose_no_nucleus(merged_score, split_score):
+    truth, left, right = _merge_split_windows(merged_score, split_score)
+    assert left.num_rows == 1 and left["owned"].to_pylist() == [True]  # the merged instance, owned left
+    assert right.num_rows == 1 and right["owned"].to_pylist() == [True]  # Y only: X's anchor is far away
+    stats = {}
+    out = assign_ids(resolve_duplicates(pa.concat_tables([left, right]), mpp=MPP, stats=stats))
+    assert stats["conflicts"] == 1
+    polys = geometry.from_wkb(out["geometry"])
+    union = shapely.union_all(polys)
+    _, x = geometry.labels_to_polygons((truth == 1).astype(np.uint32))
+    _, y = geometry.labels_to_polygons((truth == 2).astype(np.uint32))
+    for nucleus in (x[0], y[0]):  # every true nucleus stays covered
+        assert shapely.area(shapely.intersection(nucleus, union)) >= 0.95 * shapely.area(nucleus)
+    # and the survivors do not overlap
+    if len(polys) == 2:
+        assert shapely.area(shapely.intersection(polys[0], polys[1])) < 1e-6
+    if split_score > merged_score:  # the split window wins: X is kept as the rest of the merged mask
+        assert out.num_rows == 2
+
+
+def test_merge_split_conflicts_are_counted_by_the_streaming_stitch(tmp_path):
+    import pyarrow.parquet as pq
+
+    from pipeline.assemble import iter_nuclei
+
+    _, left, right = _merge_split_windows(0.6, 0.9)
+    files = {}
+    for rc, t in [((0, 0), left), ((0, 1), right)]:
+        files[rc] = tmp_path / f"{rc[0]}_{rc[1]}.parquet"
+        pq.write_table(t, files[rc])
+    st = iter_nuclei(files, mpp=MPP, dedup_iou=0.5, min_area_um2=MIN_AREA_UM2, chunk_px=64)
+    got = st.table()
+    ref = assign_ids(resolve_duplicates(pa.concat_tables([left, right]).replace_schema_metadata(None), mpp=MPP))
+    assert st.dedup.conflicts == 1 and got.num_rows == 2 and got.equals(ref)
+
+
+def test_implausible_objects_are_dropped_and_counted():
+    labels = np.zeros((120, 120), np.uint32)
+    labels[10:20, 10:20] = 1  # 25 µm^2: a nucleus
+    labels[40:80, 30:80] = 2  # 500 µm^2: not a nucleus
+    labels[100:103, 5:100] = 3  # a 3-px line: circularity < 0.1
+    rgb = np.full((120, 120, 3), 128, np.uint8)
+    t = extract_chunk_instances(labels, np.ones(3, np.float32), rgb, window_origin_rc=(0, 0),
+                                core_box_rc=(0, 0, 120, 120), store_shape_rc=(120, 120), mpp=MPP, eps_px=EPS,
+                                min_area_um2=MIN_AREA_UM2, chunk_rc=(0, 0))
+    assert t["local_id"].to_pylist() == [1]
+    assert int(t.schema.metadata[b"n_implausible_owned"]) == 2
