@@ -67,6 +67,21 @@ class SegmentConfig:
 
 
 @dataclass(frozen=True)
+class MppCheckConfig:
+    """µm/px plausibility check after inference (:mod:`pipeline.mppcheck`, ``summary["mpp_check"]``)."""
+
+    # median area of the detected nuclei expected on H&E (µm²; equivalent diameter 3.9-11.8 µm)
+    median_area_um2: tuple = (12.0, 110.0)
+    # the shipped model's median nucleus area at the right µm/px (geometric mean over 6 references)
+    reference_area_um2: float = 27.0
+    probe_tiles: int = 4  # tissue tiles the scale probe runs the model on (0 = no probe)
+    probe_tile_px: int = 384  # edge of a probe tile, store pixels
+    probe_factors: tuple = (0.5, 1.0, 2.0)  # hypotheses: a store pixel is really h x its declared size
+    probe_tolerance: float = 1.5  # plausible when 1/tol <= h* <= tol
+    min_nuclei: int = 30  # fewer nuclei: not judged
+
+
+@dataclass(frozen=True)
 class TrainConfig:
     """Training of the CellSAM dense heads (``cellsam train``)."""
 

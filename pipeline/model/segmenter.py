@@ -147,7 +147,7 @@ class Segmenter:
         h, w = image.shape[:2]
         factor = mpp / self.mpp
         if abs(factor - 1.0) > 0.01:
-            x = torch.from_numpy(image).permute(2, 0, 1)[None].float()
+            x = torch.from_numpy(np.array(image, copy=True)).permute(2, 0, 1)[None].float()  # inputs may be read-only
             size = (max(16, int(round(h * factor))), max(16, int(round(w * factor))))
             x = F.interpolate(x, size=size, mode="bilinear", antialias=factor < 1, align_corners=False)
             small = x.round().clamp(0, 255).to(torch.uint8)[0].permute(1, 2, 0).numpy()
@@ -176,9 +176,18 @@ class Segmenter:
         scores : ndarray of shape (K,), float32
         """
         mpp = self.mpp if mpp is None else float(mpp)
-        if self.refine or abs(mpp / self.mpp - 1.0) <= 0.01:
-            if abs(mpp / self.mpp - 1.0) <= 0.01:
-                return self.segment_batch(_check_batch(image))[0]
+        if not mpp > 0:
+            raise InputError(f"µm/px must be > 0, got {mpp}")
+        if abs(mpp / self.mpp - 1.0) <= 0.01:
+            return self.segment_batch(_check_batch(image))[0]
+        if self.refine:
+            # the SAM decoder works on the embedding of the tile at the model's µm/px: segment and
+            # refine there, then bring the instances back to the input grid (nearest neighbour)
+            from .resample import resample_image, resample_labels
+
+            image = _check_batch(image)[0]
+            lab, sc = self.segment_batch(resample_image(image, mpp / self.mpp)[None])[0]
+            return resample_labels(lab, sc, image.shape[:2])
         prob, hv = self.predict_maps(image, mpp)
         return instances_from_maps(prob, hv, mpp, self.params)
 

@@ -8,10 +8,16 @@ derived from the tensor shapes (embedding width, depth, heads, windows, input si
 dict is loaded strictly. The image encoder becomes the teacher; the prompt encoder / mask decoder
 weights stay available (``SamTeacher.decoder_state``) to initialise CellSAM's refinement decoder.
 
-The teacher receives CellSAM's normalised input (SAM pixel mean/std) of any size (multiples of 16),
-resizes its longer side to the encoder's ``img_size`` (1024 for the official models), pads
-bottom/right with zeros (= SAM's pad-after-normalisation), and returns its 256-d embedding of the
-valid region resampled to the student's grid ``(N, 256, H/16, W/16)``.
+**One physical scale.** The teacher receives CellSAM's normalised input (SAM pixel mean/std) of any
+size (multiples of 16) and always encodes it the same way: the input is cut into crops of
+``tile_px`` model pixels (:data:`pipeline.config.SAM_TEACHER_TILE_PX`, 256; step ``tile_px``, the
+last crop aligned to the far edge, a side shorter than a crop is one zero-padded crop), each crop is
+resized by the fixed factor ``img_size / tile_px`` (4x for the official 1024-px models), padded
+bottom/right with zeros (= SAM's pad-after-normalisation) and encoded; each crop's 256-d embedding of
+its valid region is resampled to the student's grid (H/16 per crop side) and the crops' embeddings
+are stitched (two overlapping crops split their overlap in the middle). So a 256-px training crop
+and a 1216-px whole-slide window are seen at the same scale, and a region that is one of the
+window's crops gets exactly the features it gets as a training crop (:func:`teacher_tiles`).
 
 :func:`build_tiny_sam_checkpoint` writes a small randomly initialised SAM with the official key
 names (for tests and benchmarks).
@@ -29,6 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..config import SAM_TEACHER_BATCH, SAM_TEACHER_TILE_PX
 from ..errors import ModelError
 
 log = logging.getLogger(__name__)
@@ -159,27 +166,57 @@ def build_sam(arch: dict):
 # the teacher module
 
 
+def teacher_tiles(n: int, tile: int) -> list[tuple[int, int, int, int]]:
+    """Crops of one axis of length ``n`` (pixels, multiples of 16) for the teacher.
+
+    Returns
+    -------
+    list of (start, stop, own_start, own_stop)
+        Crop ``[start, stop)`` (``stop - start <= tile``; the last crop is aligned to ``n``) and the
+        part ``[own_start, own_stop)`` of the axis whose embedding it supplies: consecutive crops
+        that overlap split the overlap in the middle (rounded to the 16-px grid), the others own
+        themselves.
+    """
+    if n <= tile:
+        return [(0, n, 0, n)]
+    starts = list(range(0, n - tile + 1, tile))
+    if starts[-1] != n - tile:
+        starts.append(n - tile)
+    bounds = [0]
+    for a, b in zip(starts[:-1], starts[1:]):
+        bounds.append(((b + a + tile) // 2) // 16 * 16)
+    bounds.append(n)
+    return [(st, st + tile, bounds[i], bounds[i + 1]) for i, st in enumerate(starts)]
+
+
 class SamTeacher(nn.Module):
     """Frozen SAM image encoder mapping CellSAM's normalised input to the student's embedding grid.
 
     Input ``float32 (N, 3, H, W)`` normalised with SAM's pixel mean/std, H and W multiples of 16.
-    Output ``float32 (N, 256, H/16, W/16)``. Always in eval mode, no trainable parameters.
+    Output ``float32 (N, 256, H/16, W/16)``. Always in eval mode, no trainable parameters. Every input
+    is encoded in crops of :attr:`tile_px` at the fixed scale :attr:`scale` (module docstring).
 
     Attributes
     ----------
     info : dict
-        JSON-able identity stored in checkpoint metadata (``type``, ``file``, ``bytes``, ``encoder``).
+        JSON-able identity stored in checkpoint metadata (``type``, ``file`` (name only),
+        ``sha256``, ``bytes``, ``encoder``, ``tile_px``).
     decoder_state : dict of str to Tensor
         SAM's ``prompt_encoder.*`` / ``mask_decoder.*`` weights from the same checkpoint.
     decoder_cfg : dict
         Their architecture (``mlp_dim``, ``depth``, ``num_heads``...; see :func:`detect_sam_arch`).
     """
 
-    def __init__(self, encoder: nn.Module, info: dict, decoder_state: dict, decoder_cfg: dict) -> None:
+    def __init__(self, encoder: nn.Module, info: dict, decoder_state: dict, decoder_cfg: dict,
+                 tile_px: int = SAM_TEACHER_TILE_PX, batch: int = SAM_TEACHER_BATCH) -> None:
         super().__init__()
+        if tile_px % 16 or tile_px <= 0:
+            raise ModelError(f"teacher tile_px must be a positive multiple of 16, got {tile_px}")
         self.encoder = encoder
-        self.info = info
         self.img_size = int(encoder.img_size)
+        self.tile_px = int(tile_px)
+        self.batch = max(1, int(batch))
+        self.info = {**info, "tile_px": self.tile_px}
         self.decoder_state = decoder_state
         self.decoder_cfg = decoder_cfg
         for p in self.encoder.parameters():
@@ -193,23 +230,48 @@ class SamTeacher(nn.Module):
     def type(self) -> str:
         return self.info["type"]
 
-    def forward(self, xn: torch.Tensor) -> torch.Tensor:
-        n, _, h, w = xn.shape
-        s = self.img_size / max(h, w)
+    @property
+    def scale(self) -> float:
+        """SAM input pixels per model pixel (the same for every input)."""
+        return self.img_size / self.tile_px
+
+    def _encode(self, crops: torch.Tensor) -> torch.Tensor:
+        """``(B, 3, h, w)`` crops (h, w <= tile_px, multiples of 16) -> ``(B, 256, h/16, w/16)``."""
+        _, _, h, w = crops.shape
+        s = self.scale
         rh, rw = max(1, round(h * s)), max(1, round(w * s))
-        x = xn
+        x = crops
         if (rh, rw) != (h, w):
             x = F.interpolate(x, size=(rh, rw), mode="bilinear", align_corners=False, antialias=s < 1)
         x = F.pad(x, (0, self.img_size - rw, 0, self.img_size - rh))
         with torch.no_grad():
-            emb = self.encoder(x.contiguous())
+            emb = torch.cat([self.encoder(x[i:i + self.batch].contiguous()) for i in range(0, x.shape[0], self.batch)])
         ps = self.img_size // emb.shape[-1]
         emb = emb[:, :, : -(-rh // ps), : -(-rw // ps)]
         out_hw = (h // 16, w // 16)
         if tuple(emb.shape[-2:]) != out_hw:
             down = emb.shape[-2] > out_hw[0]
             emb = F.interpolate(emb.float(), size=out_hw, mode="bilinear", align_corners=False, antialias=down)
-        return emb.float().contiguous()
+        return emb.float()
+
+    def forward(self, xn: torch.Tensor) -> torch.Tensor:
+        n, _, h, w = xn.shape
+        rows, cols = teacher_tiles(h, self.tile_px), teacher_tiles(w, self.tile_px)
+        out = xn.new_zeros((n, 256, h // 16, w // 16), dtype=torch.float32)
+        # crops of equal size are encoded together (interior crops are all tile_px x tile_px)
+        groups: dict = {}
+        for r in rows:
+            for c in cols:
+                groups.setdefault((r[1] - r[0], c[1] - c[0]), []).append((r, c))
+        for items in groups.values():
+            crops = torch.cat([xn[:, :, r[0]:r[1], c[0]:c[1]] for r, c in items])
+            emb = self._encode(crops)
+            for j, (r, c) in enumerate(items):
+                e = emb[j * n:(j + 1) * n]
+                (r0, _, o0, o1), (c0, _, q0, q1) = r, c
+                out[:, :, o0 // 16:o1 // 16, q0 // 16:q1 // 16] = \
+                    e[:, :, (o0 - r0) // 16:(o1 - r0) // 16, (q0 - c0) // 16:(q1 - c0) // 16]
+        return out.contiguous()
 
 
 def load_teacher(path) -> SamTeacher:
@@ -230,10 +292,23 @@ def load_teacher(path) -> SamTeacher:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else exc.__class__.__name__
         raise ModelError(f"{path}: SAM checkpoint does not match the detected {arch['type']} architecture ({first[:200]})") from None
     decoder_state = {k: v for k, v in sd.items() if k.startswith(("prompt_encoder.", "mask_decoder."))}
-    info = {"type": arch["type"], "file": path.name, "bytes": path.stat().st_size, "encoder": arch["encoder"]}
+    # identity: file name + content hash, never a machine path
+    info = {"type": arch["type"], "file": path.name, "sha256": file_sha256(path), "bytes": path.stat().st_size,
+            "encoder": arch["encoder"]}
     log.info("SAM teacher %s (%s, img_size %d) loaded from %s", arch["type"], _count(sam.image_encoder),
              arch["encoder"]["img_size"], path)
     return SamTeacher(sam.image_encoder, info, decoder_state, arch["decoder"])
+
+
+def file_sha256(path) -> str:
+    """Hex sha256 of a file's bytes (read in 4 MiB blocks)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def _count(module: nn.Module) -> str:

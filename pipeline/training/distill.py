@@ -102,8 +102,9 @@ def load_crops(data, cfg: DistillConfig) -> list[dict]:
 
 
 class TeacherCache:
-    """Teacher embeddings on disk (zarr v3): ``<root>/<teacher>_<bytes>/mpp<mpp>_crop<px>/<key>``,
-    each a ``float32 (256, crop/16, crop/16)`` array whose ``complete`` attribute is set last."""
+    """Teacher embeddings on disk (zarr v3): ``<root>/<teacher>_<sha256[:16]>/mpp<mpp>_crop<px>_tile<px>/<key>``,
+    each a ``float32 (256, crop/16, crop/16)`` array whose ``complete`` attribute is set last (the
+    teacher's crop size ``tile_px`` fixes its scale, so it is part of the key)."""
 
     def __init__(self, root, teacher_info: dict, mpp: float, crop_px: int) -> None:
         import zarr
@@ -114,9 +115,11 @@ class TeacherCache:
         except Exception as exc:  # noqa: BLE001
             raise InputError(f"{self.root}: cannot open the teacher cache ({exc})") from None
         top.attrs["schema"] = "cellsam-teacher-cache"
-        top.attrs["schema_version"] = 1
-        tkey = f"{teacher_info['type']}_{teacher_info['bytes']}"
-        self.group = top.require_group(tkey).require_group(f"mpp{mpp:g}_crop{crop_px}")
+        top.attrs["schema_version"] = 2
+        ident = str(teacher_info.get("sha256") or teacher_info["bytes"])[:16]
+        tkey = f"{teacher_info['type']}_{ident}"
+        tile = int(teacher_info.get("tile_px", 0))
+        self.group = top.require_group(tkey).require_group(f"mpp{mpp:g}_crop{crop_px}_tile{tile}")
         self.group.attrs["teacher"] = teacher_info
         self.grid = crop_px // EMBED_STRIDE
 
