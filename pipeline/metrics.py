@@ -397,3 +397,297 @@ def aggregate(per_image: Mapping[str, Mapping] | Sequence[Mapping]) -> dict:
     out["sq_pooled"] = _ratio(iou_sum, tp, agree)
     out["pq_pooled"] = out["dq_pooled"] * out["sq_pooled"]
     return out
+
+
+# --- point-based detection and classification -------------------------------------------------
+#
+# Nucleus centres against ground-truth points (CRCHisto protocol, Sirinukunwattana et al., IEEE
+# TMI 2016: a detection is correct within a fixed radius of a ground-truth centre, each point
+# matched at most once). Matching here is the optimal one-to-one assignment, not the paper's
+# greedy nearest-pair pass: among all matchings that use only pairs at distance <= radius, the
+# one with the most pairs, and among those the smallest total distance (Hungarian algorithm,
+# ``scipy.optimize.linear_sum_assignment``, on each connected component of the radius graph).
+# It never finds fewer matches than a greedy pass. Equal-cost alternatives (ties) are resolved by
+# the solver deterministically: the same arrays in the same order give the same pairs.
+#
+# Classes are integer indices ``0..K-1``; ``-1`` marks an unlabelled ground-truth point (it counts
+# for detection only) or a prediction without a class. Per class ``c``, a prediction of class
+# ``c`` is a true positive only when it is matched to a ground-truth point of class ``c``:
+#
+# - ``tp_c`` = matched pairs (gt ``c``, pred ``c``);
+# - ``fp_c`` = predictions of class ``c`` matched to a labelled point of another class, or
+#   unmatched (a prediction matched to an unlabelled point is neither right nor wrong);
+# - ``fn_c`` = points of class ``c`` matched to a prediction of another (or no) class, or
+#   unmatched;
+# - ``f1_c = 2 tp_c / (2 tp_c + fp_c + fn_c)``; ``weighted_f1`` = mean of ``f1_c`` weighted by
+#   the support ``tp_c + fn_c`` (the number of ground-truth points of class ``c``).
+#
+# Ratios with a zero denominator follow the module rule (1.0 when nothing was expected and
+# nothing was found, else 0.0).
+
+#: additive keys of :func:`point_counts` (summed by :func:`aggregate_point_counts`)
+POINT_COUNT_KEYS = ("tp", "fp", "fn", "n_true", "n_pred", "n_true_unlabelled", "sum_dist_px")
+
+
+def _check_points(xy, what: str) -> np.ndarray:
+    arr = np.asarray(xy, dtype=np.float64)
+    if arr.size == 0:
+        return np.zeros((0, 2), dtype=np.float64)
+    if arr.ndim != 2 or arr.shape[1] != 2:
+        raise InputError(f"{what} points must have shape (N, 2) of (x, y), got {arr.shape}")
+    if not np.isfinite(arr).all():
+        raise InputError(f"{what} points have non-finite coordinates")
+    return arr
+
+
+def _check_classes(cls, n: int, n_classes: int, what: str) -> np.ndarray:
+    if cls is None:
+        return np.full(n, -1, dtype=np.int64)
+    arr = np.asarray(cls)
+    if arr.size == 0 and n == 0:
+        return np.zeros(0, dtype=np.int64)
+    if arr.shape != (n,) or arr.dtype.kind not in "iu":
+        raise InputError(f"{what} classes must be an integer array of shape ({n},), got {arr.dtype} {arr.shape}")
+    arr = arr.astype(np.int64)
+    if arr.size and (arr.min() < -1 or arr.max() >= n_classes):
+        raise InputError(f"{what} classes must be in -1..{n_classes - 1}, got {arr.min()}..{arr.max()}")
+    return arr
+
+
+def match_points(gt_xy, pred_xy, radius_px: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """One-to-one matching of predicted to ground-truth points within a radius.
+
+    Maximum-cardinality matching over pairs at Euclidean distance ``<= radius_px`` (inclusive),
+    minimum total distance among those; see the section comment above for ties.
+
+    Parameters
+    ----------
+    gt_xy : array_like of shape (N, 2), float
+        Ground-truth points (x = column, y = row), pixels.
+    pred_xy : array_like of shape (M, 2), float
+        Predicted points, same frame and units.
+    radius_px : float
+        Largest matching distance, pixels, > 0.
+
+    Returns
+    -------
+    gt_idx, pred_idx : ndarray of shape (P,), int64
+        Indices of the matched pairs, sorted by ``gt_idx``; each index occurs at most once.
+    dist_px : ndarray of shape (P,), float64
+        Distance of each pair, pixels, ``<= radius_px``.
+
+    Raises
+    ------
+    InputError
+        For points not of shape (N, 2), non-finite coordinates or a radius that is not > 0.
+    """
+    from scipy.optimize import linear_sum_assignment
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
+    from scipy.spatial import cKDTree
+
+    gt = _check_points(gt_xy, "ground-truth")
+    pred = _check_points(pred_xy, "predicted")
+    radius = float(radius_px)
+    if not (np.isfinite(radius) and radius > 0):
+        raise InputError(f"matching radius must be > 0 px, got {radius_px}")
+    empty = (np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.float64))
+    n, m = len(gt), len(pred)
+    if n == 0 or m == 0:
+        return empty
+    pairs = cKDTree(gt).sparse_distance_matrix(cKDTree(pred), radius, output_type="ndarray")
+    if pairs.size == 0:
+        return empty
+    pi = pairs["i"].astype(np.int64)
+    pj = pairs["j"].astype(np.int64)
+    pd = pairs["v"].astype(np.float64)
+    # bipartite graph: nodes 0..n-1 are ground truth, n..n+m-1 predictions
+    graph = coo_matrix((np.ones(pi.size), (pi, pj + n)), shape=(n + m, n + m))
+    _, comp = connected_components(graph, directed=False)
+    edge_comp = comp[pi]
+    order = np.lexsort((pj, pi, edge_comp))
+    pi, pj, pd, edge_comp = pi[order], pj[order], pd[order], edge_comp[order]
+    starts = np.flatnonzero(np.r_[True, edge_comp[1:] != edge_comp[:-1]])
+    ends = np.r_[starts[1:], pi.size]
+    out_g, out_p, out_d = [], [], []
+    for s, e in zip(starts, ends):
+        ci, cj, cd = pi[s:e], pj[s:e], pd[s:e]
+        if e - s == 1:
+            out_g.append(ci)
+            out_p.append(cj)
+            out_d.append(cd)
+            continue
+        rows, ri = np.unique(ci, return_inverse=True)
+        cols, cj_i = np.unique(cj, return_inverse=True)
+        # a forbidden pair costs more than any matching's total distance, so the solver first
+        # maximises the number of allowed pairs, then minimises their total distance
+        forbid = (min(rows.size, cols.size) + 1) * radius + 1.0
+        cost = np.full((rows.size, cols.size), forbid)
+        cost[ri, cj_i] = cd
+        r, c = linear_sum_assignment(cost)
+        ok = cost[r, c] < forbid
+        out_g.append(rows[r[ok]])
+        out_p.append(cols[c[ok]])
+        out_d.append(cost[r[ok], c[ok]])
+    g = np.concatenate(out_g)
+    p = np.concatenate(out_p)
+    d = np.concatenate(out_d)
+    order = np.argsort(g, kind="stable")
+    return g[order], p[order], d[order]
+
+
+def point_counts(gt_xy, pred_xy, radius_px: float, gt_class=None, pred_class=None, n_classes: int = 0) -> dict:
+    """Additive detection (and classification) counts of one image's points.
+
+    Parameters
+    ----------
+    gt_xy : array_like of shape (N, 2), float
+        Ground-truth points (x = column, y = row), pixels.
+    pred_xy : array_like of shape (M, 2), float
+        Predicted nucleus centres, pixels.
+    radius_px : float
+        Matching radius, pixels (``radius_um / mpp``).
+    gt_class : array_like of shape (N,), int, optional
+        Class index of each ground-truth point, ``-1`` = unlabelled (detection only).
+    pred_class : array_like of shape (M,), int, optional
+        Class index of each prediction, ``-1`` = no class.
+    n_classes : int
+        Number of classes ``K``; 0 = detection only (the class arrays are then ignored).
+
+    Returns
+    -------
+    dict
+        ``tp``, ``fp``, ``fn``, ``n_true``, ``n_pred``, ``n_true_unlabelled`` (ints) and
+        ``sum_dist_px`` (float, over matched pairs). With ``n_classes > 0`` also
+        ``confusion``: int64 ``(K+1, K+1)``, matched pairs by (ground-truth class, predicted
+        class), index ``K`` = unlabelled point / unclassified prediction; ``unmatched_true`` and
+        ``unmatched_pred``: int64 ``(K+1,)``, unmatched points / predictions by class (same
+        indexing).
+
+    Raises
+    ------
+    InputError
+        For malformed points or classes outside ``-1..K-1``.
+    """
+    gt = _check_points(gt_xy, "ground-truth")
+    pred = _check_points(pred_xy, "predicted")
+    k = int(n_classes)
+    if k < 0:
+        raise InputError(f"n_classes must be >= 0, got {n_classes}")
+    gi, pi, dist = match_points(gt, pred, radius_px)
+    tp = int(gi.size)
+    # without classes (k = 0) the ground-truth classes only count the unlabelled points
+    gcls = _check_classes(gt_class, len(gt), k if k else np.iinfo(np.int64).max, "ground-truth")
+    out = {
+        "tp": tp,
+        "fp": len(pred) - tp,
+        "fn": len(gt) - tp,
+        "n_true": len(gt),
+        "n_pred": len(pred),
+        "n_true_unlabelled": int(np.count_nonzero(gcls < 0)) if gt_class is not None else 0,
+        "sum_dist_px": float(dist.sum()),
+    }
+    if k == 0:
+        return out
+    pcls = _check_classes(pred_class, len(pred), k, "predicted")
+    g_all = np.where(gcls < 0, k, gcls)
+    p_all = np.where(pcls < 0, k, pcls)
+    conf = np.zeros((k + 1, k + 1), dtype=np.int64)
+    np.add.at(conf, (g_all[gi], p_all[pi]), 1)
+    g_left = np.ones(len(gt), dtype=bool)
+    g_left[gi] = False
+    p_left = np.ones(len(pred), dtype=bool)
+    p_left[pi] = False
+    out["confusion"] = conf
+    out["unmatched_true"] = np.bincount(g_all[g_left], minlength=k + 1).astype(np.int64)
+    out["unmatched_pred"] = np.bincount(p_all[p_left], minlength=k + 1).astype(np.int64)
+    return out
+
+
+def point_scores(counts: Mapping) -> dict:
+    """Precision, recall and F1 (detection; per class and support-weighted) from point counts.
+
+    Parameters
+    ----------
+    counts : mapping
+        From :func:`point_counts` or :func:`aggregate_point_counts`.
+
+    Returns
+    -------
+    dict
+        ``precision``, ``recall``, ``f1``, ``mean_dist_px`` (floats). With classes also
+        ``class_tp``, ``class_fp``, ``class_fn``, ``class_support`` (int64 ``(K,)``),
+        ``class_precision``, ``class_recall``, ``class_f1`` (float64 ``(K,)``), ``weighted_f1``
+        (support-weighted mean of ``class_f1``), ``macro_f1`` (unweighted mean over classes with
+        support or predictions; 0.0 if none) and ``type_accuracy`` (fraction of matched pairs
+        with a labelled point whose predicted class is right).
+    """
+    tp, fp, fn = int(counts["tp"]), int(counts["fp"]), int(counts["fn"])
+    agree = fp == 0 and fn == 0
+    out = {
+        "precision": _ratio(tp, tp + fp, agree),
+        "recall": _ratio(tp, tp + fn, agree),
+        "f1": _ratio(2 * tp, 2 * tp + fp + fn, agree),
+        "mean_dist_px": float(counts["sum_dist_px"]) / tp if tp else 0.0,
+    }
+    if "confusion" not in counts:
+        return out
+    conf = np.asarray(counts["confusion"], dtype=np.int64)
+    k = conf.shape[0] - 1
+    um_t = np.asarray(counts["unmatched_true"], dtype=np.int64)[:k]
+    um_p = np.asarray(counts["unmatched_pred"], dtype=np.int64)[:k]
+    ctp = np.diag(conf)[:k].copy()
+    cfp = conf[:k, :k].sum(axis=0) - ctp + um_p  # row k (unlabelled points) is excluded
+    cfn = conf[:k, :].sum(axis=1) - ctp + um_t  # column k (unclassified predictions) counts
+    support = ctp + cfn
+    prec = np.array([_ratio(a, a + b, a + b + c == 0) for a, b, c in zip(ctp, cfp, cfn)], dtype=np.float64)
+    rec = np.array([_ratio(a, a + c, a + b + c == 0) for a, b, c in zip(ctp, cfp, cfn)], dtype=np.float64)
+    f1 = np.array([_ratio(2 * a, 2 * a + b + c, a + b + c == 0) for a, b, c in zip(ctp, cfp, cfn)], dtype=np.float64)
+    present = (support + cfp) > 0
+    n_support = int(support.sum())
+    labelled_pairs = int(conf[:k, :].sum())
+    out.update(
+        class_tp=ctp,
+        class_fp=cfp,
+        class_fn=cfn,
+        class_support=support,
+        class_precision=prec,
+        class_recall=rec,
+        class_f1=f1,
+        weighted_f1=float((f1 * support).sum() / n_support) if n_support else (1.0 if not cfp.any() else 0.0),
+        macro_f1=float(f1[present].mean()) if present.any() else 0.0,
+        type_accuracy=_ratio(int(ctp.sum()), labelled_pairs, labelled_pairs == 0),
+    )
+    return out
+
+
+def aggregate_point_counts(rows: Sequence[Mapping]) -> dict:
+    """Sum per-image :func:`point_counts` (pooled over images, as the CRCHisto protocol reports).
+
+    Parameters
+    ----------
+    rows : sequence of mapping
+        Results of :func:`point_counts`, all with or all without classes (same ``K``).
+
+    Returns
+    -------
+    dict
+        The same keys, summed; ``n_images`` added.
+
+    Raises
+    ------
+    InputError
+        If the rows mix class counts of different ``K`` (or with and without classes).
+    """
+    rows = list(rows)
+    out: dict = {"n_images": len(rows)}
+    for key in POINT_COUNT_KEYS:
+        out[key] = sum(r[key] for r in rows) if rows else 0
+    out["sum_dist_px"] = float(out["sum_dist_px"])
+    shapes = {np.shape(r["confusion"]) if "confusion" in r else None for r in rows}
+    if len(shapes) > 1:
+        raise InputError(f"cannot pool point counts with different class sets ({sorted(map(str, shapes))})")
+    if rows and shapes != {None}:
+        for key in ("confusion", "unmatched_true", "unmatched_pred"):
+            out[key] = np.sum([np.asarray(r[key], dtype=np.int64) for r in rows], axis=0)
+    return out

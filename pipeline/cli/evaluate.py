@@ -20,6 +20,36 @@ JSON (sorted keys, atomically)::
 
 ``--baseline`` runs :func:`pipeline.baseline.segment_classical` on ``IMAGES_DIR/X.*`` (RGB,
 matched by stem, pixel size ``--baseline-mpp`` µm/px) and scores it against the same truth.
+
+Point scoring (nucleus centres, CRCHisto protocol)::
+
+    cellsam evaluate --pred PRED_DIR --points POINTS_DIR --mpp MPP [--radius-um R]
+                     [--classes NAME,NAME,...] [-o RESULT.json]
+
+``POINTS_DIR/X.csv`` holds ground-truth points ``x_px,y_px,class`` (0-based pixels, x = column;
+class ``unlabelled`` = detection only; see :mod:`pipeline.data.classes`). Predicted centres are
+the rows of ``PRED_DIR/X.nuclei.csv`` (``label,centroid_x_px,centroid_y_px,...,class``, as
+``cellsam predict`` writes) when it exists, else the centroids (pixel-centre mean, x = column)
+of the labels of ``PRED_DIR/X.tif``. A centre matches a point within ``--radius-um``
+(default :attr:`pipeline.config.EvaluateConfig.point_radius_um`; ``/ --mpp`` in pixels),
+one-to-one (maximum matching, then minimum total distance: :func:`pipeline.metrics.match_points`).
+Scores are pooled over images (summed counts). With predicted classes (a ``class`` column whose
+values are not all ``Nucleus``) the report adds per-class precision/recall/F1, the
+support-weighted F1 and the confusion matrix of matched pairs. Class names match
+case-insensitively, and CRCHisto's ``epithelial, inflammatory, fibroblast, others`` match the
+model's ``Epithelial, Inflammatory, Fibroblast, Other``; ``--classes`` fixes the vocabulary (a
+name outside it is an error naming the file and the class). JSON::
+
+    {"schema_version": 1, "mode": "points", "pred_dir", "points_dir", "mpp", "radius_um",
+     "radius_px", "matching", "classes": [names] | null,
+     "per_image": {stem: {counts, precision, recall, f1, mean_dist_px, [weighted_f1,
+                          class_f1: {name: f1}], "pred": file, "points": file}},
+     "overall": {pooled counts and scores, "f1_mean_over_images",
+                 [weighted_f1, macro_f1, type_accuracy,
+                  per_class: {name: {tp, fp, fn, support, precision, recall, f1}},
+                  confusion: {rows: [gt names..., "unlabelled"],
+                              cols: [pred names..., "unclassified"], counts: [[int]]},
+                  unmatched_true: {name: n}, unmatched_pred: {name: n}]}}
 """
 
 from __future__ import annotations
@@ -59,8 +89,18 @@ def register(sub):
         help="score predicted label images against ground truth (AJI, PQ, Dice, ...)",
         description="Pair PRED/X.tif with TRUTH/X.{tif,tiff,png,xml} by stem and report instance and pixel metrics.",
     )
+    from ..config import EvaluateConfig
+
     p.add_argument("--pred", required=True, metavar="DIR", help="predicted instance label images (TIFF/PNG)")
-    p.add_argument("--truth", required=True, metavar="DIR", help="ground truth: label images or MoNuSeg XML")
+    truth = p.add_mutually_exclusive_group(required=True)
+    truth.add_argument("--truth", metavar="DIR", help="ground truth: label images or MoNuSeg XML")
+    truth.add_argument("--points", metavar="DIR",
+                       help="ground-truth nucleus centres: X.csv with x_px,y_px,class (point scoring)")
+    p.add_argument("--mpp", type=float, metavar="MPP", help="µm/px of the images (required with --points)")
+    p.add_argument("--radius-um", type=float, default=EvaluateConfig.point_radius_um, metavar="R",
+                   help="--points: matching radius in µm (default %(default)s)")
+    p.add_argument("--classes", metavar="NAMES",
+                   help="--points: comma-separated class vocabulary (default: the names in the data)")
     p.add_argument("-o", "--output", metavar="RESULT.json", help="write all results as JSON")
     p.add_argument("--baseline", metavar="IMAGES_DIR", help="also score the classical segmenter on these RGB images")
     p.add_argument("--baseline-mpp", type=float, metavar="MPP", help="µm/px of the --baseline images (required with it)")
@@ -229,6 +269,8 @@ def _write_json_atomic(doc: dict, path: Path) -> None:
 
 
 def run(args) -> int:
+    if getattr(args, "points", None):
+        return _run_points(args)
     doc = evaluate_dirs(args.pred, args.truth, args.baseline, args.baseline_mpp)
     out = format_table(doc["per_image"], doc["overall"], "prediction")
     if "baseline" in doc:
@@ -237,6 +279,282 @@ def run(args) -> int:
         c = doc["comparison"]
         out += "\nprediction - baseline (mean): " + "  ".join(f"{h} {c[k]['delta']:+.4f}" for k, h in COLUMNS) + "\n"
     sys.stdout.write(out)
+    if args.output:
+        _write_json_atomic(doc, Path(args.output))
+        log.info("wrote %s", args.output)
+    return 0
+
+
+# --- point scoring (--points) -------------------------------------------------------------------
+
+POINT_COLUMNS = (("precision", "P"), ("recall", "R"), ("f1", "F1"))
+MATCHING = ("one-to-one within radius_px: maximum number of pairs, then minimum total distance "
+            "(Hungarian, scipy.optimize.linear_sum_assignment); scores pooled over images")
+#: predicted class meaning "no type head" (every nucleus is "Nucleus"): detection only
+UNTYPED_CLASS = "Nucleus"
+
+
+def pair_point_files(pred_dir, points_dir) -> list[tuple[str, Path, Path]]:
+    """Pair ``PRED_DIR/X.tif|tiff|png`` with ``POINTS_DIR/X.csv`` by stem (both ways).
+
+    Returns
+    -------
+    list of (stem, pred_path, points_path), sorted by stem.
+
+    Raises
+    ------
+    InputError
+        For a missing/empty directory, duplicate stems or a file without a partner.
+    """
+    pred_dir, points_dir = Path(pred_dir), Path(points_dir)
+    preds = _files_by_stem(pred_dir, PRED_EXTS, "prediction")
+    points = _files_by_stem(points_dir, (".csv",), "point")
+    _unpaired(preds, points, pred_dir, points_dir, "point CSV")
+    _unpaired(points, preds, points_dir, pred_dir, "prediction")
+    return [(s, preds[s], points[s]) for s in sorted(preds)]
+
+
+def label_centroids(labels):
+    """Centroid of every label of an instance image.
+
+    Parameters
+    ----------
+    labels : ndarray of shape (H, W), integer
+        Instance labels, 0 = background.
+
+    Returns
+    -------
+    label : ndarray of shape (N,), int64
+        The labels present, increasing.
+    xy_px : ndarray of shape (N, 2), float64
+        Mean (column, row) of each label's pixels (x = column, pixel centres at integers).
+    """
+    import numpy as np
+
+    flat = np.asarray(labels).ravel().astype(np.int64)
+    n = int(flat.max()) + 1 if flat.size else 1
+    rows, cols = np.indices(np.shape(labels))
+    count = np.bincount(flat, minlength=n)
+    sx = np.bincount(flat, weights=cols.ravel(), minlength=n)
+    sy = np.bincount(flat, weights=rows.ravel(), minlength=n)
+    present = np.flatnonzero(count)
+    present = present[present > 0]
+    xy = np.stack([sx[present] / count[present], sy[present] / count[present]], axis=1)
+    return present.astype(np.int64), xy.reshape(-1, 2)
+
+
+def _read_pred_points(pred_path: Path):
+    """(TypedPoints of the predicted centres, whether they carry classes, source file)."""
+    import numpy as np
+
+    from ..data.classes import TypedPoints, read_point_csv
+    from ..data.readers import read_labels
+
+    table = pred_path.with_name(f"{pred_path.stem}.nuclei.csv")
+    if table.exists():
+        head = table.read_text(encoding="utf-8").split("\n", 1)[0]
+        has_class = "class" in [h.strip() for h in head.split(",")]
+        pts = read_point_csv(table, "centroid_x_px", "centroid_y_px", "class" if has_class else None, "label")
+        typed = has_class and any(n is not None and n != UNTYPED_CLASS for n in pts.class_name)
+        if not typed:
+            pts = TypedPoints(pts.xy_px, (None,) * len(pts), pts.source, pts.label)
+        return pts, typed, table
+    label, xy = label_centroids(read_labels(pred_path))
+    return TypedPoints(xy, (None,) * len(label), str(pred_path), label), False, pred_path
+
+
+def _canonical(name: str) -> str:
+    from ..data.classes import CRCHISTO_ALIASES
+
+    return CRCHISTO_ALIASES.get(" ".join(name.split()).casefold(), name)
+
+
+def _vocabulary(names_seen, classes_arg):
+    from ..data.classes import CRCHISTO_ALIASES, ClassVocabulary, vocabulary_from_data
+
+    if classes_arg:
+        names = [n.strip() for n in classes_arg.split(",") if n.strip()]
+        return ClassVocabulary.from_names(names, {a: t for a, t in CRCHISTO_ALIASES.items() if t in names})
+    canon = {_canonical(n) for n in names_seen}
+    crc = ClassVocabulary.crchisto()
+    if canon <= set(crc.names):
+        return crc
+    vocab = vocabulary_from_data(sorted(canon))
+    return ClassVocabulary.from_names(vocab.names, {a: t for a, t in CRCHISTO_ALIASES.items() if t in vocab.names})
+
+
+def _jsonable_scores(counts: dict, scores: dict, names) -> dict:
+    """Per-image / overall JSON row: scalar counts and scores, per-class tables keyed by name."""
+    row = {k: v for k, v in counts.items() if not hasattr(v, "shape")}
+    row.update({k: v for k, v in scores.items() if not hasattr(v, "shape")})
+    if names is None or "confusion" not in counts:
+        return row
+    row["class_f1"] = {n: float(f) for n, f in zip(names, scores["class_f1"])}
+    return row
+
+
+def _overall_classes(counts: dict, scores: dict, names) -> dict:
+    conf = counts["confusion"]
+    return {
+        "per_class": {
+            n: {
+                "tp": int(scores["class_tp"][i]),
+                "fp": int(scores["class_fp"][i]),
+                "fn": int(scores["class_fn"][i]),
+                "support": int(scores["class_support"][i]),
+                "precision": float(scores["class_precision"][i]),
+                "recall": float(scores["class_recall"][i]),
+                "f1": float(scores["class_f1"][i]),
+            }
+            for i, n in enumerate(names)
+        },
+        "confusion": {
+            "rows": [*names, "unlabelled"],
+            "cols": [*names, "unclassified"],
+            "counts": [[int(v) for v in r] for r in conf],
+        },
+        "unmatched_true": {n: int(v) for n, v in zip([*names, "unlabelled"], counts["unmatched_true"])},
+        "unmatched_pred": {n: int(v) for n, v in zip([*names, "unclassified"], counts["unmatched_pred"])},
+    }
+
+
+def evaluate_points_dirs(pred_dir, points_dir, mpp, radius_um=None, classes=None) -> dict:
+    """Point-based detection (and classification) scores of every prediction.
+
+    Parameters
+    ----------
+    pred_dir, points_dir : path
+        See the module docstring.
+    mpp : float
+        µm/px of the images, > 0.
+    radius_um : float, optional
+        Matching radius in µm (default :attr:`pipeline.config.EvaluateConfig.point_radius_um`).
+    classes : str, optional
+        Comma-separated class vocabulary; default: the names found in the data.
+
+    Returns
+    -------
+    dict
+        The JSON document described in the module docstring.
+
+    Raises
+    ------
+    InputError
+        For a bad ``mpp``/radius, missing or unpaired files, malformed CSVs, predictions with
+        classes next to predictions without, or a class outside ``classes``.
+    """
+    import math
+
+    from ..config import EvaluateConfig
+    from ..errors import InputError
+    from ..metrics import aggregate_point_counts, point_counts, point_scores
+    from ..data.classes import read_point_csv
+
+    if mpp is None or not (math.isfinite(mpp) and mpp > 0):
+        raise InputError(f"--points needs --mpp (µm/px of the images, > 0; 0.55 for CRCHisto), got {mpp}")
+    radius_um = EvaluateConfig.point_radius_um if radius_um is None else float(radius_um)
+    if not (math.isfinite(radius_um) and radius_um > 0):
+        raise InputError(f"--radius-um must be > 0, got {radius_um}")
+    radius_px = radius_um / float(mpp)
+    pairs = pair_point_files(pred_dir, points_dir)
+    loaded = []
+    for stem, pred_path, pts_path in pairs:
+        truth = read_point_csv(pts_path)
+        pred, typed, pred_src = _read_pred_points(pred_path)
+        loaded.append((stem, pred_path, pts_path, truth, pred, typed, pred_src))
+    typed_flags = {typed for *_, typed, _ in loaded}
+    if len(typed_flags) > 1:
+        odd = next(src for *_, typed, src in loaded if not typed)
+        raise InputError(f"{odd}: predictions without classes next to predictions with classes; "
+                         f"write <stem>.nuclei.csv with a class column for every image")
+    with_classes = typed_flags == {True}
+    vocab = None
+    if with_classes:
+        seen = [n for *_, truth, pred, _, _ in loaded for n in (*truth.class_name, *pred.class_name) if n is not None]
+        vocab = _vocabulary(seen, classes)
+    names = list(vocab.names) if vocab else None
+    per_counts, per_image = {}, {}
+    for stem, pred_path, pts_path, truth, pred, typed, pred_src in loaded:
+        if vocab is not None:
+            c = point_counts(truth.xy_px, pred.xy_px, radius_px, truth.encode(vocab), pred.encode(vocab), len(vocab))
+        else:
+            gcls = [-1 if n is None else 0 for n in truth.class_name]
+            c = point_counts(truth.xy_px, pred.xy_px, radius_px, gcls)
+        s = point_scores(c)
+        per_counts[stem] = c
+        row = _jsonable_scores(c, s, names)
+        row.update(pred=Path(pred_src).name, points=pts_path.name)
+        per_image[stem] = row
+        log.info("%s: P %.4f R %.4f F1 %.4f (%d points, %d predicted)", stem, s["precision"], s["recall"], s["f1"],
+                 c["n_true"], c["n_pred"])
+    pooled = aggregate_point_counts(list(per_counts.values()))
+    pooled_scores = point_scores(pooled)
+    overall = _jsonable_scores(pooled, pooled_scores, None)
+    overall["f1_mean_over_images"] = (sum(r["f1"] for r in per_image.values()) / len(per_image)) if per_image else 0.0
+    if vocab is not None:
+        overall.update(_overall_classes(pooled, pooled_scores, names))
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "mode": "points",
+        "pred_dir": str(pred_dir),
+        "points_dir": str(points_dir),
+        "mpp": float(mpp),
+        "radius_um": radius_um,
+        "radius_px": radius_px,
+        "matching": MATCHING,
+        "classes": names,
+        "per_image": per_image,
+        "overall": overall,
+    }
+
+
+def format_points_table(doc: dict) -> str:
+    """Fixed-width text: one row per image, the pooled row, and with classes the per-class table
+    and the confusion matrix."""
+    per_image, overall = doc["per_image"], doc["overall"]
+    typed = doc["classes"] is not None
+    width = max([len("image"), len("pooled"), *(len(s) for s in per_image)])
+    extra = f" {'wF1':>6}" if typed else ""
+    head = (f"{'image':<{width}} {'n_true':>7} {'n_pred':>7} {'tp':>6} {'fp':>6} {'fn':>6} "
+            + " ".join(f"{h:>6}" for _, h in POINT_COLUMNS) + extra)
+
+    def row(name, r):
+        out = (f"{name:<{width}} {r['n_true']:7d} {r['n_pred']:7d} {r['tp']:6d} {r['fp']:6d} {r['fn']:6d} "
+               + " ".join(f"{r[k]:6.4f}" for k, _ in POINT_COLUMNS))
+        return out + (f" {r['weighted_f1']:6.4f}" if typed else "")
+
+    lines = [f"points: radius {doc['radius_um']:g} µm = {doc['radius_px']:.2f} px at {doc['mpp']:g} µm/px",
+             head, "-" * len(head)]
+    lines += [row(s, r) for s, r in per_image.items()]
+    lines += ["-" * len(head), row("pooled", overall)]
+    lines.append(f"{len(per_image)} images; detection F1 {overall['f1']:.4f} (mean over images "
+                 f"{overall['f1_mean_over_images']:.4f}); mean match distance {overall['mean_dist_px']:.2f} px")
+    if typed:
+        names = doc["classes"]
+        w = max(len("unlabelled"), *(len(n) for n in names))
+        lines += ["", f"{'class':<{w}} {'support':>7} {'tp':>6} {'fp':>6} {'fn':>6} {'P':>6} {'R':>6} {'F1':>6}"]
+        for n in names:
+            c = overall["per_class"][n]
+            lines.append(f"{n:<{w}} {c['support']:7d} {c['tp']:6d} {c['fp']:6d} {c['fn']:6d} "
+                         f"{c['precision']:6.4f} {c['recall']:6.4f} {c['f1']:6.4f}")
+        lines.append(f"weighted F1 {overall['weighted_f1']:.4f}, macro F1 {overall['macro_f1']:.4f}, "
+                     f"type accuracy of matched pairs {overall['type_accuracy']:.4f}")
+        conf = overall["confusion"]
+        cw = max(6, *(len(c) for c in conf["cols"]))
+        lines += ["", "confusion (rows: ground truth, columns: prediction; matched pairs)",
+                  f"{'':<{w}} " + " ".join(f"{c:>{cw}}" for c in conf["cols"])]
+        for rname, r in zip(conf["rows"], conf["counts"]):
+            lines.append(f"{rname:<{w}} " + " ".join(f"{v:{cw}d}" for v in r))
+    return "\n".join(lines) + "\n"
+
+
+def _run_points(args) -> int:
+    from ..errors import InputError
+
+    if args.baseline is not None:
+        raise InputError("--baseline works with --truth (label images), not with --points")
+    doc = evaluate_points_dirs(args.pred, args.points, args.mpp, args.radius_um, args.classes)
+    sys.stdout.write(format_points_table(doc))
     if args.output:
         _write_json_atomic(doc, Path(args.output))
         log.info("wrote %s", args.output)
