@@ -1,4 +1,6 @@
-"""Instance- and pixel-level segmentation metrics for nucleus label images (pure numpy).
+"""Instance- and pixel-level segmentation metrics for nucleus label images (pure numpy), and
+point-based detection/classification scores of nucleus centres (:func:`match_points`,
+:func:`point_counts`, :func:`point_scores`; see the section comment above them).
 
 Every metric is computed from one sparse overlap (contingency) table of ``(gt_label,
 pred_label)`` pixel counts, built once per image pair with a single ``np.unique`` over the
