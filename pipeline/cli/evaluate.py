@@ -353,7 +353,7 @@ def _read_pred_points(pred_path: Path):
     table = pred_path.with_name(f"{pred_path.stem}.nuclei.csv")
     if table.exists():
         head = table.read_text(encoding="utf-8").split("\n", 1)[0]
-        has_class = "class" in [h.strip() for h in head.split(",")]
+        has_class = "class" in [h.strip().lstrip("\ufeff").strip('"') for h in head.split(",")]
         pts = read_point_csv(table, "centroid_x_px", "centroid_y_px", "class" if has_class else None, "label")
         typed = has_class and any(n is not None and n != UNTYPED_CLASS for n in pts.class_name)
         if not typed:
