@@ -47,6 +47,9 @@ class SegmentConfig:
     precision: str = "auto"
     workers: int = 2  # dask threads / reader threads
     refine: bool = False  # SAM-decoder refinement (see docs/model.md)
+    # SAM ViT checkpoint (official format) for dual mode: the teacher attached to a dual checkpoint
+    # (--teacher); recorded by file name + sha256, never by path
+    teacher: str | None = None
     dedup_iou: float = 0.5  # IoU at/above which the lower-ranked duplicate is dropped
     min_area_um2: float = 3.0  # nuclei smaller than this are discarded
     # implausible objects (far outside nucleus size/shape: tissue folds, keratin, merged clumps) are

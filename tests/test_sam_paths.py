@@ -144,3 +144,79 @@ def test_refine_works_at_any_input_mpp(refiner_ckpt, tile, factor):
     want, want_sc = resample_labels(*ref.segment(small, 0.5), image.shape[:2])
     np.testing.assert_array_equal(lab, want)
     np.testing.assert_array_equal(sc, want_sc)
+
+
+# --------------------------------------------------------------------------------------------------
+# dual mode (--teacher) through segment / infer / predict and the workflow
+
+
+@pytest.fixture(scope="module")
+def dual_ckpt(tmp_path_factory, tiny_sam):
+    """Shipped weights + a (zero-initialised, g = 0.5) fusion gate: a dual checkpoint."""
+    from pipeline.model.cellsam import GatedFusion
+
+    model, meta = load_checkpoint(DEFAULT_WEIGHTS)
+    model.fusion = GatedFusion()
+    model.arch["fusion"] = True
+    path = tmp_path_factory.mktemp("dual") / "dual.pt"
+    save_checkpoint(path, model, {**meta, "mode": "dual", "teacher": load_teacher(tiny_sam).info})
+    return path
+
+
+def test_dual_mode_through_segment_records_the_teachers_identity_not_its_path(tmp_path, dual_ckpt, tiny_sam):
+    import json
+
+    from pipeline.cli import main
+    from pipeline.infer import read_chunks_meta
+    from pipeline.model.teacher import file_sha256
+    from pipeline.paths import slide_paths
+    from pipeline.synthetic import write_synthetic_slide
+
+    slide = write_synthetic_slide(tmp_path / "syn.tif", size_px=(900, 1000), mpp=0.5, seed=3)
+    out = tmp_path / "out"
+    args = ["--quiet", "segment", str(slide), "-o", str(out), "--model", str(dual_ckpt), "--device", "cpu",
+            "--engine", "torch", "--workers", "1"]
+    assert main(args + ["--teacher", str(tiny_sam)]) == 0
+    sp = slide_paths(out, "syn")
+    meta = read_chunks_meta(sp.chunks)
+    info = meta["model"]
+    assert info["mode"] == "dual" and info["teacher_file"] == tiny_sam.name
+    assert info["teacher_sha256"] == file_sha256(tiny_sam) and info["teacher_tile_px"] == 256
+    summary = json.loads(sp.summary.read_text())
+    assert summary["model"]["teacher_sha256"] == info["teacher_sha256"] and summary["nuclei"] > 0
+    for text in (json.dumps(meta), sp.summary.read_text()):
+        assert str(tiny_sam.parent) not in text and str(tmp_path) not in text  # no machine paths
+    # without the teacher the same checkpoint runs lite, under another model identity
+    out2 = tmp_path / "out2"
+    assert main(["--quiet", "segment", str(slide), "-o", str(out2), "--model", str(dual_ckpt), "--device", "cpu",
+                 "--engine", "torch", "--workers", "1"]) == 0
+    lite = read_chunks_meta(slide_paths(out2, "syn").chunks)["model"]
+    assert lite["mode"] == "lite" and "teacher_sha256" not in lite
+
+
+def test_dual_mode_through_infer_and_predict(tmp_path, dual_ckpt, tiny_sam, tile, capsys):
+    import tifffile
+    from PIL import Image
+
+    from pipeline.cli import main
+    from pipeline.errors import ModelError
+    from pipeline.infer import resolve_model
+
+    src = tmp_path / "tile.png"
+    Image.fromarray(tile).save(src)
+    for name, extra in (("dual.tif", ["--teacher", str(tiny_sam)]), ("lite.tif", [])):
+        assert main(["--quiet", "predict", str(src), "-o", str(tmp_path / name), "--model", str(dual_ckpt),
+                     "--device", "cpu", *extra]) == 0
+    dual, lite = tifffile.imread(tmp_path / "dual.tif"), tifffile.imread(tmp_path / "lite.tif")
+    assert dual.shape == tile.shape[:2] and dual.max() > 5
+    assert not np.array_equal(dual, lite)  # the teacher's embedding was fused in
+    # the library path that `cellsam infer` uses
+    m = resolve_model(str(dual_ckpt), device="cpu", refine=False, store_mpp=0.5, engine="torch", teacher=str(tiny_sam))
+    assert m.info["mode"] == "dual" and m.info["teacher_file"] == tiny_sam.name
+    with pytest.raises(ModelError, match="classical"):
+        resolve_model("classical", device="cpu", refine=False, store_mpp=0.5, teacher=str(tiny_sam))
+    # a missing teacher file: one line, the model-error exit code
+    rc = main(["infer", str(tmp_path / "nostore.ome.zarr"), "-o", str(tmp_path / "c"), "--model", str(dual_ckpt),
+               "--teacher", str(tmp_path / "missing.pth")])
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert rc != 0 and err.startswith("cellsam: error:")

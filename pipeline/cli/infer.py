@@ -28,6 +28,8 @@ def add_model_args(p) -> None:
     p.add_argument("--no-tissue-crop", dest="crop_to_tissue", action="store_false", default=None,
                    help="run the model on whole windows, background included")
     p.add_argument("--refine", action="store_true", default=None, help="SAM-decoder refinement (slower)")
+    p.add_argument("--teacher", metavar="SAM.pth", default=None,
+                   help="official SAM ViT checkpoint: runs a dual --model (teacher + student fused; GPU recommended)")
     p.add_argument("--scheduler", metavar="ADDRESS", default=None, help="dask.distributed scheduler address (default: local threads)")
 
 
@@ -42,6 +44,7 @@ def segment_overrides(args) -> dict:
         "tissue_margin_px": args.tissue_margin,
         "crop_to_tissue": args.crop_to_tissue,
         "refine": args.refine,
+        "teacher": args.teacher,
     }
 
 

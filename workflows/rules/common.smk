@@ -101,6 +101,8 @@ def infer_flags():
         flags.append(f"--model {shlex.quote(cfg['model'])}")
     if cfg["refine"]:
         flags.append("--refine")
+    if cfg["teacher"] is not None:
+        flags.append(f"--teacher {shlex.quote(cfg['teacher'])}")
     if cfg["scheduler"] is not None:
         flags.append(f"--scheduler {shlex.quote(cfg['scheduler'])}")
     return " ".join(flags)
