@@ -342,3 +342,36 @@ def test_cli_points_on_crchisto_truth_against_itself(tmp_path):
     assert o["f1"] == 1.0 and o["weighted_f1"] == 1.0 and o["fp"] == 0
     assert sum(c["support"] for c in o["per_class"].values()) == n_typed
     assert o["confusion"]["counts"][-1][0] == o["n_true_unlabelled"] > 0  # unlabelled -> predicted epithelial
+
+
+def test_predict_then_evaluate_points_on_crchisto(tmp_path, capsys):
+    """End to end with the shipped model: ``cellsam predict`` on two CRCHisto tiles, then
+    ``evaluate --points``. The shipped model (not trained on CRCHisto) reaches detection F1 ~0.77
+    on these two tiles; the bound leaves room for model changes but catches a broken frame
+    (x/y swapped, 1 px offsets do not matter at 6 px, a scale error does)."""
+    from pipeline.cli import main
+
+    (tmp_path / "pts").mkdir()
+    images = []
+    for stem in ("img10", "img17"):
+        images.append(str(shared_file(f"nuclei/crchisto/images/{stem}.png")))
+        (tmp_path / "pts" / f"{stem}.csv").write_bytes(shared_file(f"nuclei/crchisto/points/{stem}.csv").read_bytes())
+    assert main(["--quiet", "predict", *images, "-o", str(tmp_path / "pred"), "--mpp", "0.55", "--device", "cpu"]) == 0
+    for name in list((tmp_path / "pred").glob("*.nuclei.csv")):
+        name.unlink()  # score the label images' centroids (the class table, if any, is tested above)
+    out = tmp_path / "r.json"
+    assert main(["--quiet", "evaluate", "--pred", str(tmp_path / "pred"), "--points", str(tmp_path / "pts"),
+                 "--mpp", "0.55", "-o", str(out)]) == 0
+    o = json.loads(out.read_text())["overall"]
+    assert o["n_true"] == 700 and o["n_images"] == 2
+    assert o["f1"] > 0.65 and o["recall"] > 0.75 and o["mean_dist_px"] < 3.0
+    # transposed centres would score far lower: the frame (x = column) is right
+    from pipeline.cli.evaluate import label_centroids
+    from pipeline.data.classes import read_point_csv
+    from pipeline.data.readers import read_labels
+
+    _, xy = label_centroids(read_labels(tmp_path / "pred" / "img10.tif"))
+    gt = read_point_csv(tmp_path / "pts" / "img10.csv").xy_px
+    right = metrics.point_scores(metrics.point_counts(gt, xy, 6.0))["f1"]
+    swapped = metrics.point_scores(metrics.point_counts(gt, xy[:, ::-1], 6.0))["f1"]
+    assert right > 0.65 > 0.3 > swapped
