@@ -86,8 +86,10 @@ COLUMNS = (
 def register(sub):
     p = sub.add_parser(
         "evaluate",
-        help="score predicted label images against ground truth (AJI, PQ, Dice, ...)",
-        description="Pair PRED/X.tif with TRUTH/X.{tif,tiff,png,xml} by stem and report instance and pixel metrics.",
+        help="score predicted label images against ground truth (AJI, PQ, Dice, ...) or nucleus points (F1)",
+        description="Pair PRED/X.tif with TRUTH/X.{tif,tiff,png,xml} by stem and report instance and pixel metrics, "
+                    "or with POINTS/X.csv (x_px,y_px,class) and report point detection precision/recall/F1, "
+                    "per-class and weighted F1 and the confusion matrix (one-to-one matching within --radius-um).",
     )
     from ..config import EvaluateConfig
 
