@@ -2,7 +2,7 @@
 
 Usage::
 
-    python benchmarks/eval_model.py [--model CKPT] [--refined CKPT] [--data ../shared/data/nuclei]
+    python benchmarks/eval_model.py [--model CKPT] [--teacher SAM.pth] [--refined CKPT] [--data ../shared/data/nuclei]
                                     [--out benchmarks/results/model_validation.json]
 
 Scores the 6 validation tiles (3 MoNuSeg-2018 *train* tiles with XML + 3 CPM-15 tiles; see
@@ -104,13 +104,18 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default=None, help="checkpoint (default: shipped weights)")
     p.add_argument("--refined", default=None, help="checkpoint with a trained SAM decoder (refinement ablation)")
+    p.add_argument("--teacher", default=None, metavar="SAM.pth",
+                   help="official SAM checkpoint: evaluates a dual --model (teacher + student fused) in dual mode")
     p.add_argument("--data", default=str(REPO.parent / "shared" / "data" / "nuclei"))
     p.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "model_validation.json"))
     p.add_argument("--no-throughput", action="store_true")
     ARGS = p.parse_args(argv)
     _, val = split_samples(builtin_samples(ARGS.data))
-    seg = load_model(ARGS.model, device="cpu")
-    res = {"model": ARGS.model or "shipped default", "metadata_version": seg.metadata.get("version"),
+    seg = load_model(ARGS.model, device="cpu", teacher=ARGS.teacher)
+    res = {"model": Path(ARGS.model).name if ARGS.model else "shipped default", "mode": seg.mode,
+           "teacher": ({k: seg.model.teacher.info[k] for k in ("file", "sha256", "type", "tile_px")}
+                       if seg.mode == "dual" else None),
+           "metadata_version": seg.metadata.get("version"),
            "validation_tiles": [s.name for s in val], "machine": f"{platform.processor() or platform.machine()}, "
            f"{torch.get_num_threads()} torch threads, torch {torch.__version__}", "results": {}}
     res["results"]["lite"] = score(lambda im, m: seg.segment(im, m)[0], val)
@@ -118,7 +123,7 @@ def main(argv=None):
     if seg.model.arch["decoder"].get("out", 3) == 4:
         res["results"]["lite_hv"] = score(lambda im, m: hv_segment(seg, im, m), val)
     if ARGS.refined:
-        rseg = load_model(ARGS.refined, device="cpu", refine=True)
+        rseg = load_model(ARGS.refined, device="cpu", refine=True, teacher=ARGS.teacher)
         res["results"]["refined"] = score(lambda im, m: rseg.segment(im, m)[0], val)
         if not ARGS.no_throughput:
             res["throughput_refined"] = throughput(rseg)

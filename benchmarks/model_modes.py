@@ -92,7 +92,7 @@ def main(argv=None) -> int:
     res["modes"]["lite"] = {"s_per_tile": round(t, 4), "mpx_per_s": round(mpx / t, 3),
                             "params_student": _params(base.student), "params_dense_decoder": _params(base.decoder)}
 
-    # dual, tiny teacher at SAM's 1024 input (the teacher resizes every tile to its img_size)
+    # dual, tiny teacher at SAM's 1024 input (every 256-px crop of the tile upsampled 4x, as for ViT-B)
     with tempfile.TemporaryDirectory() as tmp:
         tiny = load_teacher(build_tiny_sam_checkpoint(Path(tmp) / "tiny.pth", img_size=1024))
     dual_model = copy.deepcopy(base)

@@ -192,6 +192,44 @@ def test_interrupted_run_resumes_from_the_compact_state_on_a_fresh_machine(user_
     assert err < 0.25 * moved and err < 1e-3, (err, moved)
 
 
+def test_distillation_loop_resumes_from_the_compact_state(tmp_path):
+    """pipeline.training.loop.fit (distill / dual / refiner): killed in epoch 1, resumed on a machine
+    that has only the compact file."""
+    from pipeline.config import DistillConfig
+    from pipeline.model.cellsam import CellSAM
+    from pipeline.training.loop import fit, read_resume_state
+
+    cfg = DistillConfig(epochs=2, iters_per_epoch=2, warmup_iters=1)
+    x = torch.rand(2, 3, 32, 32) * 255
+
+    def run(out, state, fail_at=None):
+        torch.manual_seed(0)
+        model = CellSAM()
+        params = list(model.student.parameters())
+        calls = {"n": 0}
+
+        def step(rng):
+            calls["n"] += 1
+            if calls["n"] == fail_at:
+                raise KeyboardInterrupt
+            return {"loss": model.student(model.normalize(x))["embed"].square().mean()}
+
+        return fit(model, params, out, {"mpp": 0.5}, cfg, step, resume_state=state)
+
+    ref = run(tmp_path / "ref.pt", None)
+    out, state = tmp_path / "a.pt", tmp_path / "state.pt"
+    with pytest.raises(KeyboardInterrupt):
+        run(out, state, fail_at=3)  # first step of epoch 1
+    assert read_resume_state(state)["epoch"] == 0
+    shutil.rmtree(out.with_name(out.name + ".run"))
+    assert run(out, state)["epochs"] == ref["epochs"] == 2
+    assert not state.exists()
+    rows = list(csv.DictReader(open(tmp_path / "a.pt.log.csv")))
+    ref_rows = list(csv.DictReader(open(tmp_path / "ref.pt.log.csv")))
+    assert [r["epoch"] for r in rows] == ["0", "1"] and rows[0]["loss"] == ref_rows[0]["loss"]
+    assert float(rows[1]["loss"]) == pytest.approx(float(ref_rows[1]["loss"]), rel=0.02)
+
+
 def test_compact_state_stays_under_its_size_limit(tmp_path):
     from pipeline.errors import ConfigError
     from pipeline.model.cellsam import CellSAM

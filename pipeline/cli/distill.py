@@ -38,6 +38,9 @@ def register(sub):
                    help="CellSAM checkpoint to start from ('default' = shipped weights; required with --refiner)")
     p.add_argument("--cache", default=None, metavar="DIR", help="teacher-embedding zarr cache (default OUT.run/teacher.zarr)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    p.add_argument("--resume-state", metavar="FILE", default=None,
+                   help="compact resume file (fp16, <= 15 MB) rewritten every epoch and resumed from when OUT.run/ "
+                        "is gone; deleted at the end (see `cellsam train --resume-state`)")
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--dual", action="store_true", help="train the fusion gate + dense heads with the teacher attached")
     mode.add_argument("--refiner", action="store_true", help="train the SAM prompt encoder + mask decoder")
@@ -77,12 +80,13 @@ def run(args) -> int:
         model, meta = load_checkpoint(init)
         teacher = load_teacher(args.teacher) if args.teacher else None
         meta = train_refiner(model, args.data, out, cfg=cfg, teacher=teacher, metadata={**meta, **init_identity(init)},
-                             device=args.device)
+                             device=args.device, resume_state=args.resume_state)
     else:
         if not args.teacher:
             raise InputError("--teacher CKPT (an official SAM checkpoint) is required for distillation and --dual")
         fn = train_dual if args.dual else distill
         kwargs = {} if args.dual else {"cache": args.cache}
-        meta = fn(args.data, out, args.teacher, init=init, cfg=cfg, device=args.device, **kwargs)
+        meta = fn(args.data, out, args.teacher, init=init, cfg=cfg, device=args.device,
+                  resume_state=args.resume_state, **kwargs)
     log.info("distill: wrote %s (mode %s)", out, meta.get("mode"))
     return 0

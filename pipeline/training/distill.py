@@ -210,7 +210,7 @@ def _train_cfg(cfg: DistillConfig):
 
 
 def distill(data, out, teacher, *, init=None, cache=None, cfg: DistillConfig = DistillConfig(),
-            device: str = "auto") -> dict:
+            device: str = "auto", resume_state=None) -> dict:
     """Distil the teacher's embeddings into the student encoder (+ neck); see the module docstring.
 
     Parameters
@@ -224,6 +224,9 @@ def distill(data, out, teacher, *, init=None, cache=None, cfg: DistillConfig = D
         CellSAM checkpoint to start from (default: a fresh student).
     cache : path-like, optional
         Teacher-embedding zarr store (default ``OUT.run/teacher.zarr``).
+    resume_state : path-like, optional
+        Compact resume file (:mod:`pipeline.training.loop`); the teacher cache is not part of it
+        (it is recomputed on a fresh machine unless ``cache`` points to a kept copy).
 
     Returns
     -------
@@ -271,12 +274,13 @@ def distill(data, out, teacher, *, init=None, cache=None, cfg: DistillConfig = D
 
     meta = {**meta, "mode": "lite", "distilled_from": t.info,
             "distill": {"config": asdict(cfg), "loss": "mse + (1 - cosine)", "crops": len(crops)}}
-    final = fit(model, params, out, meta, cfg, step, extra_row=extra)
+    final = fit(model, params, out, meta, cfg, step, extra_row=extra, resume_state=resume_state)
     final["distill"] = {**final["distill"], "cache_new": n_new}
     return final
 
 
-def train_dual(data, out, teacher, *, init=None, cfg: DistillConfig = DistillConfig(), device: str = "auto") -> dict:
+def train_dual(data, out, teacher, *, init=None, cfg: DistillConfig = DistillConfig(), device: str = "auto",
+               resume_state=None) -> dict:
     """Dual mode: attach the teacher, add the gated fusion, train fusion gate + dense decoder with the
     supervised losses of :mod:`pipeline.training.train` (student frozen). Returns the final metadata
     (``mode`` "dual", ``teacher`` = the teacher's identity; arch ``fusion`` = True)."""
@@ -316,7 +320,7 @@ def train_dual(data, out, teacher, *, init=None, cfg: DistillConfig = DistillCon
         return losses(out_maps, fg.to(dev), hv.to(dev))
 
     meta = {**meta, "mode": "dual", "teacher": t.info, "dual": {"config": asdict(cfg)}}
-    return fit(model, params, out, meta, cfg, step)
+    return fit(model, params, out, meta, cfg, step, resume_state=resume_state)
 
 
 def check_out(out) -> Path:

@@ -96,7 +96,7 @@ def refiner_losses(logits: torch.Tensor, iou_pred: torch.Tensor, target: torch.T
 
 
 def train_refiner(model, data, out, *, cfg: RefinerConfig = RefinerConfig(), teacher=None,
-                  metadata: dict | None = None, device: str = "auto") -> dict:
+                  metadata: dict | None = None, device: str = "auto", resume_state=None) -> dict:
     """Train ``model``'s prompt encoder + mask decoder (everything else frozen) and write ``out``.
 
     Parameters
@@ -185,7 +185,7 @@ def train_refiner(model, data, out, *, cfg: RefinerConfig = RefinerConfig(), tea
     meta["refine"] = RefineParams(window_tokens=cfg.window_tokens).to_dict()
     meta["refiner"] = {"config": asdict(cfg), "loss": "best-of-3 (BCE + Dice) + MSE(predicted IoU, IoU)",
                        "decoder_init": (teacher.info["type"] if teacher is not None else "random")}
-    return fit(model, params, Path(out), meta, cfg, step)
+    return fit(model, params, Path(out), meta, cfg, step, resume_state=resume_state)
 
 
 __all__ = ["RefinerConfig", "train_refiner", "refiner_losses", "sample_prompts", "frozen_embeddings"]
