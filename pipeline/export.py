@@ -30,6 +30,7 @@ import shapely
 
 from . import geometry
 from .errors import OutputError
+from .cells import CELL_COLUMNS, CELL_QUPATH_NAMES, nucleus_name
 from .measure import MEASUREMENT_COLUMNS, QUPATH_NAMES
 from .paths import atomic_target, atomic_write, output_error, unlink_quietly
 
@@ -341,6 +342,45 @@ def _features_json(batch, polys, values, finite, ids, *, slide_key, cols):
     return ",\n".join(out).encode("utf-8"), len(out)
 
 
+def _rings_json(poly):
+    """GeoJSON ``coordinates`` of a level-0 Polygon (rings as lists of [x, y], 2 decimals)."""
+    rings = [poly.exterior, *poly.interiors]
+    return [np.round(np.asarray(r.coords), 2).tolist() for r in rings]
+
+
+def _cell_features(batch, *, scale_xy_l0, offset_xy_l0, slide_key, cols):
+    """JSON text of QuPath *cell* Features (one per row with ``cell_geometry``), joined by ``",\n"``.
+
+    ``geometry`` = the cell, ``nucleusGeometry`` = the nucleus (a Feature-level sibling of
+    ``geometry``, as QuPath's reader expects), ``objectType`` ``"cell"``; measurements are the
+    nucleus ones prefixed ``Nucleus: `` (:func:`pipeline.cells.nucleus_name`) then the cell ones
+    (:data:`pipeline.cells.CELL_QUPATH_NAMES`), non-finite values omitted. Returns ``(text, n)``.
+    """
+    nuclei = to_level0(geometry.from_wkb(batch["geometry"]), scale_xy_l0, offset_xy_l0)
+    cells = to_level0(geometry.from_wkb(batch["cell_geometry"]), scale_xy_l0, offset_xy_l0)
+    ids = batch["nucleus_id"].to_numpy()
+    names = [nucleus_name(c) for c in cols] + [CELL_QUPATH_NAMES[c] for c in CELL_COLUMNS]
+    values = np.column_stack([batch[c].to_numpy().astype(np.float64) for c in (*cols, *CELL_COLUMNS)])
+    finite = np.isfinite(values)
+    values = np.round(np.where(finite, values, 0.0), GEOJSON_MEASUREMENT_DECIMALS)
+    empty = shapely.is_empty(nuclei) | shapely.is_empty(cells)
+    out = []
+    for k in range(len(ids)):
+        if empty[k]:
+            log.warning("cell %d has an empty outline on the level-0 grid; not exported", ids[k])
+            continue
+        meas = {n: v for n, v, ok in zip(names, values[k].tolist(), finite[k].tolist()) if ok}
+        feature = {
+            "type": "Feature",
+            "id": nucleus_uuid(slide_key, ids[k]),
+            "geometry": {"type": "Polygon", "coordinates": _rings_json(cells[k])},
+            "nucleusGeometry": {"type": "Polygon", "coordinates": _rings_json(nuclei[k])},
+            "properties": {"objectType": "cell", "classification": NUCLEUS_CLASS, "measurements": meas},
+        }
+        out.append(json.dumps(feature, **_JSON))
+    return ",\n".join(out).encode("utf-8"), len(out)
+
+
 class _AtomicSink:
     """A file written in pieces to its :func:`~pipeline.paths.atomic_target` and renamed on
     :meth:`close`; any failure removes the temporary (nothing incomplete under any name) and an
@@ -432,9 +472,10 @@ class GeoJSONWriter(_AtomicSink):
     def _write(self, table):
         if self._cols is None:
             self._cols = _measurement_columns(table)
+        features = _cell_features if "cell_geometry" in table.column_names else _features
         for batch in _batches(table):
-            text, n = _features(batch, scale_xy_l0=self.scale_xy_l0, offset_xy_l0=self.offset_xy_l0,
-                                slide_key=self.slide_key, cols=self._cols)
+            text, n = features(batch, scale_xy_l0=self.scale_xy_l0, offset_xy_l0=self.offset_xy_l0,
+                               slide_key=self.slide_key, cols=self._cols)
             if n:
                 self._put((b"\n" if self._first else b",\n") + text)
                 self._first = False
@@ -495,27 +536,36 @@ def write_geojson(table, path, *, scale_xy_l0, slide_key, gz=True, offset_xy_l0=
 
 #: Arrow schema of the GeoParquet nuclei table (:func:`geoparquet_table`).
 GEOPARQUET_SCHEMA = pa.schema(
-    [("nucleus_id", pa.int64()), ("uuid", pa.string()), ("geometry", pa.binary()), ("score", pa.float32()),
-     ("chunk_row", pa.int32()), ("chunk_col", pa.int32())]
+    [("nucleus_id", pa.int64()), ("uuid", pa.string()), ("slide_id", pa.string()), ("geometry", pa.binary()),
+     ("score", pa.float32()), ("chunk_row", pa.int32()), ("chunk_col", pa.int32())]
     + [(c, pa.float64()) for c in MEASUREMENT_COLUMNS]
 )
+#: With cells (``--cell-expansion-um``): the cell outline (level-0 WKB) and the cell measurements.
+GEOPARQUET_CELL_SCHEMA = pa.schema(
+    list(GEOPARQUET_SCHEMA) + [("cell_geometry", pa.binary())] + [(c, pa.float64()) for c in CELL_COLUMNS])
 
 
-def _geoparquet_rows(table, *, scale_xy_l0, slide_key, offset_xy_l0):
-    """Columns of :data:`GEOPARQUET_SCHEMA` for final nuclei, and the level-0 bbox (lo (2,), hi (2,))."""
-    n = table.num_rows
-    ids = table["nucleus_id"].to_numpy() if n else np.zeros(0, np.int64)
-    # level-0 geometry in slices (bounded temporaries: shapely objects and coordinates of one slice)
+def _level0_wkb(column, scale_xy_l0, offset_xy_l0):
+    """Level-0 WKB of a store-px WKB column in slices, and the bbox (lo (2,), hi (2,))."""
+    n = len(column)
     wkb, lo, hi = [], np.full(2, np.inf), np.full(2, -np.inf)
     for start in range(0, n, _PARQUET_SLICE_ROWS):
-        polys = to_level0(geometry.from_wkb(table["geometry"].slice(start, _PARQUET_SLICE_ROWS)), scale_xy_l0,
-                          offset_xy_l0)
+        polys = to_level0(geometry.from_wkb(column.slice(start, _PARQUET_SLICE_ROWS)), scale_xy_l0, offset_xy_l0)
         wkb.append(pa.array(geometry.to_wkb(polys), type=pa.binary()))
         b = shapely.bounds(polys)
         if np.isfinite(b).any():
             lo = np.fmin(lo, np.nanmin(b[:, :2], axis=0))
             hi = np.fmax(hi, np.nanmax(b[:, 2:], axis=0))
         del polys
+    return pa.chunked_array(wkb, type=pa.binary()), lo, hi
+
+
+def _geoparquet_rows(table, *, scale_xy_l0, slide_key, offset_xy_l0, slide_id=None, schema=GEOPARQUET_SCHEMA):
+    """Columns of ``schema`` for final nuclei, and the level-0 bbox (lo (2,), hi (2,))."""
+    n = table.num_rows
+    ids = table["nucleus_id"].to_numpy() if n else np.zeros(0, np.int64)
+    # level-0 geometry in slices (bounded temporaries: shapely objects and coordinates of one slice)
+    geom, lo, hi = _level0_wkb(table["geometry"], scale_xy_l0, offset_xy_l0)
 
     def column(name, type_):
         col = table[name]
@@ -526,20 +576,28 @@ def _geoparquet_rows(table, *, scale_xy_l0, slide_key, offset_xy_l0):
         "uuid": pa.StringArray.from_buffers(
             n, pa.py_buffer(np.arange(0, 36 * (n + 1), 36, dtype=np.int32)),
             pa.py_buffer(nucleus_uuids_ascii(slide_key, ids).tobytes())),
-        "geometry": pa.chunked_array(wkb, type=pa.binary()),
+        "slide_id": pa.array([str(slide_id if slide_id is not None else slide_key)] * n, type=pa.string()),
+        "geometry": geom,
     }
-    for f in GEOPARQUET_SCHEMA:
+    if "cell_geometry" in schema.names:
+        cols["cell_geometry"], clo, chi = _level0_wkb(table["cell_geometry"], scale_xy_l0, offset_xy_l0)
+        lo, hi = np.fmin(lo, clo), np.fmax(hi, chi)  # cells contain their nuclei: the bbox of all
+    for f in schema:
         if f.name not in cols:
             cols[f.name] = column(f.name, f.type)
-    return pa.table(cols, schema=GEOPARQUET_SCHEMA), lo, hi
+    return pa.table(cols, schema=schema), lo, hi
 
 
-def _geoparquet_metadata(lo, hi, n, *, scale_xy_l0, offset_xy_l0):
+def _geoparquet_metadata(lo, hi, n, *, scale_xy_l0, offset_xy_l0, cells=False):
     bbox = [float(lo[0]), float(lo[1]), float(hi[0]), float(hi[1])] if n else None
     geo_col = {"encoding": "WKB", "geometry_types": ["Polygon"], "crs": None}
+    columns = {"geometry": geo_col}
+    if cells:
+        columns["cell_geometry"] = dict(geo_col)
     if bbox and all(math.isfinite(v) for v in bbox):
-        geo_col["bbox"] = bbox
-    geo = {"version": "1.1.0", "primary_column": "geometry", "columns": {"geometry": geo_col}}
+        for col in columns.values():
+            col["bbox"] = bbox
+    geo = {"version": "1.1.0", "primary_column": "geometry", "columns": columns}
     meta = {
         "schema_version": SCHEMA_VERSION,
         "frame": "QuPath level-0 pixels (x = column, y = row, origin top-left)",
@@ -553,17 +611,22 @@ def _geoparquet_metadata(lo, hi, n, *, scale_xy_l0, offset_xy_l0):
     }
 
 
-def geoparquet_table(table, *, scale_xy_l0, slide_key, offset_xy_l0=(0.0, 0.0)):
+def geoparquet_table(table, *, scale_xy_l0, slide_key, offset_xy_l0=(0.0, 0.0), slide_id=None):
     """The GeoParquet table (level-0 geometry, uuid) of final nuclei, without writing it.
 
-    Columns (:data:`GEOPARQUET_SCHEMA`): ``nucleus_id`` int64, ``uuid`` string, ``geometry`` WKB
-    (QuPath level-0 px), ``score`` float32, ``chunk_row``/``chunk_col`` int32, measurement
-    columns float64 (µm, OD). Schema metadata: ``geo`` (GeoParquet 1.1.0, ``crs`` null = pixel
-    coordinates) and ``cellsam``.
+    Columns (:data:`GEOPARQUET_SCHEMA`): ``nucleus_id`` int64, ``uuid`` string, ``slide_id``
+    string (default ``slide_key``; joins cohort tables), ``geometry`` WKB (QuPath level-0 px),
+    ``score`` float32, ``chunk_row``/``chunk_col`` int32 (the store chunk whose window produced
+    the nucleus: provenance, see docs/outputs.md), measurement columns float64 (µm, OD). With a
+    ``cell_geometry`` column in ``table`` (:mod:`pipeline.cells`): :data:`GEOPARQUET_CELL_SCHEMA`
+    (``cell_geometry`` WKB level-0 px, a second geometry column, plus the cell measurements).
+    Schema metadata: ``geo`` (GeoParquet 1.1.0, ``crs`` null = pixel coordinates) and ``cellsam``.
     """
-    out, lo, hi = _geoparquet_rows(table, scale_xy_l0=scale_xy_l0, slide_key=slide_key, offset_xy_l0=offset_xy_l0)
+    cells = "cell_geometry" in table.column_names
+    out, lo, hi = _geoparquet_rows(table, scale_xy_l0=scale_xy_l0, slide_key=slide_key, offset_xy_l0=offset_xy_l0,
+                                   slide_id=slide_id, schema=GEOPARQUET_CELL_SCHEMA if cells else GEOPARQUET_SCHEMA)
     return out.replace_schema_metadata(_geoparquet_metadata(lo, hi, out.num_rows, scale_xy_l0=scale_xy_l0,
-                                                            offset_xy_l0=offset_xy_l0))
+                                                            offset_xy_l0=offset_xy_l0, cells=cells))
 
 
 class GeoParquetWriter(_AtomicSink):
@@ -577,13 +640,16 @@ class GeoParquetWriter(_AtomicSink):
 
     what = "GeoParquet"
 
-    def __init__(self, path, *, scale_xy_l0, slide_key, offset_xy_l0=(0.0, 0.0), row_group_rows=100_000):
+    def __init__(self, path, *, scale_xy_l0, slide_key, offset_xy_l0=(0.0, 0.0), row_group_rows=100_000,
+                 slide_id=None, cells=False):
         super().__init__(path)
         self.scale_xy_l0, self.offset_xy_l0, self.slide_key = scale_xy_l0, offset_xy_l0, slide_key
+        self.slide_id, self.cells = slide_id, bool(cells)
+        self.schema = GEOPARQUET_CELL_SCHEMA if cells else GEOPARQUET_SCHEMA
         self.row_group_rows = int(row_group_rows)
         self._lo, self._hi, self._n = np.full(2, np.inf), np.full(2, -np.inf), 0
         self._buf, self._buf_rows = [], 0
-        self._writer = self._open(pq.ParquetWriter, self.tmp, GEOPARQUET_SCHEMA, compression="zstd",
+        self._writer = self._open(pq.ParquetWriter, self.tmp, self.schema, compression="zstd",
                                   write_statistics=True, store_schema=False)
 
     def _flush(self, final):
@@ -596,7 +662,7 @@ class GeoParquetWriter(_AtomicSink):
 
     def _write(self, table):
         rows, lo, hi = _geoparquet_rows(table, scale_xy_l0=self.scale_xy_l0, slide_key=self.slide_key,
-                                        offset_xy_l0=self.offset_xy_l0)
+                                        offset_xy_l0=self.offset_xy_l0, slide_id=self.slide_id, schema=self.schema)
         self._lo, self._hi = np.fmin(self._lo, lo), np.fmax(self._hi, hi)
         self._n += rows.num_rows
         if rows.num_rows:
@@ -607,7 +673,8 @@ class GeoParquetWriter(_AtomicSink):
     def _finish(self):
         self._flush(final=True)
         self._writer.add_key_value_metadata(_geoparquet_metadata(
-            self._lo, self._hi, self._n, scale_xy_l0=self.scale_xy_l0, offset_xy_l0=self.offset_xy_l0))
+            self._lo, self._hi, self._n, scale_xy_l0=self.scale_xy_l0, offset_xy_l0=self.offset_xy_l0,
+            cells=self.cells))
         self._writer.close()
 
     def _cleanup(self):
@@ -615,7 +682,8 @@ class GeoParquetWriter(_AtomicSink):
             self._writer.close()
 
 
-def write_geoparquet(table, path, *, scale_xy_l0, slide_key, offset_xy_l0=(0.0, 0.0), row_group_rows=100_000):
+def write_geoparquet(table, path, *, scale_xy_l0, slide_key, offset_xy_l0=(0.0, 0.0), row_group_rows=100_000,
+                     slide_id=None):
     """Write final nuclei as GeoParquet 1.1 (readable by ``geopandas.read_parquet``).
 
     Columns: :data:`GEOPARQUET_SCHEMA` (see :func:`geoparquet_table`); zstd, statistics, row groups
@@ -642,7 +710,8 @@ def write_geoparquet(table, path, *, scale_xy_l0, slide_key, offset_xy_l0=(0.0, 
         If the file cannot be written.
     """
     with GeoParquetWriter(path, scale_xy_l0=scale_xy_l0, slide_key=slide_key, offset_xy_l0=offset_xy_l0,
-                          row_group_rows=row_group_rows) as w:
+                          row_group_rows=row_group_rows, slide_id=slide_id,
+                          cells="cell_geometry" in table.column_names) as w:
         w.write(table)
 
 

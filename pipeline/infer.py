@@ -51,7 +51,7 @@ import logging
 import os
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -59,13 +59,14 @@ import numpy as np
 
 from .config import SegmentConfig
 from .errors import InputError, ModelError, StoreError
-from .paths import atomic_write
+from .paths import atomic_write, public_value
 from .testhooks import pause_point
 
 log = logging.getLogger(__name__)
 
 META_NAME = "_meta.json"
 TIMINGS_NAME = "_timings.json"  # stage timings of the last run (the only non-deterministic file)
+PROBE_NAME = "_mpp_probe.json"  # the model's scale probe on a few tissue tiles (pipeline.mppcheck)
 META_SCHEMA_VERSION = 1
 CLASSICAL = "classical"  # model spec: the classical (non-learned) baseline segmenter
 TIMING_KEYS = ("read_s", "model_s", "postprocess_s", "extract_s", "write_s")
@@ -147,7 +148,8 @@ def chunk_windows(
     return out
 
 
-def model_box(tissue: np.ndarray, margin_px: int, multiple: int = 16) -> tuple[int, int, int, int] | None:
+def model_box(tissue: np.ndarray, margin_px: int, multiple: int = 16,
+              half_or_whole: bool = False) -> tuple[int, int, int, int] | None:
     """The part of a window the model runs on: the bounding box of the window's tissue pixels,
     grown by ``margin_px`` and outward to multiples of ``multiple``, clipped to the window.
 
@@ -159,6 +161,11 @@ def model_box(tissue: np.ndarray, margin_px: int, multiple: int = 16) -> tuple[i
         Context kept around the tissue, window pixels.
     multiple : int
         Alignment of the box edges (the network's stride).
+    half_or_whole : bool
+        Snap each side of the box to either half the window (aligned to ``multiple``, placed to
+        cover the tissue span, inside the window) or the whole window: at most four box shapes per
+        window size, for engines that compile one static-shape model per input shape
+        (OpenVINO, ``Engine.static_shapes``), whose memory grows with every shape kept.
 
     Returns
     -------
@@ -173,6 +180,12 @@ def model_box(tissue: np.ndarray, margin_px: int, multiple: int = 16) -> tuple[i
     def span(idx: np.ndarray, size: int) -> tuple[int, int]:
         lo = max(0, (int(idx[0]) - margin_px) // multiple * multiple)
         hi = min(size, -(-(int(idx[-1]) + 1 + margin_px) // multiple) * multiple)
+        if half_or_whole:
+            half = size // 2 // multiple * multiple
+            if half <= 0 or hi - lo > half:
+                return 0, size
+            lo = min(lo, size - half)
+            return lo, lo + half
         return lo, hi
 
     (r0, r1), (c0, c1) = span(rows, tissue.shape[0]), span(cols, tissue.shape[1])
@@ -219,10 +232,15 @@ class Model:
         and the summary; a change invalidates existing chunk files.
     thread_safe : bool
         If False (default), calls are serialized per process.
+    static_shapes : bool
+        The network compiles one model per input shape (OpenVINO): tissue boxes are snapped to
+        half or whole windows (:func:`model_box`) so that few shapes occur.
     """
 
-    def __init__(self, segment_batch: Callable, *, mpp: float | None, info: dict, thread_safe: bool = False):
+    def __init__(self, segment_batch: Callable, *, mpp: float | None, info: dict, thread_safe: bool = False,
+                 static_shapes: bool = False):
         self.segment_batch = segment_batch
+        self.static_shapes = static_shapes  # the network compiles per input shape: few box shapes (model_box)
         self.mpp = mpp
         self.info = info
         self.thread_safe = thread_safe
@@ -258,7 +276,8 @@ def classical_segment_batch(mpp: float) -> Callable:
 
 
 @functools.lru_cache(maxsize=4)
-def _load_model_cached(spec: str | None, device: str, refine: bool, classical_mpp: float | None) -> Model:
+def _load_model_cached(spec: str | None, device: str, refine: bool, classical_mpp: float | None,
+                       engine: str = "auto", precision: str = "auto", teacher: str | None = None) -> Model:
     """Load a model once per process (dask workers reuse it across tasks)."""
     if spec == CLASSICAL:
         return Model(
@@ -270,11 +289,17 @@ def _load_model_cached(spec: str | None, device: str, refine: bool, classical_mp
     from .model import load_model  # heavy import (torch) only when needed
     from .model.checkpoint import DEFAULT_WEIGHTS
 
-    seg = load_model(spec, device=device, refine=refine)
+    seg = load_model(spec, device=device, refine=refine, engine=engine, precision=precision, teacher=teacher)
     model = _wrap_segmenter(seg)
     weights = Path(spec) if spec else DEFAULT_WEIGHTS
     model.info["weights_file"] = weights.name
     model.info["weights_sha256"] = _sha256(weights)
+    attached = getattr(getattr(seg, "model", None), "teacher", None)
+    if attached is not None and seg.mode == "dual":  # dual mode: the SAM teacher's identity (never a path)
+        model.info["teacher_file"] = attached.info["file"]
+        model.info["teacher_sha256"] = attached.info["sha256"]
+        model.info["teacher_type"] = attached.info["type"]
+        model.info["teacher_tile_px"] = attached.info["tile_px"]
     return model
 
 
@@ -291,14 +316,18 @@ def _sha256(path: Path) -> str:
 def _wrap_segmenter(seg: Any) -> Model:
     meta = dict(getattr(seg, "metadata", {}) or {})
     info = {k: v for k, v in meta.items() if isinstance(v, (str, int, float, bool)) and k not in {"path", "device"}}
+    info = public_value(info)  # e.g. "init": a training machine's absolute path -> the file name
     info.setdefault("name", type(seg).__name__)
     mpp = getattr(seg, "mpp", None)
     # a Segmenter serialises its own network calls and decodes outside its lock: thread safe
     safe = getattr(seg, "_lock", None) is not None
-    return Model(seg.segment_batch, mpp=float(mpp) if mpp is not None else None, info=info, thread_safe=safe)
+    static = bool(getattr(getattr(seg, "engine", None), "static_shapes", False))
+    return Model(seg.segment_batch, mpp=float(mpp) if mpp is not None else None, info=info, thread_safe=safe,
+                 static_shapes=static)
 
 
-def resolve_model(model: Any, *, device: str, refine: bool, store_mpp: float) -> Model:
+def resolve_model(model: Any, *, device: str, refine: bool, store_mpp: float, engine: str = "auto",
+                  precision: str = "auto", teacher: Any = None) -> Model:
     """Turn a model spec into a :class:`Model`.
 
     Parameters
@@ -307,10 +336,13 @@ def resolve_model(model: Any, *, device: str, refine: bool, store_mpp: float) ->
         ``None`` = the shipped default weights; ``"classical"`` = the classical baseline; a path =
         a checkpoint for :func:`pipeline.model.load_model`; an object with ``segment_batch`` (a
         ``Segmenter``); a plain callable ``segment_batch(images) -> [(labels, scores)]``.
-    device, refine
-        Passed to :func:`pipeline.model.load_model`.
+    device, refine, engine, precision
+        Passed to :func:`pipeline.model.load_model` (engine/precision: :mod:`pipeline.model.engine`).
     store_mpp : float
         µm/px of the store (used by resolution-agnostic models).
+    teacher : path, optional
+        SAM ViT checkpoint for a dual checkpoint (:func:`pipeline.model.load_model`); its file name
+        and sha256 go into ``Model.info`` (``teacher_file``, ``teacher_sha256``).
     """
     if isinstance(model, Model):
         return model
@@ -318,7 +350,10 @@ def resolve_model(model: Any, *, device: str, refine: bool, store_mpp: float) ->
         spec = None if model is None else str(model)
         if spec not in (None, CLASSICAL) and not Path(spec).exists():
             raise ModelError(f"{spec}: model checkpoint not found (use a .pt file, 'classical', or omit --model)")
-        return _load_model_cached(spec, device, bool(refine), float(store_mpp) if spec == CLASSICAL else None)
+        if teacher is not None and spec == CLASSICAL:
+            raise ModelError("--teacher applies to a dual CellSAM checkpoint, not to the classical model")
+        return _load_model_cached(spec, device, bool(refine), float(store_mpp) if spec == CLASSICAL else None,
+                                  str(engine), str(precision), None if teacher is None else str(teacher))
     if hasattr(model, "segment_batch"):
         return _wrap_segmenter(model)
     if callable(model):
@@ -373,7 +408,8 @@ def process_batch(
 
     group, attrs = _open_store_cached(str(store_path))
     mpp = float(attrs["mpp"])
-    model = resolve_model(model_spec, device=cfg.device, refine=cfg.refine, store_mpp=mpp)
+    model = resolve_model(model_spec, device=cfg.device, refine=cfg.refine, store_mpp=mpp, engine=cfg.engine,
+                          precision=cfg.precision, teacher=cfg.teacher)
     timings = dict.fromkeys(TIMING_KEYS, 0.0)
 
     t0 = time.perf_counter()
@@ -384,7 +420,7 @@ def process_batch(
         images[i] = read_window(group, w.window_origin_rc[0], w.window_origin_rc[1], side, side)
         if cfg.crop_to_tissue:
             tissue = read_tissue_window(group, w.window_origin_rc[0], w.window_origin_rc[1], side, side)
-            boxes.append(model_box(tissue, cfg.tissue_margin_px))
+            boxes.append(model_box(tissue, cfg.tissue_margin_px, half_or_whole=model.static_shapes))
         else:
             boxes.append((0, 0, side, side))
     timings["read_s"] += time.perf_counter() - t0
@@ -413,6 +449,8 @@ def process_batch(
             mpp=mpp,
             eps_px=cfg.anchor_eps_px,
             min_area_um2=cfg.min_area_um2,
+            max_area_um2=cfg.max_area_um2,
+            min_circularity=cfg.min_circularity,
             chunk_rc=w.chunk_rc,
         )
         t1 = time.perf_counter()
@@ -470,6 +508,8 @@ def chunks_meta(attrs: dict, model: Model, cfg: SegmentConfig) -> dict:
         "halo_px": int(cfg.halo_px),
         "anchor_eps_px": float(cfg.anchor_eps_px),
         "min_area_um2": float(cfg.min_area_um2),
+        "max_area_um2": float(cfg.max_area_um2),
+        "min_circularity": float(cfg.min_circularity),
         "tissue_margin_px": int(cfg.tissue_margin_px) if cfg.crop_to_tissue else None,
     }
 
@@ -522,9 +562,9 @@ def _pid_alive(pid: int) -> bool:
 
 
 def _progress(total: int, quiet: bool):
-    from tqdm.auto import tqdm
+    from .progress import Progress  # a bar on a terminal, a line per 10 % in logs
 
-    return tqdm(total=total, unit="chunk", desc="infer", disable=quiet or total == 0, leave=False)
+    return Progress(total, "infer", "chunk", quiet=bool(quiet))
 
 
 def _run_threaded(tasks, workers: int, on_done: Callable[[dict], None]) -> None:
@@ -612,7 +652,10 @@ def run_infer(
     chunks_dir = Path(chunks_dir).absolute()
     group, attrs = _open_store_cached(store_path)
     store_mpp = float(attrs["mpp"])
-    resolved = resolve_model(model, device=cfg.device, refine=cfg.refine, store_mpp=store_mpp)
+    if cfg.teacher:  # workers may run in another working directory (the path is never recorded)
+        cfg = replace(cfg, teacher=os.path.abspath(cfg.teacher))
+    resolved = resolve_model(model, device=cfg.device, refine=cfg.refine, store_mpp=store_mpp, engine=cfg.engine,
+                             precision=cfg.precision, teacher=cfg.teacher)
     if resolved.mpp is not None and abs(resolved.mpp - store_mpp) > 1e-3 * resolved.mpp:
         raise StoreError(
             f"{store_path}: store is at {store_mpp:g} µm/px but the model expects {resolved.mpp:g} µm/px; "
@@ -676,6 +719,7 @@ def run_infer(
     )
     _write_json_atomic({"infer_s": totals["wall_s"], **{k: totals[k] for k in TIMING_KEYS},
                         **{k: totals[k] for k in ("window_mpx", "model_mpx") if k in totals}}, chunks_dir / TIMINGS_NAME)
+    _write_json_atomic(mpp_probe(group, attrs, resolved), chunks_dir / PROBE_NAME)
     return {
         "chunks_total": len(windows),
         "chunks_reused": reused,
@@ -685,6 +729,32 @@ def run_infer(
         "model_mpp": resolved.mpp,
         "timings_s": totals,
     }
+
+
+def mpp_probe(group, attrs: dict, model: Model) -> dict | None:
+    """The µm/px scale probe (:func:`pipeline.mppcheck.probe_images`) of ``model`` on a few tissue
+    tiles of the store; None without tissue, or for a model without ``segment(image, mpp)`` (the
+    classical baseline, plain callables)."""
+    from .config import MppCheckConfig
+    from .mppcheck import probe_grid_mpp, probe_images, probe_tiles_from_store
+
+    cfg = MppCheckConfig()
+    segment = getattr(getattr(model.segment_batch, "__self__", None), "segment", None)  # a Segmenter's
+    mx, my = attrs.get("slide_mpp_x"), attrs.get("slide_mpp_y")
+    grid = probe_grid_mpp(float(attrs["mpp"]), (float(mx) * float(my)) ** 0.5 if mx and my else float(attrs["mpp"]))
+    tiles = probe_tiles_from_store(group, attrs, cfg, grid) if segment is not None else []
+    if not tiles:
+        return None
+    t0 = time.perf_counter()
+    try:
+        with _MODEL_LOCK:
+            probe = probe_images(tiles, segment, grid, cfg)
+    except (ValueError, ModelError) as exc:
+        log.info("µm/px scale probe skipped: %s", exc)
+        return None
+    log.info("µm/px scale probe: %d tiles, median nucleus area %s µm² at x%s (%.1f s)", probe["tiles"],
+             probe["median_area_um2"], probe["factors"], time.perf_counter() - t0)
+    return probe
 
 
 def list_chunk_files(chunks_dir: str | os.PathLike) -> dict[tuple[int, int], Path]:

@@ -8,8 +8,8 @@ Outputs (names from :mod:`pipeline.paths`, all written to a temp sibling and ren
 
 * ``<id>.geojson.gz`` (and ``<id>.geojson`` with ``geojson_plain``): QuPath detections;
 * ``<id>.nuclei.parquet``: GeoParquet, one row per nucleus;
-* ``<id>.summary.json``: counts, per-slide statistics, parameters, software and model versions,
-  stage timings;
+* ``<id>.summary.json``: counts, per-slide statistics, parameters, software and model versions;
+* ``<id>.timings.json``: stage timings (seconds);
 * ``<id>.qc.png``: QC image (:mod:`pipeline.qc`).
 
 Memory: the export streams the nuclei strip by strip (:mod:`pipeline.assemble`) into all outputs
@@ -19,9 +19,9 @@ not its area (``benchmarks/results/stitch_curve.md``).
 The summary is written last and marks a complete set: a failed export (disk full, interrupt)
 removes the old summary and every output it wrote, so a set without a summary is incomplete.
 
-Determinism: every output is a function of (slide, parameters, model, software versions) only.
-The single exception is the ``"timings_s"`` block of the summary (wall-clock seconds per stage):
-compare summaries without it.
+Determinism: every output is a function of (slide, parameters, model, software versions) only,
+byte for byte, the summary included; no machine paths are written (:func:`pipeline.paths.public_value`).
+The single exception is ``<id>.timings.json`` (wall-clock seconds per stage), kept out of the summary.
 
 A slide without tissue, or with tissue but no nuclei, gives valid empty outputs and a summary with
 ``"nuclei": 0`` and a ``"note"`` saying why.
@@ -43,7 +43,7 @@ from . import __version__
 from .config import Config
 from .errors import InputError
 from .infer import list_chunk_files, read_chunks_meta, run_infer
-from .paths import SlidePaths, slide_id_from_path, slide_paths, unlink_quietly
+from .paths import SlidePaths, public_value, slide_id_from_path, slide_paths, unlink_quietly
 from .testhooks import pause_point
 
 log = logging.getLogger(__name__)
@@ -123,6 +123,24 @@ def _parquet_outlines(path, scale_xy_l0):
     return outlines
 
 
+def _mpp_check(attrs: dict, stats: dict, chunks_dir: Path) -> dict:
+    """``summary["mpp_check"]`` (:func:`pipeline.mppcheck.mpp_check`): the final nuclei's median area
+    at the declared µm/px, and the scale probe ``run_infer`` left in ``chunks_dir`` (if any)."""
+    import math
+
+    from .infer import PROBE_NAME
+    from .mppcheck import mpp_check
+
+    try:
+        probe = json.loads((chunks_dir / PROBE_NAME).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        probe = None
+    mx, my = attrs.get("slide_mpp_x"), attrs.get("slide_mpp_y")
+    declared = math.sqrt(float(mx) * float(my)) if mx and my else float(attrs["mpp"])
+    area = (stats["measurements"].get("area_um2") or {}).get("median")
+    return mpp_check(declared, area, int(stats["count"]), probe if isinstance(probe, dict) else None)
+
+
 def _parameters(attrs: dict, meta: dict, cfg: Config) -> dict:
     """Everything that determines the outputs (not workers/batch size/device)."""
     seg = cfg.segment
@@ -138,6 +156,10 @@ def _parameters(attrs: dict, meta: dict, cfg: Config) -> dict:
             "min_area_um2": meta.get("min_area_um2"),
             "refine": meta.get("refine"),
             "dedup_iou": float(seg.dedup_iou),
+            "max_area_um2": meta.get("max_area_um2"),
+            "min_circularity": meta.get("min_circularity"),
+            "conflict_min_width_um": float(seg.conflict_min_width_um),
+            "cell_expansion_um": float(seg.cell_expansion_um),
         },
     }
 
@@ -168,10 +190,10 @@ def run_export(
     cfg : Config
         ``segment.dedup_iou``, ``segment.geojson_plain`` are used here.
     timings : dict, optional
-        Stage timings of earlier stages (seconds) to include in the summary; default: read
+        Stage timings of earlier stages (seconds) to include in ``<id>.timings.json``; default: read
         ``chunks_dir/_timings.json`` if present.
     started : float, optional
-        ``time.perf_counter()`` at the start of the whole run (for ``timings_s.total_s``).
+        ``time.perf_counter()`` at the start of the whole run (for ``total_s`` in ``<id>.timings.json``).
 
     Returns
     -------
@@ -188,6 +210,9 @@ def run_export(
     from .assemble import iter_nuclei
     from .export import GeoJSONWriter, GeoParquetWriter, write_json_atomic
     from .measure import summarize
+    import pyarrow.compute as pc
+
+    from .progress import Progress
     from .qc import QCAccumulator
     from .store import open_store
 
@@ -214,14 +239,21 @@ def run_export(
 
     t0 = time.perf_counter()
     nuclei = iter_nuclei(files, mpp=mpp, dedup_iou=cfg.segment.dedup_iou, chunk_px=int(attrs["chunk_px"]),
-                         min_area_um2=float(meta.get("min_area_um2", cfg.segment.min_area_um2)))
+                         min_area_um2=float(meta.get("min_area_um2", cfg.segment.min_area_um2)),
+                         conflict_min_width_um=cfg.segment.conflict_min_width_um)
     n_trunc = nuclei.n_truncated_owned
+    strips = nuclei
+    if cfg.segment.cell_expansion_um > 0:  # QuPath cells from the final nuclei, strip by strip
+        from .cells import iter_with_cells
+
+        strips = iter_with_cells(nuclei, group=group, attrs=attrs, expansion_um=cfg.segment.cell_expansion_um,
+                                 halo_px=float(meta.get("halo_px") or 0), eps_px=float(meta.get("anchor_eps_px") or 0))
     timings["stitch_s"] = time.perf_counter() - t0  # passes 0-1; pass 2 runs inside the export below
 
     # <id>.summary.json (written last) marks a complete set: drop the old one first, and on any
     # failure (disk full, interrupt) remove every final this export may have written, so a failed
     # export never leaves a half-new set of outputs behind (each file is atomic on its own)
-    outputs = [*sp.finals(), sp.geojson]
+    outputs = [*sp.finals(), sp.geojson, sp.timings]
     unlink_quietly(sp.summary)
     for path in outputs:  # temporaries of a killed earlier run
         for tmp in path.parent.glob(f"{path.name}.tmp-*"):
@@ -236,12 +268,21 @@ def run_export(
             writers = [stack.enter_context(GeoJSONWriter(sp.geojson_gz, scale_xy_l0=scale, slide_key=key, gz=True))]
             if cfg.segment.geojson_plain:
                 writers.append(stack.enter_context(GeoJSONWriter(sp.geojson, scale_xy_l0=scale, slide_key=key, gz=False)))
-            writers.append(stack.enter_context(GeoParquetWriter(sp.parquet, scale_xy_l0=scale, slide_key=key)))
-            for strip in nuclei:  # strip by strip: memory bounded by a few chunk rows of nuclei
+            writers.append(stack.enter_context(GeoParquetWriter(sp.parquet, scale_xy_l0=scale, slide_key=key,
+                                                                slide_id=sp.slide_id,
+                                                                cells=cfg.segment.cell_expansion_um > 0)))
+            scan = nuclei.scan  # progress in strips (chunk rows) of the slide
+            bar = stack.enter_context(Progress(max(0, scan.strip_hi - scan.strip_lo + 1), "export", "strip",
+                                               quiet=True if quiet else None))
+            for strip in strips:  # strip by strip: memory bounded by a few chunk rows of nuclei
                 for w in writers:
                     w.write(strip)
                 qc.add(strip)
+                if "anchor_y_px" in strip.column_names and strip.num_rows:
+                    top = float(pc.max(strip["anchor_y_px"]).as_py())
+                    bar.update_to(int(top // scan.chunk_px) - scan.strip_lo + 1)
                 pause_point("export")  # crash tests only (pipeline.testhooks)
+            bar.update_to(bar.total)
         timings["export_s"] = time.perf_counter() - t0
         log.info("stitch + export: %d chunk files -> %s (%.1f s)", len(files), sp.outdir,
                  timings["stitch_s"] + timings["export_s"])
@@ -262,6 +303,11 @@ def run_export(
             note = "tissue detected but no nuclei found: empty outputs"
         else:
             note = None
+        check = _mpp_check(attrs, stats, chunks_dir)
+        if not check["plausible"]:
+            from .mppcheck import warning_line
+
+            log.warning("%s", warning_line(Path(str(attrs.get("source_path") or sp.slide_id)).name, check))
         if n_trunc:
             log.warning(
                 "%d nuclei touched the halo edge and were dropped; rerun with a larger --halo (now %s px)",
@@ -286,19 +332,26 @@ def run_export(
             "nuclei_per_mm2": stats["nuclei_per_mm2"],
             "tissue_chunks": len(attrs.get("tissue_chunks", [])),
             "nuclei_dropped_at_halo": n_trunc,
+            "nuclei_dropped_implausible": nuclei.scan.n_implausible_owned,
+            "stitch_conflicts": nuclei.dedup.conflicts,
+            "cells": cfg.segment.cell_expansion_um > 0,
             "note": note,
+            "mpp_check": check,
             "measurements": stats["measurements"],
             "outputs": {
                 "geojson_gz": sp.geojson_gz.name,
                 "geojson": sp.geojson.name if cfg.segment.geojson_plain else None,
                 "parquet": sp.parquet.name,
                 "qc_png": sp.qc_png.name,
+                "timings": sp.timings.name,
             },
-            "model": meta.get("model"),
+            "model": public_value(meta.get("model")),
             "parameters": _parameters(attrs, meta, cfg),
             "software": _software_versions(),
-            "timings_s": {k: round(float(v), 3) for k, v in sorted(timings.items()) if isinstance(v, (int, float))},
         }
+        # wall-clock seconds vary run to run: their own file, so the summary is byte-reproducible
+        write_json_atomic({"slide_id": sp.slide_id, "timings_s": {k: round(float(v), 3) for k, v in sorted(timings.items())
+                                                                  if isinstance(v, (int, float))}}, sp.timings)
         write_json_atomic(summary, sp.summary)
     except BaseException:
         for path in outputs:
@@ -392,7 +445,8 @@ def run_segment(
     sp: SlidePaths = slide_paths(outdir, sid)
 
     # The store is written at the model's resolution: resolve the model first.
-    model = resolve_model(model_path, device=seg.device, refine=seg.refine, store_mpp=cfg.store.mpp)
+    model = resolve_model(model_path, device=seg.device, refine=seg.refine, store_mpp=cfg.store.mpp,
+                          engine=seg.engine, precision=seg.precision, teacher=seg.teacher)
     store_cfg = cfg.store
     if model.mpp is not None and abs(model.mpp - store_cfg.mpp) > 1e-6:
         log.info("store resolution set to the model's %g µm/px (config: %g)", model.mpp, store_cfg.mpp)

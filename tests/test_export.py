@@ -41,7 +41,20 @@ def validate_qupath_geojson(data: bytes):
         g = shapely.geometry.shape(geom)
         assert shapely.is_valid(shapely.set_precision(g, 0.01))  # QuPath 0.6 precision reduction
         props = f["properties"]
-        assert props["objectType"] == "detection"  # otherwise: annotation fallback
+        assert props["objectType"] in ("detection", "cell")  # otherwise: annotation fallback
+        if props["objectType"] == "cell":  # QuPath reads the nucleus only for cells, as a Feature member
+            assert "nucleusGeometry" not in props
+            nuc = f["nucleusGeometry"]
+            assert nuc["type"] == "Polygon"
+            for ring in nuc["coordinates"]:
+                assert len(ring) >= 4 and ring[0] == ring[-1]
+                for x, y in ring:
+                    assert round(x, 2) == x and round(y, 2) == y
+            n = shapely.geometry.shape(nuc)
+            assert shapely.is_valid(shapely.set_precision(n, 0.01))
+            assert shapely.area(shapely.difference(n, g)) < 0.1  # the nucleus lies inside its cell
+        else:
+            assert "nucleusGeometry" not in f
         cls = props["classification"]
         assert isinstance(cls["name"], str) and len(cls["color"]) == 3
         meas = props["measurements"]

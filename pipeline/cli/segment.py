@@ -9,6 +9,8 @@ _S = StoreConfig()
 
 
 def register(sub):
+    from .argtypes import nonnegative_float, positive_float
+
     p = sub.add_parser(
         "segment",
         help="segment all nuclei of one slide (tile store, model, stitching, exports)",
@@ -19,11 +21,14 @@ def register(sub):
     p.add_argument("slide", metavar="SLIDE", help="whole-slide image (anything OpenSlide reads, or OME-TIFF)")
     p.add_argument("-o", "--output", required=True, metavar="OUTDIR", help="output directory")
     p.add_argument("--slide-id", default=None, metavar="ID", help="output file prefix (default: slide file name)")
-    p.add_argument("--slide-mpp", type=float, default=None, metavar="M", help="µm/px of level 0 if the slide lacks it")
+    p.add_argument("--slide-mpp", type=positive_float, default=None, metavar="M", help="µm/px of level 0 if the slide lacks it")
     p.add_argument("--store", default=None, metavar="STORE", help="tile store to write/reuse (default: OUTDIR/.work/<id>/store.ome.zarr)")
     p.add_argument("--chunk", type=int, default=None, metavar="PX", help=f"store chunk = inference core edge (default: {_S.chunk_px})")
     add_model_args(p)
     p.add_argument("--geojson-plain", action="store_true", default=None, help="also write an uncompressed .geojson")
+    p.add_argument("--cell-expansion-um", type=nonnegative_float, default=None, metavar="D",
+                   help="write QuPath cells: each nucleus grown by D µm, Voronoi-limited, within tissue "
+                   "(default: off, nuclei as detections)")
     p.set_defaults(func=run)
 
 
@@ -37,7 +42,8 @@ def run(args) -> int:
     cfg = Config(
         tissue=base.tissue,
         store=with_overrides(base.store, chunk_px=args.chunk),
-        segment=with_overrides(base.segment, geojson_plain=args.geojson_plain, **segment_overrides(args)),
+        segment=with_overrides(base.segment, geojson_plain=args.geojson_plain,
+                               cell_expansion_um=args.cell_expansion_um, **segment_overrides(args)),
     )
     summary = run_segment(
         args.slide,
