@@ -40,6 +40,7 @@ PIPELINE_DEFAULTS = {
     ("infer", "crop_to_tissue"): (pconfig.SegmentConfig, "crop_to_tissue"),
     ("infer", "tissue_margin_px"): (pconfig.SegmentConfig, "tissue_margin_px"),
     ("export", "geojson_plain"): (pconfig.SegmentConfig, "geojson_plain"),
+    ("export", "cell_expansion_um"): (pconfig.SegmentConfig, "cell_expansion_um"),
 }
 WORKFLOW_ONLY = {("samples",), ("output_dir",), ("keep_stores",), ("infer", "model"), ("infer", "scheduler")}
 

@@ -81,6 +81,14 @@ def export_outputs():
     return {name: slide_file(name) for name in names}
 
 
+def export_flags():
+    """Flags of `cellsam export` from the config's ``export`` section."""
+    flags = ["--geojson-plain"] if config["export"]["geojson_plain"] else []
+    if config["export"].get("cell_expansion_um", 0):
+        flags.append(f"--cell-expansion-um {float(config['export']['cell_expansion_um'])!r}")
+    return " ".join(flags)
+
+
 def slide_path(wildcards):
     return SAMPLES.loc[wildcards.slide, "path"]
 

@@ -75,10 +75,10 @@ rule export:
         benchmark_file("export")
     params:
         outdir=lambda wildcards, output: Path(output.summary).parent,
-        plain="--geojson-plain" if config["export"]["geojson_plain"] else "",
+        flags=export_flags(),
     shell:
         "cellsam export {input.store:q} {input.chunks:q} -o {params.outdir:q} --slide-id {wildcards.slide}"
-        " {params.plain} > {log:q} 2>&1"
+        " {params.flags} > {log:q} 2>&1"
 
 
 rule cohort:
