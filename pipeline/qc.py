@@ -3,12 +3,22 @@
 Layout (one RGB PNG, white background)::
 
     +----------------------+----------------------+----------------------+
-    | thumbnail + tissue   | nucleus density      | full-resolution crop |
-    | outline (green)      | heatmap over the     | of the densest chunk |
-    |                      | thumbnail            | + nucleus outlines   |
+    | title                | title                | title                |
     +----------------------+----------------------+----------------------+
-    | one line of text: slide id, nuclei, tissue area, density           |
+    | thumbnail + tissue   | nucleus density      | full-resolution crop |
+    | outline (green)      | heatmap over the     | of a representative  |
+    | + scale bar          | thumbnail            | chunk + outlines     |
+    |                      |                      | + scale bar          |
+    +----------------------+----------------------+----------------------+
+    | key: tissue outline  | colour bar 0..max    | key: nucleus outline |
+    |                      | nuclei/mm2           |                      |
+    +----------------------+----------------------+----------------------+
+    | one line of text: slide id, nuclei, tissue area, density, model    |
     +--------------------------------------------------------------------+
+
+The crop is the tissue chunk of median nucleus count among the chunks holding nuclei
+(:func:`representative_chunk`): the densest chunk is often not representative (on
+CMU-1-Small-Region it is keratin, where false positives pile up).
 
 Drawn with PIL only and saved without metadata, so the same inputs give the same bytes.
 """
@@ -27,6 +37,9 @@ from .paths import atomic_write
 PANEL_PX = 512  # edge of each panel
 CROP_PX = 512  # edge of the full-resolution crop, store pixels
 TEXT_PX = 28  # height of the caption band
+TITLE_PX = 22  # height of the title band above the panels
+KEY_PX = 30  # height of the key band under the panels
+SCALE_BAR_UM = (10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000)  # scale bar lengths to choose from
 DENSITY_BINS = 48  # density grid cells along the longer side of the thumbnail
 TISSUE_RGB = (0, 170, 0)
 OUTLINE_RGB = (0, 90, 255)
@@ -86,6 +99,24 @@ def bin_anchors(anchors_rc_um: np.ndarray, layout: tuple[int, int, float]) -> np
     return density
 
 
+def _scale_bar(draw, x0: int, y1: int, px_per_um: float, panel_px: int, font) -> None:
+    """Black-on-white scale bar at the bottom-left of a panel: the longest of :data:`SCALE_BAR_UM`
+    that fits in a quarter of the panel."""
+    if not px_per_um > 0:
+        return
+    fits = [um for um in SCALE_BAR_UM if um * px_per_um <= panel_px / 4]
+    if not fits:
+        return
+    um = fits[-1]
+    length = round(um * px_per_um)
+    label = f"{um} um" if um < 1000 else f"{um // 1000} mm"
+    tx0, ty0, tx1, ty1 = draw.textbbox((0, 0), label, font=font)
+    bx, by = x0 + 10, y1 - 12
+    draw.rectangle((bx - 4, by - (ty1 - ty0) - 8, bx + max(length, tx1 - tx0) + 4, by + 6), fill=(255, 255, 255))
+    draw.rectangle((bx, by, bx + length, by + 3), fill=(0, 0, 0))
+    draw.text((bx, by - (ty1 - ty0) - 4), label, fill=(0, 0, 0), font=font)
+
+
 def render_qc(
     thumb_rgb: np.ndarray,
     thumb_mpp: float,
@@ -94,6 +125,8 @@ def render_qc(
     crop_rgb: np.ndarray | None,
     crop_rings_rc: Sequence[np.ndarray],
     caption: str,
+    crop_mpp: float | None = None,
+    crop_title: str = "representative chunk, full resolution",
 ) -> Image.Image:
     """Compose the QC figure (pure: arrays in, image out).
 
@@ -113,13 +146,18 @@ def render_qc(
         Nucleus outlines (row, col) in crop pixels.
     caption : str
         One line of text under the panels (ASCII; other characters become "?").
+    crop_mpp : float, optional
+        µm/px of the crop (for its scale bar; none without it).
+    crop_title : str
+        Title of the crop panel.
 
     Returns
     -------
     PIL.Image.Image
-        RGB image of size (3 * PANEL_PX, PANEL_PX + TEXT_PX).
+        RGB image of size (3 * PANEL_PX, TITLE_PX + PANEL_PX + KEY_PX + TEXT_PX).
     """
-    canvas = Image.new("RGB", (3 * PANEL_PX, PANEL_PX + TEXT_PX), (255, 255, 255))
+    top = TITLE_PX
+    canvas = Image.new("RGB", (3 * PANEL_PX, TITLE_PX + PANEL_PX + KEY_PX + TEXT_PX), (255, 255, 255))
     thumb = Image.fromarray(np.ascontiguousarray(thumb_rgb, dtype=np.uint8))
     small, scale = _fit(thumb, PANEL_PX)
     sw, sh = small.size
@@ -130,7 +168,7 @@ def render_qc(
         mask_img = Image.fromarray(tissue_mask.astype(np.uint8) * 255).resize((sw, sh), Image.Resampling.NEAREST)
         outline = _mask_outline(np.asarray(mask_img) > 127)
         panel1[outline] = TISSUE_RGB
-    canvas.paste(Image.fromarray(panel1), (0, 0))
+    canvas.paste(Image.fromarray(panel1), (0, top))
 
     # panel 2: nucleus density (anchors binned on a coarse grid, smoothed) over the grey thumbnail
     grey = np.asarray(small.convert("L"), np.float32)[..., None].repeat(3, axis=2)
@@ -141,8 +179,8 @@ def render_qc(
         from scipy.ndimage import gaussian_filter
 
         density = gaussian_filter(density, sigma=1.0, mode="constant")
-    top = float(density.max())
-    density = density / top if top > 0 else density
+    peak = float(density.max())
+    density = density / peak if peak > 0 else density
     up = np.asarray(
         Image.fromarray(density).resize((round(gw * cell_px), round(gh * cell_px)), Image.Resampling.BILINEAR),
         np.float32,
@@ -150,9 +188,10 @@ def render_qc(
     up = np.pad(up, ((0, sh - up.shape[0]), (0, sw - up.shape[1])))
     alpha = np.clip(up * 4.0, 0.0, 0.8)[..., None]  # faint where sparse, opaque where dense
     panel2 = (grey * (1 - alpha) + _heat_rgb(up) * alpha).astype(np.uint8)
-    canvas.paste(Image.fromarray(panel2), (PANEL_PX, 0))
+    canvas.paste(Image.fromarray(panel2), (PANEL_PX, top))
 
     # panel 3: full-resolution crop with outlines
+    cscale = None
     if crop_rgb is not None and crop_rgb.size:
         crop = Image.fromarray(np.ascontiguousarray(crop_rgb, dtype=np.uint8))
         cscale = PANEL_PX / max(crop.size)
@@ -162,15 +201,33 @@ def render_qc(
             pts = [(float(c) * cscale, float(r) * cscale) for r, c in np.asarray(ring)]
             if len(pts) >= 2:
                 draw.line(pts + [pts[0]], fill=OUTLINE_RGB, width=1)
-        canvas.paste(crop, (2 * PANEL_PX, 0))
+        canvas.paste(crop, (2 * PANEL_PX, top))
 
     draw = ImageDraw.Draw(canvas)
     font = ImageFont.load_default()
-    for i, title in enumerate(("tissue outline", "nucleus density", "densest chunk, full resolution")):
-        x0, y0, x1, y1 = draw.textbbox((i * PANEL_PX + 6, 4), title, font=font)
-        draw.rectangle((x0 - 3, y0 - 2, x1 + 3, y1 + 2), fill=(255, 255, 255))
-        draw.text((i * PANEL_PX + 6, 4), title, fill=(0, 0, 0), font=font)
-    draw.text((6, PANEL_PX + 8), caption.encode("ascii", "replace").decode(), fill=(0, 0, 0), font=font)
+    # titles in their own band, one per panel, with a gap between panels
+    for i, title in enumerate(("thumbnail, tissue outline", "nucleus density", crop_title)):
+        draw.text((i * PANEL_PX + 8, 5), title, fill=(0, 0, 0), font=font)
+    for i in (1, 2):
+        draw.line((i * PANEL_PX, 0, i * PANEL_PX, top + PANEL_PX), fill=(255, 255, 255), width=3)
+    # scale bars: thumbnail (panel px per µm = scale / thumb_mpp) and crop
+    _scale_bar(draw, 0, top + sh, scale / thumb_mpp, PANEL_PX, font)
+    if cscale is not None and crop_mpp:
+        _scale_bar(draw, 2 * PANEL_PX, top + PANEL_PX, cscale / crop_mpp, PANEL_PX, font)
+    # key band: what the colours mean
+    ky = top + PANEL_PX + 8
+    draw.rectangle((8, ky + 2, 26, ky + 6), fill=TISSUE_RGB)
+    draw.text((32, ky - 2), "tissue outline (tissue mask)", fill=(0, 0, 0), font=font)
+    bin_um = density_layout(thumb_rgb.shape[:2], thumb_mpp)[2]
+    peak_mm2 = peak / (bin_um * bin_um) * 1e6 if peak > 0 else 0.0
+    bar_x0, bar_w = PANEL_PX + 40, PANEL_PX - 140
+    ramp = _heat_rgb(np.linspace(0, 1, bar_w)[None, :].repeat(10, axis=0))
+    canvas.paste(Image.fromarray(ramp), (bar_x0, ky))
+    draw.text((bar_x0 - 12, ky), "0", fill=(0, 0, 0), font=font)
+    draw.text((bar_x0 + bar_w + 6, ky), f"{peak_mm2:.0f} nuclei/mm2", fill=(0, 0, 0), font=font)
+    draw.rectangle((2 * PANEL_PX + 8, ky + 2, 2 * PANEL_PX + 26, ky + 6), fill=OUTLINE_RGB)
+    draw.text((2 * PANEL_PX + 32, ky - 2), "nucleus outline (final, after stitching)", fill=(0, 0, 0), font=font)
+    draw.text((6, top + PANEL_PX + KEY_PX + 8), caption.encode("ascii", "replace").decode(), fill=(0, 0, 0), font=font)
     return canvas
 
 
@@ -205,14 +262,16 @@ def _thumbnail(group, attrs: dict) -> tuple[np.ndarray, np.ndarray | None, float
     return thumb, mask, mpp * 2**level * step
 
 
-def densest_chunk(chunk_counts: dict, tissue_chunks) -> tuple[int, int] | None:
-    """Chunk holding the most nuclei (ties: smallest (row, col)); else the first tissue chunk; else ``None``.
+def representative_chunk(chunk_counts: dict, tissue_chunks) -> tuple[int, int] | None:
+    """Chunk of median nucleus count among the chunks holding nuclei (the lower median, ties:
+    smallest (row, col)); else the first tissue chunk; else ``None``.
 
     ``chunk_counts``: (chunk_row, chunk_col) -> nuclei.
     """
     if chunk_counts:
-        top = max(chunk_counts.values())
-        return min(rc for rc, n in chunk_counts.items() if n == top)
+        ranked = sorted((n, tuple(rc)) for rc, n in chunk_counts.items() if n > 0)
+        if ranked:
+            return ranked[(len(ranked) - 1) // 2][1]
     if tissue_chunks:
         return tuple(int(v) for v in sorted(tuple(rc) for rc in tissue_chunks)[0])
     return None
@@ -222,7 +281,7 @@ class QCAccumulator:
     """Collects what the QC figure needs from final nuclei given strip by strip (bounded memory).
 
     :meth:`add` bins anchors into the density grid and counts nuclei per chunk; :meth:`write`
-    picks the densest chunk, reads its crop from the store and draws the outlines of the nuclei
+    picks the representative chunk (:func:`representative_chunk`), reads its crop from the store and draws the outlines of the nuclei
     that ``outlines(chunk_rc, crop)`` returns (store-px polygons near the crop, see :meth:`write`).
     """
 
@@ -257,7 +316,7 @@ class QCAccumulator:
         from .store import read_window
 
         crop, rings = None, []
-        best = densest_chunk(self.chunk_counts, self.attrs.get("tissue_chunks", []))
+        best = representative_chunk(self.chunk_counts, self.attrs.get("tissue_chunks", []))
         if best is not None:
             chunk_px = int(self.attrs["chunk_px"])
             H, W = (int(v) for v in self.attrs["shape_rc"])
@@ -271,5 +330,22 @@ class QCAccumulator:
                 for g in geoms[shapely.intersects(geoms, box)] if len(geoms) else []:
                     xy = np.asarray(g.exterior.coords)
                     rings.append(np.stack([xy[:, 1] - r0, xy[:, 0] - c0], axis=1))
-        img = render_qc(self.thumb, self.thumb_mpp, self.mask, self.density, crop, rings, caption)
+        img = render_qc(self.thumb, self.thumb_mpp, self.mask, self.density, crop, rings, caption,
+                        crop_mpp=self.mpp,
+                        crop_title="median-density chunk, full resolution" if self.chunk_counts else
+                        "first tissue chunk, full resolution")
         return save_png_atomic(img, path)
+
+
+def model_label(info: dict | None) -> str:
+    """Short model identity for the caption: weights file, mode, version, engine (not a class name)."""
+    info = info or {}
+    name = info.get("weights_file") or info.get("name") or "unknown model"
+    if str(name).endswith(".pt"):
+        name = str(name)[:-3]
+    extra = [str(info[k]) for k in ("mode",) if info.get(k)]
+    if info.get("version"):
+        extra.append(f"v{info['version']}")
+    if info.get("engine"):
+        extra.append(str(info["engine"]))
+    return f"{name} ({', '.join(extra)})" if extra else str(name)

@@ -213,7 +213,7 @@ def run_export(
     import pyarrow.compute as pc
 
     from .progress import Progress
-    from .qc import QCAccumulator
+    from .qc import QCAccumulator, model_label
     from .store import open_store
 
     t_start = time.perf_counter()
@@ -292,7 +292,7 @@ def run_export(
         n = int(stats["count"])
         caption = (
             f"{sp.slide_id}: {n} nuclei, tissue {attrs.get('tissue_area_mm2') or 0:.2f} mm2, "
-            f"{(stats['nuclei_per_mm2'] or 0):.0f} nuclei/mm2, store {mpp:g} um/px, model {(meta.get('model') or {}).get('name')}"
+            f"{(stats['nuclei_per_mm2'] or 0):.0f} nuclei/mm2, store {mpp:g} um/px, model {model_label(meta.get('model'))}"
         )
         qc.write(sp.qc_png, _parquet_outlines(sp.parquet, scale), caption=caption)
         timings["qc_s"] = time.perf_counter() - t0
