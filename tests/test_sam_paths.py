@@ -211,7 +211,7 @@ def test_dual_mode_through_infer_and_predict(tmp_path, dual_ckpt, tiny_sam, tile
     assert dual.shape == tile.shape[:2] and dual.max() > 5
     assert not np.array_equal(dual, lite)  # the teacher's embedding was fused in
     # the library path that `cellsam infer` uses
-    m = resolve_model(str(dual_ckpt), device="cpu", refine=False, store_mpp=0.5, engine="torch", teacher=str(tiny_sam))
+    m = resolve_model(str(dual_ckpt), device="cpu", refine=False, store_mpp=0.5, teacher=str(tiny_sam))
     assert m.info["mode"] == "dual" and m.info["teacher_file"] == tiny_sam.name
     with pytest.raises(ModelError, match="classical"):
         resolve_model("classical", device="cpu", refine=False, store_mpp=0.5, teacher=str(tiny_sam))
@@ -220,3 +220,31 @@ def test_dual_mode_through_infer_and_predict(tmp_path, dual_ckpt, tiny_sam, tile
                "--teacher", str(tmp_path / "missing.pth")])
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert rc != 0 and err.startswith("cellsam: error:")
+
+
+def test_dual_mode_through_evaluate(tmp_path, dual_ckpt, tiny_sam, tile, capsys):
+    import json
+
+    import tifffile
+    from PIL import Image
+
+    from pipeline.cli import main
+    from pipeline.data.readers import read_labels
+    from pipeline.model.teacher import file_sha256
+
+    images, truth = tmp_path / "images", tmp_path / "truth"
+    images.mkdir(), truth.mkdir()
+    Image.fromarray(tile).save(images / "image06.png")
+    lab = read_labels(shared_file("nuclei/cpm15/labels/image06.tif"))[100:292, 80:272]
+    tifffile.imwrite(truth / "image06.tif", lab.astype(np.uint32))
+    out = tmp_path / "res.json"
+    rc = main(["--quiet", "evaluate", "--pred", str(tmp_path / "pred"), "--truth", str(truth), "--images", str(images),
+               "--model", str(dual_ckpt), "--teacher", str(tiny_sam), "--device", "cpu", "-o", str(out)])
+    assert rc == 0
+    doc = json.loads(out.read_text())
+    assert doc["model"] == {"model": "dual.pt", "mode": "dual", "refine": False, "teacher_file": tiny_sam.name,
+                            "teacher_sha256": file_sha256(tiny_sam)}
+    assert (tmp_path / "pred" / "image06.tif").exists() and 0.3 < doc["overall"]["aji"] <= 1
+    capsys.readouterr()
+    rc = main(["evaluate", "--pred", str(tmp_path / "pred"), "--truth", str(truth), "--teacher", str(tiny_sam)])
+    assert rc == 2 and "--images" in capsys.readouterr().err

@@ -21,6 +21,11 @@ JSON (sorted keys, atomically)::
 ``--baseline`` runs :func:`pipeline.baseline.segment_classical` on ``IMAGES_DIR/X.*`` (RGB,
 matched by stem, pixel size ``--baseline-mpp`` µm/px) and scores it against the same truth.
 
+``--images DIR [--model CKPT] [--teacher SAM.pth] [--refine] [--mpp MPP]`` first segments every RGB
+image ``DIR/X.*`` into ``PRED_DIR/X.tif`` (as ``cellsam predict`` does; ``--teacher`` runs a dual
+checkpoint in dual mode), then scores those; the JSON adds ``"model"`` (file name, mode, refine,
+teacher file name + sha256 — never a path).
+
 Point scoring (nucleus centres, CRCHisto protocol)::
 
     cellsam evaluate --pred PRED_DIR --points POINTS_DIR --mpp MPP [--radius-um R]
@@ -106,6 +111,14 @@ def register(sub):
     p.add_argument("-o", "--output", metavar="RESULT.json", help="write all results as JSON")
     p.add_argument("--baseline", metavar="IMAGES_DIR", help="also score the classical segmenter on these RGB images")
     p.add_argument("--baseline-mpp", type=float, metavar="MPP", help="µm/px of the --baseline images (required with it)")
+    run_model = p.add_argument_group("run a model first (writes PRED/X.tif, then scores it)")
+    run_model.add_argument("--images", metavar="DIR", help="RGB images X.{png,tif,jpg} to segment into --pred")
+    run_model.add_argument("--model", metavar="CKPT", default=None,
+                           help="with --images: checkpoint (default: shipped weights); 'classical' = baseline")
+    run_model.add_argument("--teacher", metavar="SAM.pth", default=None,
+                           help="with --images: official SAM checkpoint for a dual --model (dual mode)")
+    run_model.add_argument("--refine", action="store_true", help="with --images: SAM-decoder refinement")
+    run_model.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="with --images")
     p.set_defaults(func=run)
 
 
@@ -270,10 +283,76 @@ def _write_json_atomic(doc: dict, path: Path) -> None:
     atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"), "results")
 
 
+def predict_dir(images_dir, pred_dir, *, model=None, teacher=None, refine=False, device="auto", mpp=None) -> dict:
+    """Segment every RGB image ``images_dir/X.*`` into ``pred_dir/X.tif`` (uint32 labels, atomic).
+
+    Parameters
+    ----------
+    model : str, optional
+        Checkpoint (default: shipped weights) or ``"classical"``.
+    teacher : path, optional
+        SAM checkpoint for a dual ``model`` (:func:`pipeline.model.load_model`).
+    mpp : float, optional
+        µm/px of the images (default: the model's; required for ``classical``).
+
+    Returns
+    -------
+    dict
+        The model's identity: ``model`` (file name), ``mode``, ``refine``, and for dual mode
+        ``teacher_file`` / ``teacher_sha256`` (never a path).
+    """
+    import numpy as np
+    import tifffile
+
+    from ..data.readers import read_image
+    from ..errors import InputError
+    from ..paths import atomic_write
+
+    if teacher is not None and model == "classical":
+        raise InputError("--teacher applies to a dual CellSAM --model, not to the classical baseline")
+    images = _files_by_stem(Path(images_dir), IMAGE_EXTS, "image")
+    if model == "classical":
+        from ..baseline import segment_classical
+
+        if mpp is None:
+            raise InputError("--images with --model classical needs --mpp")
+        info = {"model": "classical", "mode": "classical", "refine": False}
+
+        def seg(img):
+            return segment_classical(img, mpp)[0]
+    else:
+        from ..model import load_model
+
+        sm = load_model(model, device=device, refine=refine, teacher=teacher)
+        info = {"model": Path(model).name if model else "shipped default", "mode": sm.mode, "refine": bool(refine)}
+        if sm.mode == "dual":
+            info.update(teacher_file=sm.model.teacher.info["file"], teacher_sha256=sm.model.teacher.info["sha256"])
+
+        def seg(img):
+            return sm.segment(img, mpp)[0]
+    pred_dir = Path(pred_dir)
+    for stem, src in images.items():
+        labels = np.asarray(seg(read_image(src)), np.uint32)
+        atomic_write(pred_dir / f"{stem}.tif", lambda tmp: tifffile.imwrite(tmp, labels, compression="zlib"),
+                     "prediction", mkdir=True)
+        log.info("%s: %d nuclei", src.name, int(labels.max()))
+    return info
+
+
 def run(args) -> int:
+    model_info = None
+    if getattr(args, "images", None):
+        model_info = predict_dir(args.images, args.pred, model=args.model, teacher=args.teacher, refine=args.refine,
+                                 device=args.device, mpp=args.mpp)
+    elif any(getattr(args, k, None) for k in ("model", "teacher", "refine")):
+        from ..errors import InputError
+
+        raise InputError("--model/--teacher/--refine need --images DIR (the images to segment into --pred)")
     if getattr(args, "points", None):
         return _run_points(args)
     doc = evaluate_dirs(args.pred, args.truth, args.baseline, args.baseline_mpp)
+    if model_info is not None:
+        doc["model"] = model_info
     out = format_table(doc["per_image"], doc["overall"], "prediction")
     if "baseline" in doc:
         b = doc["baseline"]
