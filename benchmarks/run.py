@@ -277,13 +277,13 @@ def _model_label(spec: str) -> str:
     return spec if spec in ("default", "classical") else Path(spec).name
 
 
-def e2e(slide: Path, slide_info: dict, spec: str, args, workdir: Path) -> dict:
-    """One ``cellsam segment`` run; see the module docstring."""
+def e2e(slide: Path, slide_info: dict, spec: str, args, workdir: Path, extra: tuple = (), tag: str = "") -> dict:
+    """One ``cellsam segment`` run (``extra``: more CLI flags, ``tag``: their label); see the module docstring."""
     label = _model_label(spec)
-    outdir = workdir / f"seg_{slide_info['size_px'][0]}_{label}"
+    outdir = workdir / f"seg_{slide_info['size_px'][0]}_{label}{tag}"
     shutil.rmtree(outdir, ignore_errors=True)
     cmd = [sys.executable, "-m", "pipeline.cli", "--quiet", "segment", str(slide), "-o", str(outdir),
-           *_model_arg(spec), "--device", args.device]
+           *_model_arg(spec), "--device", args.device, *extra]
     if args.batch_size:
         cmd += ["--batch-size", str(args.batch_size)]
     if args.workers:
@@ -308,7 +308,8 @@ def e2e(slide: Path, slide_info: dict, spec: str, args, workdir: Path) -> dict:
         log.error("e2e %s %s failed: %s", slide.name, label, res["error"])
         return res
     summary = json.loads(summaries[0].read_text())
-    t = summary.get("timings_s", {})
+    timings = summaries[0].with_name(summaries[0].name.replace(".summary.json", ".timings.json"))
+    t = json.loads(timings.read_text()).get("timings_s", {}) if timings.exists() else summary.get("timings_s", {})
     chunk_px = int(summary.get("parameters", {}).get("store", {}).get("chunk_px") or 0)
     mm2 = float(summary.get("tissue_area_mm2") or 0.0)
     wall = m["wall_s"]

@@ -301,3 +301,22 @@ def test_infer_with_shipped_model_finds_synthetic_nuclei(slide_path, tmp_path):
     assert res["model_mpp"] == seg.mpp
     # the synthetic nuclei are unmistakable: the model finds about as many as the threshold does
     assert abs(res["instances"] - ref["instances"]) <= 0.2 * ref["instances"]
+
+
+def test_model_box_half_or_whole_snaps_to_four_shapes():
+    """Static-shape engines: every box is a half or whole window per side and covers the tissue box."""
+    from pipeline.infer import model_box
+
+    rng = np.random.default_rng(0)
+    shapes = set()
+    for _ in range(300):
+        tissue = np.zeros((1216, 1216), bool)
+        r0, c0 = rng.integers(0, 1216, 2)
+        tissue[r0:r0 + rng.integers(1, 900), c0:c0 + rng.integers(1, 900)] = True
+        free = model_box(tissue, 64)
+        snap = model_box(tissue, 64, half_or_whole=True)
+        assert 0 <= snap[0] <= free[0] and free[2] <= snap[2] <= 1216
+        assert 0 <= snap[1] <= free[1] and free[3] <= snap[3] <= 1216
+        shapes.add((snap[2] - snap[0], snap[3] - snap[1]))
+    assert shapes == {(608, 608), (608, 1216), (1216, 608), (1216, 1216)}
+    assert model_box(np.zeros((1216, 1216), bool), 64, half_or_whole=True) is None

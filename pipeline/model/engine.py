@@ -48,7 +48,7 @@ PRECISIONS = ("auto", "fp32", "bf16")
 # measured CPU preference (fastest first) among (engine, precision) pairs within the parity budget
 CPU_PREFERENCE = (("openvino", "bf16"), ("onnxruntime", "fp32"), ("torch", "fp32"))
 ONNX_OPSET = 17
-OPENVINO_SHAPE_CACHE = 8  # compiled static-shape models kept per engine (LRU)
+OPENVINO_SHAPE_CACHE = 4  # compiled static-shape models kept per engine (LRU; ~230 MB each at 1216²)
 # load-time parity probe: largest allowed |Δ nucleus probability| against torch fp32 on the probe tile,
 # and the largest allowed fraction of probe pixels whose foreground decision (p >= 0.5) flips
 PROBE_MAX_PROB_DIFF = {"fp32": 1e-3, "bf16": 0.15}
@@ -109,6 +109,7 @@ class Engine:
 
     name = "?"
     precision = "fp32"
+    static_shapes = False  # True: one compiled model per input shape (callers keep the shapes few)
 
     def run(self, x: np.ndarray) -> tuple[np.ndarray, torch.Tensor | None]:
         """``float32 (N, 3, H, W)`` (RGB 0..255, ``H, W`` multiples of 16, C-contiguous) ->
@@ -183,6 +184,7 @@ class OnnxRuntimeEngine(Engine):
 
 class OpenVinoEngine(Engine):
     name = "openvino"
+    static_shapes = True
 
     def __init__(self, onnx: bytes, device: torch.device, precision: str, threads: int, with_embed: bool) -> None:
         ov = _import("openvino")
