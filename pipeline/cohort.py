@@ -15,7 +15,8 @@ Cohort table (``PREFIX.csv`` / ``PREFIX.parquet``), one row per slide, sorted by
 ``path`` str; ``nuclei`` Int64; ``tissue_mm2`` float64 (mm²); ``nuclei_per_mm2`` float64;
 ``<feature>_median`` float64 for each column of :data:`FEATURES` (units of the column, see
 docs/outputs.md); ``runtime_s`` float64 (s: the sum of the workflow's per-stage job wall times
-from the Snakemake benchmarks, else the summary's ``timings_s.total_s``).
+from the Snakemake benchmarks, else ``total_s`` of ``ID.timings.json``; summaries written before
+the timings had their own file carry them as ``timings_s`` in the summary, read as a fallback).
 """
 
 from __future__ import annotations
@@ -155,11 +156,12 @@ def _number(value) -> float:
     return float(value)
 
 
-def summary_fields(summary: dict) -> dict:
+def summary_fields(summary: dict, timings: dict | None = None) -> dict:
     """Cohort columns from one ``ID.summary.json`` (docs/outputs.md; missing values -> NaN).
 
     Reads ``nuclei``, ``tissue_area_mm2``, ``nuclei_per_mm2``, ``measurements[<feature>]["median"]``
-    and ``timings_s["total_s"]``.
+    and ``timings_s["total_s"]`` of ``timings`` (the content of ``ID.timings.json``), else of the
+    summary (older outputs kept their timings there).
     """
     stats = summary.get("measurements")
     stats = stats if isinstance(stats, dict) else {}
@@ -172,7 +174,7 @@ def summary_fields(summary: dict) -> dict:
     for name in FEATURES:
         entry = stats.get(name)
         out[f"{name}_median"] = _number(entry.get("median") if isinstance(entry, dict) else None)
-    timings = summary.get("timings_s")
+    timings = (timings or {}).get("timings_s", summary.get("timings_s"))
     out["runtime_s"] = _number(timings.get("total_s") if isinstance(timings, dict) else None)
     return out
 
@@ -217,7 +219,7 @@ def slide_row(
     if summary is None or missing:
         row["reason"] = failure_reason(slide_id, logs_dir)
         return row
-    row.update(summary_fields(summary))
+    row.update(summary_fields(summary, _read_json(paths.timings)))
     row.update(status="ok", reason="")
     if benchmarks_dir is not None:
         seconds = _benchmark_seconds(Path(benchmarks_dir), slide_id)

@@ -5,7 +5,8 @@ Layout of ``OUTDIR`` for a slide with id ``S`` (default: the slide file name wit
     OUTDIR/S.geojson.gz          QuPath detections (FeatureCollection), final
     OUTDIR/S.geojson             optional, uncompressed (--geojson-plain)
     OUTDIR/S.nuclei.parquet      GeoParquet, one row per nucleus, final
-    OUTDIR/S.summary.json        per-slide statistics, versions, parameters, timings, final
+    OUTDIR/S.summary.json        per-slide statistics, versions, parameters, final (deterministic)
+    OUTDIR/S.timings.json        wall-clock seconds per stage (the one non-deterministic output)
     OUTDIR/S.qc.png              QC image, final
     OUTDIR/.work/S/store.ome.zarr    OME-Zarr 0.4 tile store (intermediate, resumable)
     OUTDIR/.work/S/chunks/           one parquet per processed chunk (intermediate, resumable)
@@ -69,6 +70,11 @@ class SlidePaths:
         return self.outdir / f"{self.slide_id}.qc.png"
 
     @property
+    def timings(self) -> Path:
+        """Stage timings of the last run (kept out of the summary, which is byte-reproducible)."""
+        return self.outdir / f"{self.slide_id}.timings.json"
+
+    @property
     def workdir(self) -> Path:
         return self.outdir / ".work" / self.slide_id
 
@@ -130,3 +136,23 @@ def unlink_quietly(path: Path) -> None:
         path.unlink(missing_ok=True)
     except OSError:
         pass
+
+
+_ABS_PATH = re.compile(r"^(/|~|[A-Za-z]:[\\/]|\\\\)")
+
+
+def public_value(obj):
+    """``obj`` (JSON-like) with every absolute path string replaced by its file name.
+
+    Outputs must not depend on where the software, the model or the data sit on the machine
+    (reproducible bytes across checkouts; no user names or mount points leak into shared results).
+    A string is a path when it starts with ``/``, ``~``, ``C:\\`` or ``\\\\``; its last component
+    is kept (``/home/u/w/cellsam_default.pt`` -> ``cellsam_default.pt``). Dict keys are kept.
+    """
+    if isinstance(obj, dict):
+        return {k: public_value(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [public_value(v) for v in obj]
+    if isinstance(obj, str) and _ABS_PATH.match(obj):
+        return re.split(r"[\\/]", obj.rstrip("/\\"))[-1] or obj
+    return obj

@@ -333,14 +333,18 @@ def write_store(
             return write_down
 
         chunk_sets = [chunks0]
-        with ThreadPoolExecutor(max_workers=cfg.workers) as pool:
+        for k in range(1, len(shapes)):
+            chunk_sets.append(sorted({(r // 2, c // 2) for r, c in chunk_sets[-1]}))
+        from .progress import Progress  # a bar on a terminal, a line per 10 % in logs
+
+        with ThreadPoolExecutor(max_workers=cfg.workers) as pool, \
+                Progress(sum(len(c) for c in chunk_sets), "tile", "chunk") as bar:
             for _ in pool.map(write_level0, chunks0):
-                pass
+                bar.update()
             pause_point("tile")  # crash tests only (pipeline.testhooks)
             for k in range(1, len(shapes)):
-                chunk_sets.append(sorted({(r // 2, c // 2) for r, c in chunk_sets[-1]}))
                 for _ in pool.map(make_down(k), chunk_sets[k]):
-                    pass
+                    bar.update()
 
         lab_root.attrs.update({"labels": ["tissue"]})
         lab_grp.attrs.update(
