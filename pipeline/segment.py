@@ -362,6 +362,29 @@ def run_export(
     return summary
 
 
+def _check_writable(outdir, sp: SlidePaths) -> None:
+    """Fail early, naming the output directory the user gave, when it cannot be written (instead of
+    a later error about an internal ``.work/`` path).
+
+    Raises
+    ------
+    OutputError
+        If ``outdir`` cannot be created or written (nothing is left in it).
+    """
+    from .errors import OutputError
+
+    probe = sp.outdir / f".write-test-{os.getpid()}"
+    if sp.outdir.exists() and not sp.outdir.is_dir():
+        raise OutputError(f"{outdir}: cannot write the output directory: Not a directory")
+    try:
+        sp.outdir.mkdir(parents=True, exist_ok=True)
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        unlink_quietly(probe)
+        raise OutputError(f"{outdir}: cannot write the output directory: {exc.strerror or exc}") from exc
+
+
 def _reusable_store(store: Path, slide) -> bool:
     """True if ``store`` is a complete tile store of ``slide`` (its own chunk/mpp are kept).
 
@@ -443,6 +466,7 @@ def run_segment(
         seg = replace(seg, **over)
     sid = slide_id or slide_id_from_path(slide_path)
     sp: SlidePaths = slide_paths(outdir, sid)
+    _check_writable(outdir, sp)
 
     # The store is written at the model's resolution: resolve the model first.
     model = resolve_model(model_path, device=seg.device, refine=seg.refine, store_mpp=cfg.store.mpp,

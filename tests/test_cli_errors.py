@@ -92,3 +92,82 @@ def test_check_ok_and_failures(tmp_path):
 
     fixed = _cli("check", jp2k, "--slide-mpp", "0.25")
     assert fixed.returncode == 0 and json.loads(fixed.stdout)["level_count"] == 2
+
+
+# ----------------------------------------------------------------------------- rough edges (issue 16)
+
+
+@pytest.mark.parametrize("argv", [
+    ["tile", "SLIDE", "-o", "OUT/s.zarr", "--mpp", "nan"],
+    ["tile", "SLIDE", "-o", "OUT/s.zarr", "--slide-mpp", "inf"],
+    ["check", "SLIDE", "--slide-mpp", "-inf"],
+    ["segment", "SLIDE", "-o", "OUT", "--slide-mpp", "nan"],
+    ["predict", "SLIDE", "-o", "OUT/l.tif", "--mpp", "nan"],
+    ["predict", "SLIDE", "-o", "OUT/l.tif", "--mpp", "0"],
+    ["evaluate", "--pred", "OUT", "--truth", "OUT", "--baseline-mpp", "nan"],
+    ["train", "--data", "OUT", "-o", "OUT/m.pt", "--lr", "nan"],
+    ["distill", "--data", "OUT", "-o", "OUT/m.pt", "--lr", "inf"],
+])
+def test_non_finite_float_options_are_one_line_usage_errors(tmp_path, argv):
+    slide = shared_file("slides/format-fixtures/small.svs")
+    argv = [str(slide) if a == "SLIDE" else a.replace("OUT", str(tmp_path)) for a in argv]
+    res = _cli(*argv)
+    _assert_one_line_error(res, argv[0])
+    assert res.returncode == 2 and "--" in res.stderr
+    assert not any(tmp_path.iterdir())
+
+
+def test_every_command_has_a_description_and_output_is_one_long_form():
+    from pipeline.cli import build_parser
+
+    parser = build_parser()
+    sub = next(a for a in parser._actions if a.__class__.__name__ == "_SubParsersAction")
+    for name, p in sub.choices.items():
+        assert p.description and len(p.description) > 30, name
+        outs = [a for a in p._actions if "-o" in a.option_strings]
+        if outs:
+            assert outs[0].option_strings == ["-o", "--output"], (name, outs[0].option_strings)
+            assert not any(s == "--out" for a in p._actions for s in a.option_strings), name
+    for name in ("train", "distill"):
+        assert any(a.option_strings == ["-o", "--output"] for a in sub.choices[name]._actions), name
+    # the old long form --out still works (an unambiguous prefix of --output)
+    args = parser.parse_args(["tile", "s.svs", "--out", "x.zarr"])
+    assert args.output == "x.zarr"
+    epilog = parser.epilog
+    for code in (0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 130):
+        assert f"\n  {code:<4d} " in epilog, code
+
+
+def test_progress_lines_in_logs_not_carriage_returns(tmp_path):
+    """stderr is a pipe here: one line per 10 % for tiling, inference and export, no '\\r'."""
+    from pipeline.synthetic import write_synthetic_slide
+
+    slide = write_synthetic_slide(tmp_path / "s.tif", size_px=(900, 900), mpp=0.5, seed=2)
+    res = _cli("segment", slide, "-o", tmp_path / "out", "--chunk", 256, "--model", "classical")
+    assert res.returncode == 0, res.stderr
+    assert "\r" not in res.stderr
+    for stage in ("tile", "infer", "export"):
+        lines = [ln for ln in res.stderr.splitlines() if f"pipeline.progress: {stage}: " in ln]
+        assert lines and lines[-1].split(f"{stage}: ", 1)[1].startswith("100 %"), (stage, res.stderr[-2000:])
+        assert len(lines) <= 11
+    quiet = _cli("--quiet", "segment", slide, "-o", tmp_path / "q", "--chunk", 256, "--model", "classical")
+    assert quiet.returncode == 0 and "progress" not in quiet.stderr and "\r" not in quiet.stderr
+
+
+def test_quiet_predict_on_a_real_tile_prints_nothing(tmp_path):
+    """No library warnings leak in --quiet runs (NumPy's 'array is not writable' from a read-only
+    input used to): stderr is empty."""
+    tile = shared_file("nuclei/monuseg2018_train/images/TCGA-18-5592-01Z-00-DX1.tif")
+    res = _cli("--quiet", "predict", tile, "-o", tmp_path / "labels.tif", "--mpp", "0.25", "--device", "cpu")
+    assert res.returncode == 0, res.stderr
+    assert res.stderr == ""
+    assert (tmp_path / "labels.tif").stat().st_size > 0
+
+
+def test_unwritable_output_names_the_directory_given(tmp_path):
+    blocker = tmp_path / "plainfile"
+    blocker.write_text("not a directory")
+    out = blocker / "results"
+    res = _cli("segment", shared_file("slides/format-fixtures/small.svs"), "-o", out, "--model", "classical")
+    _assert_one_line_error(res, str(out))
+    assert res.returncode == 8 and ".work" not in res.stderr

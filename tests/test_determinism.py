@@ -1,9 +1,12 @@
 """Determinism of `cellsam segment` through the real CLI: same slide -> same bytes; other chunk sizes
 -> the same nuclei.
 
-* Same bytes (GeoJSON.gz, GeoParquet, QC PNG; summary without ``timings_s``) across separate runs
+* Same bytes: every file of the output directory (GeoJSON.gz, GeoParquet, QC PNG and the
+  summary; all but ``<id>.timings.json``, the one file of wall-clock seconds) across separate runs
   with ``--workers 1 --batch-size 1`` and ``--workers 2 --batch-size 3``, on a real H&E region
   (a crop of CMU-1-Small-Region.svs written to a tmp TIFF, never into the repository).
+* No machine paths in any output: no absolute path string in the summary, and neither the run's
+  tmp directory nor the repository's path in the bytes of any output (GeoJSON decompressed).
 * Chunk-size invariance: the nuclei found with two chunk sizes match one to one (F1 >= 0.99 at
   IoU 0.5, on the output parquet geometries). With ``--model classical`` this is checked on a
   synthetic slide only: the baseline thresholds each window with its own Otsu level, so on real
@@ -54,14 +57,43 @@ def segment_all(slide: Path, base: Path, runs: dict) -> dict:
 
 
 def finals_bytes(outdir: Path) -> dict:
+    """Every file of ``outdir`` (not ``.work/``) but the timings, by name."""
     sp = slide_paths(outdir, SID)
-    return {p.name: p.read_bytes() for p in (sp.geojson_gz, sp.parquet, sp.qc_png)}
+    files = {p.name: p.read_bytes() for p in sorted(outdir.iterdir()) if p.is_file() and p != sp.timings}
+    assert {sp.geojson_gz.name, sp.parquet.name, sp.qc_png.name, sp.summary.name} <= files.keys()
+    assert "timings_s" in json.loads(sp.timings.read_text(encoding="utf-8"))
+    return files
 
 
 def summary_wo_timings(outdir: Path) -> dict:
     s = json.loads(slide_paths(outdir, SID).summary.read_text(encoding="utf-8"))
-    s.pop("timings_s")
+    assert "timings_s" not in s
     return s
+
+
+def string_values(obj):
+    if isinstance(obj, dict):
+        for v in obj.values():
+            yield from string_values(v)
+    elif isinstance(obj, list):
+        for v in obj:
+            yield from string_values(v)
+    elif isinstance(obj, str):
+        yield obj
+
+
+def assert_no_machine_paths(outdir: Path, *roots: Path):
+    import gzip
+
+    sp = slide_paths(outdir, SID)
+    absolute = [v for v in string_values(json.loads(sp.summary.read_text(encoding="utf-8")))
+                if v.startswith(("/", "~")) or v[1:3] in (":\\", ":/")]
+    assert not absolute, f"absolute paths in the summary: {absolute}"
+    texts = {sp.summary.name: sp.summary.read_bytes(), sp.geojson_gz.name: gzip.decompress(sp.geojson_gz.read_bytes()),
+             sp.parquet.name: sp.parquet.read_bytes(), sp.qc_png.name: sp.qc_png.read_bytes()}
+    for root in {str(r) for r in roots} | {str(REPO), str(REPO.resolve()), str(Path.home())} - {"/"}:
+        for name, data in texts.items():
+            assert root.encode() not in data, f"{root} in {name}"
 
 
 def polygons(outdir: Path) -> np.ndarray:
@@ -94,6 +126,7 @@ def assert_same_bytes(outs: list[Path]):
         for name in ref:
             assert got[name] == ref[name], f"{name} differs between {outs[0].name} and {out.name}"
         assert summary_wo_timings(out) == summary_wo_timings(outs[0])
+        assert_no_machine_paths(out, out, out.parent)
 
 
 @pytest.fixture(scope="module")
@@ -155,3 +188,19 @@ def test_real_model_same_bytes_and_chunk_size_invariance(region, tmp_path):
     assert s["model"]["weights_file"] == WEIGHTS.name and s["nuclei"] > 100
     assert_same_bytes([outs["c256w1"], outs["c256w2"]])
     assert f1_at_iou(polygons(outs["c256w1"]), polygons(outs["c512"])) >= 0.99
+
+
+@pytest.mark.skipif(not WEIGHTS.exists(), reason=f"shipped model weights missing: {WEIGHTS}")
+def test_synthetic_two_runs_every_output_identical(tmp_path):
+    """The shipped model on a small synthetic slide, twice in separate processes and output folders:
+    every output byte-identical (the summary included), no machine path in any of them."""
+    from pipeline.synthetic import write_synthetic_slide
+
+    slide = write_synthetic_slide(tmp_path / "slide" / f"{SID}.tif", size_px=(700, 800), mpp=0.5, seed=5)
+    outs = segment_all(slide, tmp_path, {"a": ["--chunk", 256], "b": ["--chunk", 256, "--workers", 1]})
+    s = summary_wo_timings(outs["a"])
+    assert s["nuclei"] > 20 and s["model"]["weights_file"] == WEIGHTS.name
+    assert s["outputs"]["timings"] == slide_paths(outs["a"], SID).timings.name
+    assert_same_bytes([outs["a"], outs["b"]])
+    for out in outs.values():
+        assert_no_machine_paths(out, tmp_path, slide.parent)

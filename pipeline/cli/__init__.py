@@ -30,8 +30,27 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"cellsam: error: {command}{message} (see `{self.prog} --help`)\n")
 
 
+def exit_codes_text() -> str:
+    """The exit-code table of ``cellsam --help`` (from :mod:`pipeline.errors`; README "Exit codes")."""
+    from .. import errors
+
+    rows = [(0, "success")]
+    for cls in (errors.PipelineError, errors.InputError, errors.SlideReadError, errors.ConfigError, errors.ModelError,
+                errors.StoreError, errors.StitchError, errors.OutputError):
+        doc = (cls.__doc__ or "").strip().splitlines()[0].rstrip(".")
+        rows.append((cls.exit_code, f"{cls.__name__}: {doc[0].lower() + doc[1:]}"))
+    rows[1] = (1, "any other expected error; `cellsam cohort`: no slide succeeded")
+    rows[2] = (2, rows[2][1] + "; also command-line usage errors")
+    rows[8] = (8, rows[8][1] + "; also any unanticipated OS error")
+    rows += [(9, "out of memory (try a smaller --chunk or --batch-size)"), (130, "interrupted (Ctrl-C)")]
+    return "exit codes:\n" + "\n".join(f"  {code:<4d} {text}" for code, text in rows)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="cellsam", description="CellSAM whole-slide nucleus segmentation")
+    parser = _Parser(prog="cellsam", description="CellSAM whole-slide nucleus segmentation",
+                     epilog=exit_codes_text() + "\n\nerrors are one line on stderr (`cellsam: error: ...`); "
+                     "--debug shows the traceback. `cellsam COMMAND --help` for each command.",
+                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"cellsam {__version__}")
     parser.add_argument("--debug", action="store_true", help="show tracebacks for errors")
     parser.add_argument("--quiet", action="store_true", help="only warnings and errors, no progress bars")

@@ -27,13 +27,15 @@ def _config_fields():
 
 
 def register(sub):
+    from .argtypes import config_type
+
     p = sub.add_parser("distill", help="distil SAM into the student / train dual mode / train the SAM-decoder refiner",
                        description="Knowledge distillation of a SAM ViT teacher (an official SAM checkpoint you "
                                    "supply, e.g. sam_vit_b_01ec64.pth) into the CellSAM student. Resumable.")
     p.add_argument("--teacher", metavar="CKPT", default=None,
                    help="official SAM checkpoint (vit_b/vit_l/vit_h); required except with --refiner")
     p.add_argument("--data", required=True, help="annotated data folder (as for `cellsam train`)")
-    p.add_argument("--out", required=True, metavar="CKPT", help="output checkpoint (run state in OUT.run/)")
+    p.add_argument("-o", "--output", required=True, metavar="CKPT", help="output checkpoint (run state in CKPT.run/)")
     p.add_argument("--init", default=None, metavar="CKPT",
                    help="CellSAM checkpoint to start from ('default' = shipped weights; required with --refiner)")
     p.add_argument("--cache", default=None, metavar="DIR", help="teacher-embedding zarr cache (default OUT.run/teacher.zarr)")
@@ -49,7 +51,7 @@ def register(sub):
         if isinstance(f.default, bool):
             p.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=f"default {f.default}")
         else:
-            p.add_argument(flag, type=type(f.default), default=None, help=f"default {f.default}")
+            p.add_argument(flag, type=config_type(name, f.default), default=None, help=f"default {f.default}")
     p.set_defaults(func=run)
 
 
@@ -72,7 +74,7 @@ def run(args) -> int:
         mode = "--refiner" if args.refiner else ("--dual" if args.dual else "distill")
         raise InputError(f"option(s) {', '.join('--' + w.replace('_', '-') for w in wrong)} do not apply to {mode}")
     cfg = with_overrides(cls(), **given)
-    out = check_out(args.out)
+    out = check_out(args.output)
     init = DEFAULT_WEIGHTS if args.init == "default" else args.init
     if args.refiner:
         if init is None:

@@ -89,6 +89,8 @@ COLUMNS = (
 
 
 def register(sub):
+    from .argtypes import positive_float
+
     p = sub.add_parser(
         "evaluate",
         help="score predicted label images against ground truth (AJI, PQ, Dice, ...) or nucleus points (F1)",
@@ -103,14 +105,14 @@ def register(sub):
     truth.add_argument("--truth", metavar="DIR", help="ground truth: label images or MoNuSeg XML")
     truth.add_argument("--points", metavar="DIR",
                        help="ground-truth nucleus centres: X.csv with x_px,y_px,class (point scoring)")
-    p.add_argument("--mpp", type=float, metavar="MPP", help="µm/px of the images (required with --points)")
-    p.add_argument("--radius-um", type=float, default=EvaluateConfig.point_radius_um, metavar="R",
+    p.add_argument("--mpp", type=positive_float, metavar="MPP", help="µm/px of the images (required with --points)")
+    p.add_argument("--radius-um", type=positive_float, default=EvaluateConfig.point_radius_um, metavar="R",
                    help="--points: matching radius in µm (default %(default)s)")
     p.add_argument("--classes", metavar="NAMES",
                    help="--points: comma-separated class vocabulary (default: the names in the data)")
     p.add_argument("-o", "--output", metavar="RESULT.json", help="write all results as JSON")
     p.add_argument("--baseline", metavar="IMAGES_DIR", help="also score the classical segmenter on these RGB images")
-    p.add_argument("--baseline-mpp", type=float, metavar="MPP", help="µm/px of the --baseline images (required with it)")
+    p.add_argument("--baseline-mpp", type=positive_float, metavar="MPP", help="µm/px of the --baseline images (required with it)")
     run_model = p.add_argument_group("run a model first (writes PRED/X.tif, then scores it)")
     run_model.add_argument("--images", metavar="DIR", help="RGB images X.{png,tif,jpg} to segment into --pred")
     run_model.add_argument("--model", metavar="CKPT", default=None,

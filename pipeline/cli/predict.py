@@ -4,13 +4,15 @@ from __future__ import annotations
 
 
 def register(sub):
+    from .argtypes import positive_float
+
     p = sub.add_parser("predict", help="segment an image tile into a uint32 instance-label TIFF",
                        description="Segment an RGB image (PNG/TIFF/JPEG) with CellSAM. The output has "
                                    "the input's size; the model resamples internally to its own µm/px.")
     p.add_argument("image", nargs="+", help="input image(s)")
-    p.add_argument("-o", "--out", required=True,
+    p.add_argument("-o", "--output", required=True,
                    help="output label TIFF (one input) or output folder (several inputs: <stem>.tif)")
-    p.add_argument("--mpp", type=float, default=None, help="µm/px of the image (default: the model's)")
+    p.add_argument("--mpp", type=positive_float, default=None, help="µm/px of the image (default: the model's)")
     p.add_argument("--model", default=None, help="checkpoint (default: shipped weights); 'classical' = "
                                                   "H-channel watershed baseline")
     p.add_argument("--teacher", default=None, help="official SAM checkpoint for dual mode")
@@ -54,7 +56,7 @@ def run(args):
         def seg(img):
             return model.segment(img, args.mpp)
 
-    out = Path(args.out)
+    out = Path(args.output)
     many = len(args.image) > 1
     if many:
         out.mkdir(parents=True, exist_ok=True)

@@ -6,6 +6,8 @@ from dataclasses import fields
 
 
 def register(sub):
+    from .argtypes import config_type
+
     from ..config import TrainConfig
 
     p = sub.add_parser("train", help="train / resume / fine-tune the CellSAM model on annotated tiles",
@@ -14,10 +16,10 @@ def register(sub):
     p.add_argument("--data", required=True,
                    help="annotated data: ../shared/data/nuclei (built-in split) or a folder with "
                         "images/, labels/ (label TIFF/PNG, ImageScope XML or QuPath GeoJSON) and mpp.txt")
-    p.add_argument("--out", required=True, help="final checkpoint path (run state in OUT.run/)")
+    p.add_argument("-o", "--output", required=True, metavar="CKPT", help="final checkpoint path (run state in CKPT.run/)")
     p.add_argument("--init", default=None, help="checkpoint to fine-tune from ('default' = shipped weights)")
     for f in fields(TrainConfig):
-        p.add_argument(f"--{f.name.replace('_', '-')}", type=type(f.default), default=None,
+        p.add_argument(f"--{f.name.replace('_', '-')}", type=config_type(f.name, f.default), default=None,
                        help=f"default {f.default}")
     p.add_argument("--no-tune", action="store_true", help="skip the post-processing threshold search")
     p.add_argument("--resume-state", metavar="FILE", default=None,
@@ -34,7 +36,7 @@ def run(args):
 
     cfg = with_overrides(TrainConfig(), **{f.name: getattr(args, f.name) for f in fields(TrainConfig)})
     init = DEFAULT_WEIGHTS if args.init == "default" else args.init
-    meta = train(args.data, args.out, init=init, cfg=cfg, tune=not args.no_tune, resume_state=args.resume_state)
+    meta = train(args.data, args.output, init=init, cfg=cfg, tune=not args.no_tune, resume_state=args.resume_state)
     val = meta.get("validation")
-    print(f"wrote {args.out}" + (f" (validation AJI {val['aji']:.3f} PQ {val['pq']:.3f})" if val else ""))
+    print(f"wrote {args.output}" + (f" (validation AJI {val['aji']:.3f} PQ {val['pq']:.3f})" if val else ""))
     return 0
