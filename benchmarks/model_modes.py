@@ -112,7 +112,7 @@ def main(argv=None) -> int:
         attach_sam_decoder(ref_model)
     ref = Segmenter(ref_model, meta, device="cpu", refine=True)
     out = ref.forward(img[None])
-    lab, sc = ref.segment_batch(img[None])[0]
+    lab, sc = ref.segment_batch(img[None])[0][:2]
     source = "model"
     if lab.max() == 0:
         lab, sc = segment_classical(img, 0.5)

@@ -62,8 +62,37 @@ def run(args):
         out.mkdir(parents=True, exist_ok=True)
     for src in args.image:
         img = read_image(src)
-        labels, scores = seg(img)
+        res = seg(img)
+        labels, scores = res[0], res[1]
+        probs = res[2] if len(res) == 3 else None
+        names = list(getattr(model, "class_names", [])) if args.model != "classical" else []
         dst = out / f"{Path(src).stem}.tif" if many else out
         atomic_write(dst, lambda tmp: tifffile.imwrite(tmp, labels.astype(np.uint32), compression="zlib"), mkdir=True)
+        table = nuclei_csv(labels, scores, probs, names)
+        csv_path = dst.with_name(dst.name[:-len(dst.suffix)] + ".nuclei.csv" if dst.suffix else dst.name + ".nuclei.csv")
+        atomic_write(csv_path, lambda tmp: Path(tmp).write_text(table, encoding="utf-8", newline=""), mkdir=True)
         log.info("%s: %d nuclei -> %s", src, int(labels.max()), dst)
     return 0
+
+
+def nuclei_csv(labels, scores, class_probs=None, class_names=()) -> str:
+    """The ``<stem>.nuclei.csv`` text of ``cellsam predict``: one row per label 1..K, columns
+    ``label, centroid_x_px, centroid_y_px, area_px, score, class`` (+ ``p_<class>`` per class of a
+    type head; class ``Nucleus`` without one). Centroids are pixel (column, row) means, 0-based."""
+    import numpy as np
+
+    k = int(labels.max()) if labels.size else 0
+    rr, cc = np.nonzero(labels)
+    ll = labels[rr, cc].astype(np.int64) - 1
+    area = np.bincount(ll, minlength=k)
+    n = np.maximum(area, 1)
+    cx, cy = np.bincount(ll, cc, minlength=k) / n, np.bincount(ll, rr, minlength=k) / n
+    names = list(class_names) if class_probs is not None else []
+    head = ["label", "centroid_x_px", "centroid_y_px", "area_px", "score", "class"] + [f"p_{c}" for c in names]
+    lines = [",".join(head)]
+    for i in range(k):
+        cls = names[int(np.argmax(class_probs[i]))] if names else "Nucleus"
+        row = [str(i + 1), f"{cx[i]:.2f}", f"{cy[i]:.2f}", str(int(area[i])), f"{float(scores[i]):.4f}", cls]
+        row += [f"{float(p):.4f}" for p in (class_probs[i] if names else ())]
+        lines.append(",".join(row))
+    return "\n".join(lines) + "\n"

@@ -66,6 +66,11 @@ class CellSAM(nn.Module):
             from .refine import build_sam_decoder
 
             self.prompt_encoder, self.mask_decoder = build_sam_decoder(arch.get("sam_decoder_cfg"))
+        self.type_head = None  # per-nucleus classifier (pipeline.model.typehead), arch["type_head"]
+        if arch.get("type_head"):
+            from .typehead import TypeHead
+
+            self.type_head = TypeHead(arch["type_head"])
         self.register_buffer("pixel_mean", torch.tensor(PIXEL_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("pixel_std", torch.tensor(PIXEL_STD).view(1, 3, 1, 1), persistent=False)
 

@@ -64,7 +64,13 @@ class Segmenter:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.metadata["mode"] = self.model.mode
         # the network's runner (pipeline.model.engine): torch, ONNX Runtime or OpenVINO
-        self.engine = build_engine(self.model, self.device, engine, precision, threads, with_embed=self.refine)
+        # a type head (pipeline.model.typehead) pools the stride-16 embedding over each instance
+        self.type_head = getattr(self.model, "type_head", None)
+        if self.type_head is not None:
+            self.type_head = self.type_head.cpu().eval()
+        self.metadata["classes"] = self.class_names
+        self.engine = build_engine(self.model, self.device, engine, precision, threads,
+                                   with_embed=self.refine or self.type_head is not None)
         self.metadata["engine"] = self.engine.name
         self.metadata["precision"] = self.engine.precision
         # serialises the network calls of threads sharing this segmenter (pipeline.infer workers):
@@ -74,6 +80,32 @@ class Segmenter:
     @property
     def mode(self) -> str:
         return self.model.mode
+
+    @property
+    def class_names(self) -> list[str]:
+        """Nucleus class names of the type head (index = column of ``class_probs``); [] without one."""
+        return list(self.type_head.classes) if self.type_head is not None else []
+
+    def classify(self, image: np.ndarray, labels: np.ndarray, scores: np.ndarray, embed, mpp: float,
+                 embed_scale: float = 1.0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Type-head step: class probabilities per instance, and removal of the instances whose
+        "not a nucleus" probability exceeds the head's ``reject_threshold`` (renumbered 1..K').
+
+        Returns
+        -------
+        labels uint32 (H, W), scores float32 (K',), class_probs float32 (K', C)
+        """
+        from .typehead import drop_instances, instance_features
+
+        feats = instance_features(labels, scores, image, embed, mpp, embed_scale)
+        probs, rej = self.type_head.predict(feats)
+        thr = self.type_head.cfg.get("reject_threshold")
+        if thr is not None and len(rej):
+            keep = rej <= float(thr)
+            if not keep.all():
+                labels = drop_instances(labels, keep)
+                scores, probs = np.asarray(scores)[keep], probs[keep]
+        return labels.astype(np.uint32, copy=False), np.asarray(scores, np.float32), probs
 
     def forward(self, batch: np.ndarray) -> dict:
         """Run the network on ``uint8 (N, H, W, 3)``; returns numpy ``prob`` (N, H, W) float32,
@@ -106,7 +138,8 @@ class Segmenter:
 
         Returns
         -------
-        list of (labels uint32 (H, W), scores float32 (K,))
+        list of (labels uint32 (H, W), scores float32 (K,)), or with a type head of
+        (labels, scores, class_probs float32 (K, C)) (row i = label i + 1, rows sum to 1)
         """
         images = _check_batch(images)
         # On the CPU a batch brings no speed-up but multiplies activation memory: one tile per
@@ -132,15 +165,21 @@ class Segmenter:
                         lab, sc = refine_and_fuse(self.model, out["embed"][i:i + 1], lab, sc, out["prob"][i],
                                                   out["padded_hw"], self.mpp, self.metadata.get("refine", {}))
                         model_s += time.perf_counter() - t2
-                results.append((lab, sc))
+                if self.type_head is not None:
+                    t2 = time.perf_counter()
+                    results.append(self.classify(images[start + i], lab, sc, out["embed"][i], self.mpp))
+                    post_s += time.perf_counter() - t2
+                else:
+                    results.append((lab, sc))
             if timings is not None:
                 timings["model_s"] = timings.get("model_s", 0.0) + model_s
                 timings["postprocess_s"] = timings.get("postprocess_s", 0.0) + post_s
         return results
 
-    def predict_maps(self, image: np.ndarray, mpp: float) -> tuple[np.ndarray, np.ndarray]:
+    def predict_maps(self, image: np.ndarray, mpp: float, return_embed: bool = False):
         """Network maps for an image at ``mpp``, computed at the model's µm/px and resampled back to
-        the image size: ``prob`` (H, W) and ``hv`` (C, H, W) (see :meth:`forward`)."""
+        the image size: ``prob`` (H, W) and ``hv`` (C, H, W) (see :meth:`forward`); with
+        ``return_embed`` also the network's embedding and the network pixels per image pixel."""
         image = _check_batch(image)[0]
         if mpp <= 0:
             raise InputError(f"µm/px must be > 0, got {mpp}")
@@ -159,6 +198,8 @@ class Segmenter:
             t = torch.from_numpy(np.concatenate([prob[None], hv], 0))[None]
             t = F.interpolate(t, size=(h, w), mode="bilinear", align_corners=False)[0].numpy()
             prob, hv = t[0], t[1:]
+        if return_embed:
+            return prob, hv, out["embed"], small.shape[0] / h
         return prob, hv
 
     def segment(self, image: np.ndarray, mpp: float | None = None) -> tuple[np.ndarray, np.ndarray]:
@@ -186,8 +227,18 @@ class Segmenter:
             from .resample import resample_image, resample_labels
 
             image = _check_batch(image)[0]
-            lab, sc = self.segment_batch(resample_image(image, mpp / self.mpp)[None])[0]
+            res = self.segment_batch(resample_image(image, mpp / self.mpp)[None])[0]
+            lab, sc = res[0], res[1]
+            if len(res) == 3:  # carry the class probabilities along with the instances that remain
+                lab, idx = resample_labels(lab, np.arange(len(sc), dtype=np.float32), image.shape[:2])
+                idx = idx.astype(np.int64)
+                return lab, np.asarray(sc, np.float32)[idx], res[2][idx]
             return resample_labels(lab, sc, image.shape[:2])
+        if self.type_head is not None:
+            image = _check_batch(image)[0]
+            prob, hv, embed, scale = self.predict_maps(image, mpp, return_embed=True)
+            lab, sc = instances_from_maps(prob, hv, mpp, self.params)
+            return self.classify(image, lab, sc, embed[0], mpp, scale)
         prob, hv = self.predict_maps(image, mpp)
         return instances_from_maps(prob, hv, mpp, self.params)
 

@@ -117,7 +117,7 @@ def evaluate_model(model, metadata, val_samples, params: PostprocessParams | Non
     per = {}
     for s in val_samples:
         img, lab = s.load()
-        pred, _ = seg.segment(img, s.mpp)
+        pred = seg.segment(img, s.mpp)[0]
         per[s.name] = evaluate_pair(lab, pred)
     model.train()
     return aggregate(per)

@@ -1,0 +1,196 @@
+"""Training of the nucleus type head (:mod:`pipeline.model.typehead`) from typed points.
+
+The segmentation network stays frozen: it segments each training tile once, every typed point is
+matched to the predicted instance that contains it (or, failing that, whose centroid lies within
+``radius_px``), and the head learns the matched instance's class from its pooled features.
+Unlabelled points only mark their instance as a nucleus (ignored by the loss). With
+``reject=True`` the predicted instances no point touches become a last "not a nucleus" class:
+on point sets that mark every nucleus (CRCHisto) they are mostly false positives.
+
+Features are extracted once per tile (:func:`tile_examples`) and the MLP is fitted full-batch on
+the CPU in seconds (:func:`fit_head`).
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..model.postprocess import instances_from_maps
+from ..model.typehead import TypeHead, drop_instances, instance_features, n_features
+
+CRCHISTO_MPP = 0.55
+POINT_RADIUS_UM = 3.3
+#: held-out validation tiles of crchisto (by tile: every 5th of the 80 shared tiles in numeric order)
+CRCHISTO_VAL_TILES = tuple(f"img{i}" for i in (1, 7, 13, 19, 25, 31, 39, 46, 52, 57, 64, 70, 75, 82, 87, 94))
+IGNORE, REJECT = -1, -2
+
+
+@dataclass
+class TileExamples:
+    """One tile's predicted instances with their features and targets.
+
+    ``features`` float32 (K, F); ``target`` int64 (K,): class index, ``IGNORE`` (touched by an
+    unlabelled point only) or ``REJECT`` (no point touches it); ``labels`` uint32 (H, W);
+    ``scores`` float32 (K,); ``centroids`` float64 (K, 2) (x, y) px."""
+
+    name: str
+    features: np.ndarray
+    target: np.ndarray
+    labels: np.ndarray
+    scores: np.ndarray
+    centroids: np.ndarray
+    points_xy: np.ndarray
+    points_class: np.ndarray
+
+
+def centroids_xy(labels: np.ndarray) -> np.ndarray:
+    """(x, y) pixel centroids of labels 1..K, float64 (K, 2)."""
+    k = int(labels.max())
+    rr, cc = np.nonzero(labels)
+    ll = labels[rr, cc].astype(np.int64) - 1
+    n = np.maximum(np.bincount(ll, minlength=k), 1)
+    return np.stack([np.bincount(ll, cc, minlength=k) / n, np.bincount(ll, rr, minlength=k) / n], 1)
+
+
+def match_targets(labels: np.ndarray, points_xy: np.ndarray, points_class: np.ndarray, radius_px: float) -> np.ndarray:
+    """Instance targets from points: the class of the typed point inside (else nearest within
+    ``radius_px`` of the centroid); when several typed points hit one instance, the one nearest
+    its centroid wins. Returns int64 (K,) with ``IGNORE`` / ``REJECT`` as in :class:`TileExamples`."""
+    k = int(labels.max())
+    target = np.full(k, REJECT, np.int64)
+    if k == 0 or len(points_xy) == 0:
+        return target
+    cen = centroids_xy(labels)
+    h, w = labels.shape
+    best = np.full(k, np.inf)
+    for (x, y), c in zip(points_xy, points_class):
+        r, col = int(round(y)), int(round(x))
+        i = int(labels[min(max(r, 0), h - 1), min(max(col, 0), w - 1)]) - 1
+        if i < 0:
+            d = np.hypot(cen[:, 0] - x, cen[:, 1] - y)
+            j = int(np.argmin(d))
+            if d[j] > radius_px:
+                continue
+            i = j
+        d = float(np.hypot(cen[i, 0] - x, cen[i, 1] - y))
+        if c >= 0:
+            if target[i] < 0 or d < best[i]:
+                target[i], best[i] = int(c), d
+        elif target[i] == REJECT:
+            target[i] = IGNORE
+    return target
+
+
+def segment_raw(seg, image: np.ndarray, mpp: float):
+    """The frozen network's instances without the type head: ``labels, scores, embed, scale``."""
+    prob, hv, embed, scale = seg.predict_maps(image, mpp, return_embed=True)
+    lab, sc = instances_from_maps(prob, hv, mpp, seg.params)
+    return lab, sc, embed[0], scale
+
+
+def tile_examples(seg, name: str, image: np.ndarray, points_xy: np.ndarray, points_class: np.ndarray,
+                  mpp: float, radius_um: float = POINT_RADIUS_UM) -> TileExamples:
+    """Segment one tile with the frozen network and build its training examples."""
+    lab, sc, embed, scale = segment_raw(seg, image, mpp)
+    feats = instance_features(lab, sc, image, embed, mpp, scale)
+    target = match_targets(lab, points_xy, points_class, radius_um / mpp)
+    return TileExamples(name, feats, target, lab, np.asarray(sc, np.float32), centroids_xy(lab),
+                        np.asarray(points_xy, np.float64), np.asarray(points_class, np.int64))
+
+
+def crchisto_examples(seg, root, vocab, tiles=None) -> list[TileExamples]:
+    """Examples of crchisto tiles (``root/images/<tile>.png``, ``root/points/<tile>.csv``)."""
+    from ..data.classes import read_point_csv
+    from ..data.readers import read_image
+
+    root = Path(root)
+    names = sorted(p.stem for p in (root / "images").glob("*.png")) if tiles is None else list(tiles)
+    out = []
+    for name in names:
+        img = read_image(root / "images" / f"{name}.png")
+        pts = read_point_csv(root / "points" / f"{name}.csv")
+        out.append(tile_examples(seg, name, img, pts.xy_px, pts.encode(vocab), CRCHISTO_MPP))
+    return out
+
+
+def fit_head(examples, classes, reject: bool = True, hidden: int = 128, epochs: int = 300, lr: float = 3e-3,
+             weight_decay: float = 1e-3, dropout: float = 0.2, seed: int = 0, colors=None) -> TypeHead:
+    """Fit a :class:`TypeHead` (full batch, AdamW) on the examples' typed (and reject) instances."""
+    feats = np.concatenate([e.features for e in examples]) if examples else np.zeros((0, n_features()))
+    target = np.concatenate([e.target for e in examples]) if examples else np.zeros(0, np.int64)
+    c = len(classes)
+    y = target.copy()
+    y[y == REJECT] = c if reject else IGNORE
+    use = y >= 0
+    x, y = feats[use], y[use]
+    cfg = {"classes": list(classes), "n_features": int(feats.shape[1]), "hidden": int(hidden),
+           "reject": bool(reject), "reject_threshold": 0.5 if reject else None, "dropout": float(dropout)}
+    if colors is not None:
+        cfg["colors"] = [list(map(int, rgb)) for rgb in colors]
+    torch.manual_seed(seed)
+    head = TypeHead(cfg)
+    if len(x) == 0:
+        raise ValueError("no typed instance to train the type head on")
+    xt, yt = torch.from_numpy(x.astype(np.float32)), torch.from_numpy(y)
+    with torch.no_grad():
+        head.feat_mean.copy_(xt.mean(0))
+        head.feat_std.copy_(xt.std(0).clamp_min(1e-3) if len(xt) > 1 else torch.ones(xt.shape[1]))
+    opt = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=weight_decay)
+    head.train()
+    for _ in range(epochs):
+        opt.zero_grad()
+        loss = torch.nn.functional.cross_entropy(head(xt), yt)
+        loss.backward()
+        opt.step()
+    return head.eval()
+
+
+def apply_head(head: TypeHead, ex: TileExamples, reject_threshold: float | None):
+    """Predicted classes and centroids on one tile after rejection: (centroids (K', 2), class (K',))."""
+    probs, rej = head.predict(ex.features)
+    keep = np.ones(len(probs), bool) if reject_threshold is None else rej <= reject_threshold
+    return ex.centroids[keep], probs[keep].argmax(1) if len(probs) else np.zeros(0, np.int64)
+
+
+def score_tiles(head: TypeHead | None, examples, n_classes: int, reject_threshold: float | None,
+                radius_um: float = POINT_RADIUS_UM, mpp: float = CRCHISTO_MPP) -> dict:
+    """Point scores (:func:`pipeline.metrics.point_scores`) over tiles (``head=None``: detection only)."""
+    from ..metrics import aggregate_point_counts, point_counts, point_scores
+
+    rows = []
+    for ex in examples:
+        if head is None:
+            cen, cls = ex.centroids, np.full(len(ex.centroids), -1)
+        else:
+            cen, cls = apply_head(head, ex, reject_threshold)
+        if head is None:
+            rows.append(point_counts(ex.points_xy, cen, radius_um / mpp))
+        else:
+            rows.append(point_counts(ex.points_xy, cen, radius_um / mpp, ex.points_class, cls, n_classes))
+    return point_scores(aggregate_point_counts(rows))
+
+
+def tune_threshold(head, examples, n_classes, grid=(0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 1.01)) -> float:
+    """Reject threshold with the best detection F1 on ``examples`` (1.01 = never reject)."""
+    best = max(grid, key=lambda t: (round(score_tiles(head, examples, n_classes, t)["f1"], 4), t))
+    return float(best)
+
+
+def with_type_head(model, head: TypeHead):
+    """A copy of a CellSAM ``model`` with ``head`` attached (``arch["type_head"]`` set)."""
+    new = copy.deepcopy(model)
+    new.arch = copy.deepcopy(model.arch)
+    new.arch["type_head"] = copy.deepcopy(head.cfg)
+    new.type_head = head
+    return new
+
+
+def drop_rejected(labels, scores, probs, rej, threshold):
+    """Helper for callers applying rejection by hand (same rule as the segmenter)."""
+    keep = rej <= threshold
+    return drop_instances(labels, keep), scores[keep], probs[keep]
