@@ -3,6 +3,7 @@
 # (status, logs, benchmarks, cohort report); all defaults from the schema (== pipeline/config.py).
 
 import json
+import os
 import re
 import shlex
 from pathlib import Path
@@ -18,6 +19,11 @@ from pipeline.errors import ConfigError
 
 
 SCHEMAS = Path(workflow.current_basedir) / ".." / "schemas"
+
+# The checkout this workflow runs from: workflows/envs/cellsam.post-deploy.sh installs it into the
+# rules' conda env (--sdm conda). Snakemake copies env files into .snakemake/conda/, so the env
+# file itself cannot name the repository by a relative path.
+os.environ.update(CELLSAM_REPO=str(Path(workflow.basedir).resolve()))  # set, not read: no envvars:
 
 
 def load_schema(name):

@@ -15,6 +15,10 @@ checkpoint check:
         log_file("check"),
     params:
         slide_mpp=slide_mpp_flag,
+    conda:
+        "../envs/cellsam.yaml"
+    container:
+        config["container_image"]
     # An unreadable slide is recorded (ok: false, with the reason), not a failed job: the slide is
     # then left out of the DAG and listed as failed by the cohort report. The job fails only if
     # no status could be written.
@@ -39,6 +43,10 @@ rule tile:
         mpp=config["tile"]["mpp"],
         chunk_px=config["tile"]["chunk_px"],
     threads: config["tile"]["workers"]
+    conda:
+        "../envs/cellsam.yaml"
+    container:
+        config["container_image"]
     shell:
         "cellsam tile {input.slide:q} -o {output.store:q} --slide-id {wildcards.slide}"
         " --mpp {params.mpp} --chunk {params.chunk_px} {params.slide_mpp} --workers {threads}"
@@ -59,6 +67,10 @@ rule infer:
     threads: config["infer"]["workers"]
     resources:
         gpu=infer_gpus(),
+    conda:
+        "../envs/cellsam.yaml"
+    container:
+        config["container_image"]
     shell:
         "cellsam infer {input.store:q} -o {output.chunks:q} {params.flags} --workers {threads} > {log:q} 2>&1"
 
@@ -76,6 +88,10 @@ rule export:
     params:
         outdir=lambda wildcards, output: Path(output.summary).parent,
         flags=export_flags(),
+    conda:
+        "../envs/cellsam.yaml"
+    container:
+        config["container_image"]
     shell:
         "cellsam export {input.store:q} {input.chunks:q} -o {params.outdir:q} --slide-id {wildcards.slide}"
         " {params.flags} > {log:q} 2>&1"
@@ -95,6 +111,10 @@ rule cohort:
         logs_dir=str(LAYOUT.logs_dir),
         benchmarks_dir=str(LAYOUT.benchmarks_dir),
         prefix=lambda wildcards, output: Path(output.csv).with_suffix(""),
+    conda:
+        "../envs/cellsam.yaml"
+    container:
+        config["container_image"]
     shell:
         "cellsam cohort --results {params.results:q} --samples {input.sheet:q}"
         " --status-dir {params.status_dir:q} --logs {params.logs_dir:q} --benchmarks {params.benchmarks_dir:q}"
