@@ -124,7 +124,7 @@ def test_refiner_training_and_refined_segmentation(tmp_path, data_dir, tiny_sam)
     seg = load_model(out, device="cpu", refine=True)
     assert seg.refine and seg.model.mask_decoder is not None
     img = np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)
-    lab, sc = seg.segment(img)
+    lab, sc = seg.segment(img)[:2]
     assert lab.dtype == np.uint32 and sc.shape == (int(lab.max()),)
 
 

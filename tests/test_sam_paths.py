@@ -132,7 +132,7 @@ def test_refine_works_at_any_input_mpp(refiner_ckpt, tile, factor):
     ref = load_model(refiner_ckpt, device="cpu", refine=True)
     image = resample_image(tile, factor)  # the same tissue at 0.5 / factor µm/px
     mpp = 0.5 / factor
-    lab, sc = ref.segment(image, mpp)
+    lab, sc = ref.segment(image, mpp)[:2]
     assert lab.shape == image.shape[:2] and lab.dtype == np.uint32
     k = int(lab.max())
     assert k > 5 and sc.shape == (k,) and set(np.unique(lab)) == set(range(k + 1))
