@@ -25,7 +25,7 @@ def main() -> int:
     size_px = 256
     regions = tissue_regions((size_px * px_um, size_px * px_um), seed=0, n_regions=1, tissue_scale=2.0)
     tile = render_tile(0, 0, size_px, size_px, px_um, regions, seed=0)
-    (labels, scores), = seg.segment_batch(tile[None])
+    labels = seg.segment_batch(tile[None])[0][0]  # (labels, scores[, class_probs]) of the one tile
     nuclei = int(np.unique(labels[labels > 0]).size)
     if nuclei == 0:
         print("smoke: the shipped model found no nuclei in the synthetic tile", file=sys.stderr)
