@@ -181,6 +181,10 @@ def train(data: str, out, *, init=None, cfg: TrainConfig = TrainConfig(), tune: 
 
     if init is not None:
         model, meta0 = load_checkpoint(init)
+        # fine-tuning moves the embedding the type head reads: an inherited head would be stale, so
+        # it is dropped (no classes, "Nucleus") until a head is fitted for the data's own classes
+        model.arch.pop("type_head", None)
+        model.type_head = None
         model = grown(with_distance_head(model), cfg.grow_depth).train()
         metadata = {**base_metadata(cfg), **{k: v for k, v in meta0.items() if k in ("postprocess", "mpp")}}
         from ..model.checkpoint import init_identity
