@@ -41,6 +41,8 @@ from .config import SegmentConfig
 from .errors import InputError
 from .stitch import (
     CHUNK_SCHEMA,
+    chunk_schema,
+    table_class_names,
     apply_dedup,
     assign_ids,
     band_reach,
@@ -70,6 +72,7 @@ class ChunkScan:
     instances: int = 0  #: rows over all chunk files (before dedup)
     n_truncated_owned: int = 0  #: masks dropped at an inner window edge (halo too small if > 0)
     n_implausible_owned: int = 0  #: owned objects dropped as implausible nuclei (size/shape rule)
+    class_names: tuple = ()  #: type head classes of the chunk files (``class``/``p_<name>`` columns); () untyped
 
 
 @dataclass
@@ -118,6 +121,12 @@ def scan_chunks(files, chunk_px):
         scan.rows.setdefault(int(rc[0]), []).append(((int(rc[0]), int(rc[1])), files[rc]))
         pf, t = _read(files[rc], ["anchor_y_px", "core_margin_px"])
         md = pf.schema_arrow.metadata or {}
+        names = table_class_names(pf.schema_arrow)
+        if rc == min(files):
+            scan.class_names = names
+        elif names != scan.class_names:
+            raise InputError(f"{files[rc]}: chunk file classes {list(names)} differ from {list(scan.class_names)} "
+                             "of the other chunks; rerun `cellsam infer`")
         scan.n_truncated_owned += int(md.get(b"n_truncated_owned", b"0") or 0)
         scan.n_implausible_owned += int(md.get(b"n_implausible_owned", b"0") or 0)
         if not t.num_rows:
@@ -271,7 +280,7 @@ def _load_row(scan, dedup, r, mpp):
         fix = dedup.clipped.get(rc, {})
         pos = np.flatnonzero(np.isin(lid, np.fromiter(fix, dtype=np.int64)) & keep)
         geoms = np.array([fix[int(v)] for v in lid[pos]], dtype=object)
-        parts.append(apply_dedup(t, keep, pos, geoms, mpp).cast(CHUNK_SCHEMA))
+        parts.append(apply_dedup(t, keep, pos, geoms, mpp).cast(chunk_schema(table_class_names(t.schema))))
     return pa.concat_tables(parts) if parts else None
 
 
@@ -333,7 +342,7 @@ class Stitched:
         """All final nuclei in one table (small slides and tests; memory grows with the slide)."""
         parts = list(self)
         if not parts:
-            return assign_ids(empty_chunk_table())
+            return assign_ids(empty_chunk_table(self.scan.class_names))
         return pa.concat_tables(parts)
 
 

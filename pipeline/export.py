@@ -32,6 +32,7 @@ from . import geometry
 from .errors import OutputError
 from .cells import CELL_COLUMNS, CELL_QUPATH_NAMES, nucleus_name
 from .measure import MEASUREMENT_COLUMNS, QUPATH_NAMES
+from .stitch import CLASS_COLUMN, CLASS_PROB_PREFIX, table_class_names
 from .paths import atomic_target, atomic_write, output_error, unlink_quietly
 
 log = logging.getLogger(__name__)
@@ -39,8 +40,10 @@ log = logging.getLogger(__name__)
 #: Namespace of the nucleus UUIDs: ``uuid5(NUCLEUS_NAMESPACE, f"{slide_key}/{nucleus_id}")``.
 NUCLEUS_NAMESPACE = uuid.UUID("6f1c2a3e-5b7d-4e8f-9a0b-c1d2e3f4a5b6")
 _NS_BYTES = NUCLEUS_NAMESPACE.bytes
-#: QuPath classification of every exported nucleus.
+#: QuPath classification of every exported nucleus of a model without a type head.
 NUCLEUS_CLASS = {"name": "Nucleus", "color": [0, 128, 255]}
+#: QuPath measurement name of a class probability column ``p_<class>`` (typed models).
+CLASS_PROBABILITY_NAME = "Class probability: {}"
 #: Version of the schemas written here (GeoJSON properties, GeoParquet columns, metadata).
 SCHEMA_VERSION = 1
 #: Decimal places of measurement values in GeoJSON (Parquet keeps full precision).
@@ -160,7 +163,54 @@ def _measurement_columns(table):
     cols = [c for c in MEASUREMENT_COLUMNS if c in table.column_names]
     if "score" in table.column_names:
         cols.append("score")
-    return cols
+    return cols + [CLASS_PROB_PREFIX + n for n in table_class_names(table.schema)]
+
+
+def _qupath_name(column):
+    """QuPath measurement name of a column (``p_<class>`` -> ``Class probability: <class>``)."""
+    if column in QUPATH_NAMES:
+        return QUPATH_NAMES[column]
+    return CLASS_PROBABILITY_NAME.format(column[len(CLASS_PROB_PREFIX):])
+
+
+def _classifications(batch):
+    """QuPath ``classification`` objects and each row's index into them.
+
+    Returns
+    -------
+    classes : list of dict
+        ``{"name", "color": [r, g, b]}`` per class of the table (:func:`pipeline.stitch.table_class_names`,
+        colours of :class:`pipeline.data.classes.ClassVocabulary`), or ``[NUCLEUS_CLASS]`` untyped.
+    codes : numpy.ndarray, int64, shape (batch.num_rows,)
+        Index of each row's ``class`` in ``classes``.
+    """
+    names = table_class_names(batch.schema)
+    if not names:
+        return [NUCLEUS_CLASS], np.zeros(batch.num_rows, dtype=np.int64)
+    from .data.classes import ClassVocabulary
+
+    vocab = ClassVocabulary.from_names(names)
+    classes = [{"name": n, "color": list(c)} for n, c in zip(vocab.names, vocab.colors)]
+    row_names = np.asarray(batch[CLASS_COLUMN].to_numpy(zero_copy_only=False), dtype=object)
+    lookup = {n: i for i, n in enumerate(names)}
+    try:
+        codes = np.fromiter((lookup[v] for v in row_names), dtype=np.int64, count=len(row_names))
+    except KeyError as exc:
+        raise OutputError(f"nucleus table: class {exc.args[0]!r} is not one of its p_<class> columns "
+                          f"{list(names)}") from None
+    return classes, codes
+
+
+def _choice_literals(texts, codes):
+    """Row ``i`` = ``texts[codes[i]]`` (UTF-8) as a (chars, valid) block of :func:`_text`."""
+    enc = [t.encode("utf-8") for t in texts]
+    width = max(len(b) for b in enc)
+    table = np.zeros((len(enc), width), dtype=np.uint8)
+    mask = np.zeros((len(enc), width), dtype=bool)
+    for k, b in enumerate(enc):
+        table[k, :len(b)] = np.frombuffer(b, dtype=np.uint8)
+        mask[k, :len(b)] = True
+    return table[codes], mask[codes]
 
 
 #: Largest |value| written through the vectorised fixed-point formatter (int64 headroom).
@@ -292,13 +342,15 @@ def _features(batch, *, scale_xy_l0, offset_xy_l0, slide_key, cols):
         (nucleus_uuids_ascii(slide_key, ids_k), np.ones((n, 36), dtype=bool)),
         _literal('","geometry":{"type":"Polygon","coordinates":', n),
     ])
-    props = json.dumps({"objectType": "detection", "classification": NUCLEUS_CLASS}, **_JSON)
-    parts = [_literal('},"properties":' + props[:-1] + ',"measurements":{', n)]
+    classes, codes = _classifications(batch)
+    parts = [_literal('},"properties":{"objectType":"detection","classification":', n),
+             _choice_literals([json.dumps(c, **_JSON) for c in classes], codes[keep]),
+             _literal(',"measurements":{', n)]
     seen = np.zeros(n, dtype=bool)
     for k, c in enumerate(cols):
         ok = finite_k[:, k]
         comma = (np.full((n, 1), ord(","), dtype=np.uint8), (ok & seen)[:, None])
-        name_chars, _ = _literal(json.dumps(QUPATH_NAMES[c], **_JSON) + ":", n)
+        name_chars, _ = _literal(json.dumps(_qupath_name(c), **_JSON) + ":", n)
         num_chars, num_valid = _fixed_point(np.where(ok, values_k[:, k], 0.0), GEOJSON_MEASUREMENT_DECIMALS)
         parts += [comma, (name_chars, np.broadcast_to(ok[:, None], name_chars.shape)), (num_chars, num_valid & ok[:, None])]
         seen |= ok
@@ -317,7 +369,8 @@ def _features(batch, *, scale_xy_l0, offset_xy_l0, slide_key, cols):
 
 def _features_json(batch, polys, values, finite, ids, *, slide_key, cols):
     """Reference / fallback of :func:`_features`: one ``json.dumps`` per Feature."""
-    names = [QUPATH_NAMES[c] for c in cols]
+    names = [_qupath_name(c) for c in cols]
+    classes, codes = _classifications(batch)
     values = np.round(values, GEOJSON_MEASUREMENT_DECIMALS)
     rings, ring_geom = shapely.get_rings(polys, return_index=True)
     coords, coord_ring = shapely.get_coordinates(rings, return_index=True)
@@ -336,7 +389,7 @@ def _features_json(batch, polys, values, finite, ids, *, slide_key, cols):
             "type": "Feature",
             "id": nucleus_uuid(slide_key, ids[k]),
             "geometry": {"type": "Polygon", "coordinates": coordinates},
-            "properties": {"objectType": "detection", "classification": NUCLEUS_CLASS, "measurements": meas},
+            "properties": {"objectType": "detection", "classification": classes[codes[k]], "measurements": meas},
         }
         out.append(json.dumps(feature, **_JSON))
     return ",\n".join(out).encode("utf-8"), len(out)
@@ -359,7 +412,9 @@ def _cell_features(batch, *, scale_xy_l0, offset_xy_l0, slide_key, cols):
     nuclei = to_level0(geometry.from_wkb(batch["geometry"]), scale_xy_l0, offset_xy_l0)
     cells = to_level0(geometry.from_wkb(batch["cell_geometry"]), scale_xy_l0, offset_xy_l0)
     ids = batch["nucleus_id"].to_numpy()
-    names = [nucleus_name(c) for c in cols] + [CELL_QUPATH_NAMES[c] for c in CELL_COLUMNS]
+    names = [nucleus_name(c) if c in QUPATH_NAMES else _qupath_name(c) for c in cols] + \
+        [CELL_QUPATH_NAMES[c] for c in CELL_COLUMNS]
+    classes, codes = _classifications(batch)
     values = np.column_stack([batch[c].to_numpy().astype(np.float64) for c in (*cols, *CELL_COLUMNS)])
     finite = np.isfinite(values)
     values = np.round(np.where(finite, values, 0.0), GEOJSON_MEASUREMENT_DECIMALS)
@@ -375,7 +430,7 @@ def _cell_features(batch, *, scale_xy_l0, offset_xy_l0, slide_key, cols):
             "id": nucleus_uuid(slide_key, ids[k]),
             "geometry": {"type": "Polygon", "coordinates": _rings_json(cells[k])},
             "nucleusGeometry": {"type": "Polygon", "coordinates": _rings_json(nuclei[k])},
-            "properties": {"objectType": "cell", "classification": NUCLEUS_CLASS, "measurements": meas},
+            "properties": {"objectType": "cell", "classification": classes[codes[k]], "measurements": meas},
         }
         out.append(json.dumps(feature, **_JSON))
     return ",\n".join(out).encode("utf-8"), len(out)
@@ -545,6 +600,16 @@ GEOPARQUET_CELL_SCHEMA = pa.schema(
     list(GEOPARQUET_SCHEMA) + [("cell_geometry", pa.binary())] + [(c, pa.float64()) for c in CELL_COLUMNS])
 
 
+def geoparquet_schema(cells=False, class_names=()):
+    """:data:`GEOPARQUET_SCHEMA` (or :data:`GEOPARQUET_CELL_SCHEMA`), plus ``class`` (string, the
+    argmax class) and ``p_<class>`` (float32, one per class in model order) for a typed model."""
+    base = GEOPARQUET_CELL_SCHEMA if cells else GEOPARQUET_SCHEMA
+    if not class_names:
+        return base
+    return pa.schema(list(base) + [(CLASS_COLUMN, pa.string())]
+                     + [(CLASS_PROB_PREFIX + str(n), pa.float32()) for n in class_names])
+
+
 def _level0_wkb(column, scale_xy_l0, offset_xy_l0):
     """Level-0 WKB of a store-px WKB column in slices, and the bbox (lo (2,), hi (2,))."""
     n = len(column)
@@ -620,11 +685,13 @@ def geoparquet_table(table, *, scale_xy_l0, slide_key, offset_xy_l0=(0.0, 0.0), 
     the nucleus: provenance, see docs/outputs.md), measurement columns float64 (µm, OD). With a
     ``cell_geometry`` column in ``table`` (:mod:`pipeline.cells`): :data:`GEOPARQUET_CELL_SCHEMA`
     (``cell_geometry`` WKB level-0 px, a second geometry column, plus the cell measurements).
-    Schema metadata: ``geo`` (GeoParquet 1.1.0, ``crs`` null = pixel coordinates) and ``cellsam``.
+    A typed table (``class``/``p_<class>`` columns, :func:`pipeline.stitch.chunk_schema`) keeps
+    them last (:func:`geoparquet_schema`). Schema metadata: ``geo`` (GeoParquet 1.1.0, ``crs`` null = pixel coordinates) and ``cellsam``.
     """
     cells = "cell_geometry" in table.column_names
     out, lo, hi = _geoparquet_rows(table, scale_xy_l0=scale_xy_l0, slide_key=slide_key, offset_xy_l0=offset_xy_l0,
-                                   slide_id=slide_id, schema=GEOPARQUET_CELL_SCHEMA if cells else GEOPARQUET_SCHEMA)
+                                   slide_id=slide_id,
+                                   schema=geoparquet_schema(cells, table_class_names(table.schema)))
     return out.replace_schema_metadata(_geoparquet_metadata(lo, hi, out.num_rows, scale_xy_l0=scale_xy_l0,
                                                             offset_xy_l0=offset_xy_l0, cells=cells))
 
@@ -641,11 +708,11 @@ class GeoParquetWriter(_AtomicSink):
     what = "GeoParquet"
 
     def __init__(self, path, *, scale_xy_l0, slide_key, offset_xy_l0=(0.0, 0.0), row_group_rows=100_000,
-                 slide_id=None, cells=False):
+                 slide_id=None, cells=False, class_names=()):
         super().__init__(path)
         self.scale_xy_l0, self.offset_xy_l0, self.slide_key = scale_xy_l0, offset_xy_l0, slide_key
         self.slide_id, self.cells = slide_id, bool(cells)
-        self.schema = GEOPARQUET_CELL_SCHEMA if cells else GEOPARQUET_SCHEMA
+        self.schema = geoparquet_schema(cells, class_names)
         self.row_group_rows = int(row_group_rows)
         self._lo, self._hi, self._n = np.full(2, np.inf), np.full(2, -np.inf), 0
         self._buf, self._buf_rows = [], 0
@@ -711,7 +778,7 @@ def write_geoparquet(table, path, *, scale_xy_l0, slide_key, offset_xy_l0=(0.0, 
     """
     with GeoParquetWriter(path, scale_xy_l0=scale_xy_l0, slide_key=slide_key, offset_xy_l0=offset_xy_l0,
                           row_group_rows=row_group_rows, slide_id=slide_id,
-                          cells="cell_geometry" in table.column_names) as w:
+                          cells="cell_geometry" in table.column_names, class_names=table_class_names(table.schema)) as w:
         w.write(table)
 
 

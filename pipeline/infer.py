@@ -235,11 +235,19 @@ class Model:
     static_shapes : bool
         The network compiles one model per input shape (OpenVINO): tissue boxes are snapped to
         half or whole windows (:func:`model_box`) so that few shapes occur.
+    class_names : sequence of str
+        Nucleus classes of a type head (display names, in output-channel order); empty = no type
+        head. With a head, ``segment_batch`` returns 3-tuples ``(labels, scores, class_probs
+        float32 (K, C))``, row ``i`` for label ``i + 1``, ``C = len(class_names)``. The names
+        are part of the model identity (``info["classes"]``): a changed head invalidates chunks.
     """
 
     def __init__(self, segment_batch: Callable, *, mpp: float | None, info: dict, thread_safe: bool = False,
-                 static_shapes: bool = False):
+                 static_shapes: bool = False, class_names=()):
         self.segment_batch = segment_batch
+        self.class_names = tuple(str(n) for n in (class_names or ()))
+        if self.class_names:
+            info = {**info, "classes": list(self.class_names)}
         self.static_shapes = static_shapes  # the network compiles per input shape: few box shapes (model_box)
         self.mpp = mpp
         self.info = info
@@ -322,8 +330,9 @@ def _wrap_segmenter(seg: Any) -> Model:
     # a Segmenter serialises its own network calls and decodes outside its lock: thread safe
     safe = getattr(seg, "_lock", None) is not None
     static = bool(getattr(getattr(seg, "engine", None), "static_shapes", False))
+    classes = getattr(seg, "class_names", None) or meta.get("classes") or ()
     return Model(seg.segment_batch, mpp=float(mpp) if mpp is not None else None, info=info, thread_safe=safe,
-                 static_shapes=static)
+                 static_shapes=static, class_names=classes)
 
 
 def resolve_model(model: Any, *, device: str, refine: bool, store_mpp: float, engine: str = "auto",
@@ -358,7 +367,8 @@ def resolve_model(model: Any, *, device: str, refine: bool, store_mpp: float, en
         return _wrap_segmenter(model)
     if callable(model):
         name = getattr(model, "__qualname__", type(model).__name__)
-        return Model(model, mpp=None, info={"name": f"callable:{name}"})
+        return Model(model, mpp=None, info={"name": f"callable:{name}"},
+                     class_names=getattr(model, "class_names", None) or ())
     raise ModelError(f"unsupported model spec {model!r}")
 
 
@@ -435,7 +445,9 @@ def process_batch(
 
     n_inst = 0
     shape_rc = tuple(int(v) for v in attrs["shape_rc"])
-    for w, img, (labels, scores) in zip(windows, images, results):
+    for w, img, res in zip(windows, images, results):
+        labels, scores = res[0], res[1]
+        class_probs = res[2] if model.class_names else None
         t0 = time.perf_counter()
         (r0, c0, r1, c1) = w.clipped_box_rc(shape_rc)
         dr, dc = r0 - w.window_origin_rc[0], c0 - w.window_origin_rc[1]
@@ -452,6 +464,8 @@ def process_batch(
             max_area_um2=cfg.max_area_um2,
             min_circularity=cfg.min_circularity,
             chunk_rc=w.chunk_rc,
+            class_probs=class_probs,
+            class_names=model.class_names,
         )
         t1 = time.perf_counter()
         _write_table_atomic(table, chunk_path(chunks_dir, w.chunk_rc))
@@ -463,12 +477,17 @@ def process_batch(
 
 def _run_model_on_boxes(model: Model, images: np.ndarray, boxes: list, timings: dict) -> list:
     """Run ``model`` on each window's ``box`` (windows with equal box shapes batched together) and
-    paste the labels back into full-window label images (0 outside the box)."""
+    paste the labels back into full-window label images (0 outside the box).
+
+    Returns ``(labels, scores)`` per window, or ``(labels, scores, class_probs (K, C) float32)``
+    for a model with a type head (:attr:`Model.class_names`)."""
     results: list = [None] * len(images)
     groups: dict = {}
+    n_cls = len(model.class_names)
     for i, box in enumerate(boxes):
         if box is None:
-            results[i] = (np.zeros(images.shape[1:3], np.uint32), np.zeros(0, np.float32))
+            empty = (np.zeros(images.shape[1:3], np.uint32), np.zeros(0, np.float32))
+            results[i] = empty + ((np.zeros((0, n_cls), np.float32),) if n_cls else ())
         else:
             groups.setdefault((box[2] - box[0], box[3] - box[1]), []).append(i)
     for idx in groups.values():
@@ -478,7 +497,12 @@ def _run_model_on_boxes(model: Model, images: np.ndarray, boxes: list, timings: 
         else:
             with _MODEL_LOCK:
                 out = model(crops, timings)
-        for i, (labels, scores) in zip(idx, out):
+        for i, res in zip(idx, out):
+            if len(res) != (3 if n_cls else 2):
+                raise ModelError(f"model returned {len(res)}-tuples; a model with "
+                                 + (f"classes {list(model.class_names)} must return (labels, scores, class_probs)"
+                                    if n_cls else "no class_names must return (labels, scores)"))
+            labels, scores = res[0], res[1]
             r0, c0, r1, c1 = boxes[i]
             labels = np.asarray(labels)
             if labels.shape != (r1 - r0, c1 - c0) or labels.dtype != np.uint32:
@@ -488,7 +512,14 @@ def _run_model_on_boxes(model: Model, images: np.ndarray, boxes: list, timings: 
                 full = np.zeros(images.shape[1:3], np.uint32)
                 full[r0:r1, c0:c1] = labels
                 labels = full
-            results[i] = (labels, scores)
+            if n_cls:
+                probs = np.asarray(res[2], np.float32)
+                if probs.ndim != 2 or probs.shape[1] != n_cls:
+                    raise ModelError(f"model returned class_probs of shape {probs.shape}; need (K, {n_cls}) for "
+                                     f"classes {list(model.class_names)}")
+                results[i] = (labels, scores, probs)
+            else:
+                results[i] = (labels, scores)
     return results
 
 

@@ -270,7 +270,8 @@ def run_export(
                 writers.append(stack.enter_context(GeoJSONWriter(sp.geojson, scale_xy_l0=scale, slide_key=key, gz=False)))
             writers.append(stack.enter_context(GeoParquetWriter(sp.parquet, scale_xy_l0=scale, slide_key=key,
                                                                 slide_id=sp.slide_id,
-                                                                cells=cfg.segment.cell_expansion_um > 0)))
+                                                                cells=cfg.segment.cell_expansion_um > 0,
+                                                                class_names=nuclei.scan.class_names)))
             scan = nuclei.scan  # progress in strips (chunk rows) of the slide
             bar = stack.enter_context(Progress(max(0, scan.strip_hi - scan.strip_lo + 1), "export", "strip",
                                                quiet=True if quiet else None))
@@ -338,6 +339,8 @@ def run_export(
             "note": note,
             "mpp_check": check,
             "measurements": stats["measurements"],
+            **({"classes": class_statistics(sp.parquet, nuclei.scan.class_names, stats["tissue_area_mm2"])}
+               if nuclei.scan.class_names else {}),
             "outputs": {
                 "geojson_gz": sp.geojson_gz.name,
                 "geojson": sp.geojson.name if cfg.segment.geojson_plain else None,
@@ -360,6 +363,37 @@ def run_export(
         raise
     log.info("export: %d nuclei -> %s (%.1f s)", n, sp.outdir, timings["export_total_s"])
     return summary
+
+
+def class_statistics(parquet, class_names, tissue_area_mm2):
+    """``summary["classes"]`` of a typed model: per class (model order) ``count``, ``density_per_mm2``
+    (nuclei per mm² of tissue; None without tissue area) and ``fraction`` (of all nuclei; None if none).
+
+    Parameters
+    ----------
+    parquet : path
+        The slide's GeoParquet (its ``class`` column is read).
+    class_names : sequence of str
+        The model's classes.
+    tissue_area_mm2 : float or None
+    """
+    import numpy as np
+    import pyarrow.parquet as pq
+
+    values = pq.read_table(parquet, columns=["class"])["class"].to_numpy(zero_copy_only=False)
+    names, counts = np.unique(np.asarray(values, dtype=object).astype(str), return_counts=True) if len(values) \
+        else (np.zeros(0, str), np.zeros(0, np.int64))
+    found = dict(zip(names.tolist(), counts.tolist()))
+    total = int(len(values))
+    out = {}
+    for name in class_names:
+        k = int(found.get(name, 0))
+        out[str(name)] = {
+            "count": k,
+            "density_per_mm2": round(k / tissue_area_mm2, 3) if tissue_area_mm2 else None,
+            "fraction": round(k / total, 6) if total else None,
+        }
+    return out
 
 
 def _check_writable(outdir, sp: SlidePaths) -> None:

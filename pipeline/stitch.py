@@ -38,7 +38,14 @@ core_margin_px     float32    L-inf distance of the polygon's bbox to the core b
                               sticking out by ``-value``; selects the dedup band
 geometry           binary     WKB Polygon, store px (x = col, y = row, continuous coordinates)
 <measurements>     float64    :data:`pipeline.measure.MEASUREMENT_COLUMNS` (µm, OD)
+class              string     model with a type head only: argmax class name (display name)
+p_<class>          float32    model with a type head only: class probability, one column per class
+                              in the model's ``class_names`` order (rows sum to 1)
 =================  =========  =====================================================================
+
+A typed table's schema is :func:`chunk_schema` ``(class_names)``; :func:`table_class_names`
+reads the class names back from a schema. The class columns travel through dedup and id
+assignment unchanged (a clipped nucleus keeps the class of its model mask).
 
 :func:`assign_ids` prepends ``nucleus_id`` (int64, 1..N).
 """
@@ -77,9 +84,33 @@ CHUNK_SCHEMA = pa.schema(
 MIN_KEEP_FRACTION = 0.5
 
 
-def empty_chunk_table():
-    """A zero-row table with :data:`CHUNK_SCHEMA`."""
-    return CHUNK_SCHEMA.empty_table()
+#: name of the argmax class column (typed models); probabilities are ``CLASS_PROB_PREFIX + name``
+CLASS_COLUMN = "class"
+CLASS_PROB_PREFIX = "p_"
+
+
+def chunk_schema(class_names=()):
+    """:data:`CHUNK_SCHEMA`, plus ``class`` (string) and ``p_<name>`` (float32) per class when
+    ``class_names`` is not empty."""
+    if not class_names:
+        return CHUNK_SCHEMA
+    return pa.schema(list(CHUNK_SCHEMA) + [(CLASS_COLUMN, pa.string())]
+                     + [(CLASS_PROB_PREFIX + str(n), pa.float32()) for n in class_names])
+
+
+def table_class_names(schema):
+    """Class names of a chunk/nuclei table schema (``p_<name>`` columns after ``class``, in order);
+    ``()`` for an untyped table."""
+    names = list(schema.names)
+    if CLASS_COLUMN not in names:
+        return ()
+    after = names[names.index(CLASS_COLUMN) + 1:]
+    return tuple(c[len(CLASS_PROB_PREFIX):] for c in after if c.startswith(CLASS_PROB_PREFIX))
+
+
+def empty_chunk_table(class_names=()):
+    """A zero-row table with :func:`chunk_schema` ``(class_names)``."""
+    return chunk_schema(class_names).empty_table()
 
 
 def check_halo(halo_px, max_diameter_px, eps_px):
@@ -134,9 +165,26 @@ def _check_window(labels, scores, rgb, window_origin_rc, core_box_rc, store_shap
     return scores.astype(np.float32, copy=False), (r0, c0), (h, w), (H, W), (cr0, cc0, cr1, cc1)
 
 
+def _check_class_probs(class_probs, class_names, labels):
+    """Class probabilities (L, C) float32, rows renormalised to sum to 1; ModelError if malformed."""
+    if class_probs is None:
+        raise ModelError(f"model with classes {list(class_names)} returned no class probabilities")
+    probs = np.asarray(class_probs, dtype=np.float64)
+    top = int(labels.max()) if labels.size else 0
+    if probs.ndim != 2 or probs.shape[1] != len(class_names) or probs.shape[0] < top:
+        raise ModelError(f"model class_probs have shape {probs.shape}; need (>= {top}, {len(class_names)}) for "
+                         f"classes {list(class_names)} (row i is for label i+1)")
+    if probs.size and (not np.isfinite(probs).all() or probs.min() < 0):
+        raise ModelError("model class_probs must be finite and non-negative")
+    total = probs.sum(axis=1, keepdims=True)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        probs = np.where(total > 0, probs / total, 1.0 / len(class_names))
+    return probs.astype(np.float32)
+
+
 def extract_chunk_instances(labels, scores, rgb, *, window_origin_rc, core_box_rc, store_shape_rc,
                             mpp, eps_px, min_area_um2, chunk_rc, max_area_um2=SegmentConfig.max_area_um2,
-                            min_circularity=SegmentConfig.min_circularity):
+                            min_circularity=SegmentConfig.min_circularity, class_probs=None, class_names=()):
     """Instances one window contributes to the slide (steps 1-4 of the module docstring).
 
     Parameters
@@ -165,11 +213,16 @@ def extract_chunk_instances(labels, scores, rgb, *, window_origin_rc, core_box_r
         Plausibility rule: instances larger than ``max_area_um2`` or with a circularity below
         ``min_circularity`` are not nuclei (tissue folds, keratin flakes, merged clumps) and are
         dropped; an undefined circularity (a one-pixel mask) passes.
+    class_probs : numpy.ndarray, float32, shape (L, C), optional
+        Type head output: row ``i`` = class probabilities of label ``i + 1`` (a model with
+        ``class_names``); rows are renormalised to sum to 1.
+    class_names : sequence of str
+        The ``C`` class names (display names); empty = untyped model, no class columns.
 
     Returns
     -------
     pyarrow.Table
-        :data:`CHUNK_SCHEMA`, sorted by ``local_id``. The schema metadata
+        :func:`chunk_schema` ``(class_names)``, sorted by ``local_id``. The schema metadata
         ``{b"n_truncated_owned": ...}`` counts masks dropped for touching an inner window edge
         whose anchor was inside the core (nonzero means the halo is too small, see
         :func:`check_halo`); a warning is logged in that case. ``{b"n_implausible_owned": ...}``
@@ -186,10 +239,14 @@ def extract_chunk_instances(labels, scores, rgb, *, window_origin_rc, core_box_r
     """
     scores, (r0, c0), (h, w), (H, W), (cr0, cc0, cr1, cc1) = _check_window(
         labels, scores, rgb, window_origin_rc, core_box_rc, store_shape_rc)
+    class_names = tuple(str(n) for n in (class_names or ()))
+    schema = chunk_schema(class_names)
+    if class_names:
+        class_probs = _check_class_probs(class_probs, class_names, labels)
     flat = labels.ravel()
     fg = np.flatnonzero(flat != 0)  # every per-label statistic below uses the nonzero pixels only
     if not len(fg):
-        return empty_chunk_table()
+        return schema.empty_table()
     lab = flat[fg].astype(np.intp)
     nbins = int(lab.max()) + 1
     count = np.bincount(lab, minlength=nbins).astype(np.float64)
@@ -228,7 +285,7 @@ def extract_chunk_instances(labels, scores, rgb, *, window_origin_rc, core_box_r
     keep = near & ~cut
     ids, ay, ax, owned = ids[keep], ay[keep], ax[keep], in_core[keep]
     if not len(ids):
-        return empty_chunk_table().replace_schema_metadata({b"n_truncated_owned": str(n_trunc_owned).encode()})
+        return schema.empty_table().replace_schema_metadata({b"n_truncated_owned": str(n_trunc_owned).encode()})
 
     # 4. polygonise only the kept labels
     pid, polys = geometry.labels_to_polygons(labels, offset_rc=(r0, c0), ids=ids)
@@ -267,8 +324,12 @@ def extract_chunk_instances(labels, scores, rgb, *, window_origin_rc, core_box_r
         **shape,
         **inten,
     }
-    table = pa.Table.from_pydict({f.name: pa.array(cols[f.name], type=f.type) for f in CHUNK_SCHEMA},
-                                 schema=CHUNK_SCHEMA)
+    if class_names:
+        probs = class_probs[ids - 1]
+        cols[CLASS_COLUMN] = np.asarray(class_names, dtype=object)[np.argmax(probs, axis=1)]
+        for j, name in enumerate(class_names):
+            cols[CLASS_PROB_PREFIX + name] = probs[:, j]
+    table = pa.Table.from_pydict({f.name: pa.array(cols[f.name], type=f.type) for f in schema}, schema=schema)
     return table.replace_schema_metadata({b"n_truncated_owned": str(n_trunc_owned).encode(),
                                           b"n_implausible_owned": str(n_implausible).encode()})
 
