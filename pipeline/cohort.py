@@ -14,7 +14,9 @@ Cohort table (``PREFIX.csv`` / ``PREFIX.parquet``), one row per slide, sorted by
 ``slide_id`` str; ``status`` str (``ok`` | ``failed``); ``reason`` str (empty when ok);
 ``path`` str; ``nuclei`` Int64; ``tissue_mm2`` float64 (mm²); ``nuclei_per_mm2`` float64;
 ``<feature>_median`` float64 for each column of :data:`FEATURES` (units of the column, see
-docs/outputs.md); ``runtime_s`` float64 (s: the sum of the workflow's per-stage job wall times
+docs/outputs.md); for a model with a type head, per class (``summary["classes"]``, classes in
+first-seen order) ``<class>_count`` Int64, ``<class>_per_mm2`` float64 (per mm² of tissue) and
+``<class>_fraction`` float64 (none for an untyped model); ``runtime_s`` float64 (s: the sum of the workflow's per-stage job wall times
 from the Snakemake benchmarks, else ``total_s`` of ``ID.timings.json``; summaries written before
 the timings had their own file carry them as ``timings_s`` in the summary, read as a fallback).
 """
@@ -174,9 +176,28 @@ def summary_fields(summary: dict, timings: dict | None = None) -> dict:
     for name in FEATURES:
         entry = stats.get(name)
         out[f"{name}_median"] = _number(entry.get("median") if isinstance(entry, dict) else None)
+    classes = summary.get("classes") if isinstance(summary.get("classes"), dict) else {}
+    model = summary.get("model") if isinstance(summary.get("model"), dict) else {}
+    order = [n for n in (model.get("classes") or []) if n in classes]  # model order (JSON keys are sorted)
+    for name in order + sorted(n for n in classes if n not in order):
+        entry = classes[name] if isinstance(classes[name], dict) else {}
+        count = entry.get("count")
+        out[f"{name}_count"] = count if isinstance(count, int) and not isinstance(count, bool) else None
+        out[f"{name}_per_mm2"] = _number(entry.get("density_per_mm2"))
+        out[f"{name}_fraction"] = _number(entry.get("fraction"))
     timings = (timings or {}).get("timings_s", summary.get("timings_s"))
     out["runtime_s"] = _number(timings.get("total_s") if isinstance(timings, dict) else None)
     return out
+
+
+#: suffixes of the per-class cohort columns (``<class>_count`` etc., from ``summary["classes"]``)
+CLASS_SUFFIXES = ("_count", "_per_mm2", "_fraction")
+
+
+def class_names_of(table) -> list[str]:
+    """Nucleus classes with per-class columns in a cohort table, in column order."""
+    return [c[: -len("_count")] for c in table.columns
+            if c.endswith("_count") and c not in COLUMNS and f"{c[:-len('_count')]}_per_mm2" in table.columns]
 
 
 def _benchmark_seconds(layout_dir: Path, slide_id: str) -> float:
@@ -245,12 +266,18 @@ def cohort_table(samples, results, *, status_dir=None, logs_dir=None, benchmarks
         )
         for sid in sorted(samples.index)
     ]
-    table = pd.DataFrame(rows, columns=list(COLUMNS))
+    names = []  # per-class columns: classes in first-seen order (slides sorted by id)
+    for row in rows:
+        for key in row:
+            if key.endswith("_count") and key not in COLUMNS and key[: -len("_count")] not in names:
+                names.append(key[: -len("_count")])
+    class_cols = [f"{n}{suf}" for n in names for suf in CLASS_SUFFIXES]
+    table = pd.DataFrame(rows, columns=list(COLUMNS[:-1]) + class_cols + [COLUMNS[-1]])
     for col in ("slide_id", "status", "reason", "path"):
         table[col] = table[col].astype(str)
     table["nuclei"] = table["nuclei"].astype("Int64")
-    for col in COLUMNS[5:]:
-        table[col] = table[col].astype("float64")
+    for col in list(COLUMNS[5:]) + class_cols:
+        table[col] = table[col].astype("Int64" if col.endswith("_count") else "float64")
     return table.reset_index(drop=True)
 
 
@@ -308,9 +335,23 @@ def render_figure(table, areas: dict) -> bytes:
     ax_area.set_xlabel("nucleus area (µm²)")
     ax_area.set_title("Nucleus area per slide")
     dens = [density[sid] if status[sid] == "ok" and math.isfinite(density[sid]) else 0.0 for sid in ids]
-    ax_dens.barh(ys, dens, color="#4c72b0")
+    names = class_names_of(table)
+    if names:  # typed model: per-class density per slide, stacked, in the classes' fixed colours
+        from .data.classes import ClassVocabulary
+
+        vocab = ClassVocabulary.from_names(names)
+        left = [0.0] * len(ids)
+        for name, rgb in zip(vocab.names, vocab.colors):
+            per = dict(zip(table["slide_id"], table[f"{name}_per_mm2"]))
+            vals = [per[sid] if status[sid] == "ok" and math.isfinite(per[sid]) else 0.0 for sid in ids]
+            ax_dens.barh(ys, vals, left=left, color=tuple(v / 255 for v in rgb), label=name)
+            left = [a + b for a, b in zip(left, vals)]
+        ax_dens.legend(fontsize=7, loc="lower right", frameon=False)
+        ax_dens.set_title("Density per class per slide")
+    else:
+        ax_dens.barh(ys, dens, color="#4c72b0")
+        ax_dens.set_title("Density per slide")
     ax_dens.set_xlabel("nuclei per mm²")
-    ax_dens.set_title("Density per slide")
     for y, sid in zip(ys, ids):
         if status[sid] != "ok":
             ax_dens.text(0, y, " failed", va="center", color="#c0392b", fontsize=8)

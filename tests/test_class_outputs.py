@@ -141,3 +141,30 @@ def test_changed_head_invalidates_chunks(slide_path, tmp_path):
     other.class_names = ["A", "B", "C", "D"]
     assert chunks_meta(attrs, resolve_model(other, device="cpu", refine=False, store_mpp=MPP), cfg) != \
         chunks_meta(attrs, typed_m, cfg)
+
+
+def test_cohort_per_class_columns_and_plot(typed, slide_path, tmp_path):
+    import pandas as pd
+
+    from pipeline.cohort import COLUMNS, report_paths, run_cohort
+
+    out, summary = typed
+    sheet = tmp_path / "samples.tsv"
+    sheet.write_text(f"slide_id\tpath\tmpp\nsyn\t{slide_path}\t\n", encoding="utf-8")
+    prefix = tmp_path / "report" / "cohort"
+    run_cohort(out, sheet, prefix)
+    table = pd.read_parquet(report_paths(prefix)["parquet"])
+    cols = [f"{n}{s}" for n in NAMES for s in ("_count", "_per_mm2", "_fraction")]
+    assert [c for c in table.columns if c not in COLUMNS] == cols and table.columns[-1] == "runtime_s"
+    row = table.iloc[0]
+    assert row["status"] == "ok"
+    assert sum(int(row[f"{n}_count"]) for n in NAMES) == int(row["nuclei"])
+    for n in NAMES:
+        assert row[f"{n}_per_mm2"] == pytest.approx(summary["classes"][n]["density_per_mm2"])
+    from PIL import Image
+
+    png = tmp_path / "cohort.png"
+    png.write_bytes(report_paths(prefix)["png"].read_bytes())
+    px = np.asarray(Image.open(png).convert("RGB")).reshape(-1, 3)
+    for n in NAMES:  # every class bar in its fixed colour
+        assert (np.abs(px.astype(int) - ClassVocabulary.crchisto().color(n)).sum(axis=1) < 6).sum() > 20, n
