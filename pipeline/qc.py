@@ -127,6 +127,8 @@ def render_qc(
     caption: str,
     crop_mpp: float | None = None,
     crop_title: str = "representative chunk, full resolution",
+    ring_rgb: Sequence[tuple[int, int, int]] | None = None,
+    legend: Sequence[tuple[str, tuple[int, int, int]]] | None = None,
 ) -> Image.Image:
     """Compose the QC figure (pure: arrays in, image out).
 
@@ -150,6 +152,11 @@ def render_qc(
         µm/px of the crop (for its scale bar; none without it).
     crop_title : str
         Title of the crop panel.
+    ring_rgb : sequence of (int, int, int), optional
+        Colour of each ring of ``crop_rings_rc`` (nucleus class colours of a typed model);
+        default :data:`OUTLINE_RGB` for all.
+    legend : sequence of (str, (int, int, int)), optional
+        Class names and colours for the crop's key (typed model); default one "nucleus outline" entry.
 
     Returns
     -------
@@ -197,10 +204,11 @@ def render_qc(
         cscale = PANEL_PX / max(crop.size)
         crop = crop.resize((round(crop.size[0] * cscale), round(crop.size[1] * cscale)), Image.Resampling.NEAREST)
         draw = ImageDraw.Draw(crop)
-        for ring in crop_rings_rc:
+        for k, ring in enumerate(crop_rings_rc):
             pts = [(float(c) * cscale, float(r) * cscale) for r, c in np.asarray(ring)]
             if len(pts) >= 2:
-                draw.line(pts + [pts[0]], fill=OUTLINE_RGB, width=1)
+                rgb = tuple(ring_rgb[k]) if ring_rgb is not None else OUTLINE_RGB
+                draw.line(pts + [pts[0]], fill=rgb, width=2 if ring_rgb is not None else 1)
         canvas.paste(crop, (2 * PANEL_PX, top))
 
     draw = ImageDraw.Draw(canvas)
@@ -225,8 +233,16 @@ def render_qc(
     canvas.paste(Image.fromarray(ramp), (bar_x0, ky))
     draw.text((bar_x0 - 12, ky), "0", fill=(0, 0, 0), font=font)
     draw.text((bar_x0 + bar_w + 6, ky), f"{peak_mm2:.0f} nuclei/mm2", fill=(0, 0, 0), font=font)
-    draw.rectangle((2 * PANEL_PX + 8, ky + 2, 2 * PANEL_PX + 26, ky + 6), fill=OUTLINE_RGB)
-    draw.text((2 * PANEL_PX + 32, ky - 2), "nucleus outline (final, after stitching)", fill=(0, 0, 0), font=font)
+    if legend:  # typed model: one swatch per class, names under/after it, spread over the panel width
+        step = PANEL_PX // max(len(legend), 1)
+        for k, (name, rgb) in enumerate(legend):
+            x = 2 * PANEL_PX + 8 + k * step
+            draw.rectangle((x, ky + 1, x + 14, ky + 7), fill=tuple(rgb))
+            draw.text((x + 18, ky - 2), str(name).encode("ascii", "replace").decode()[: max(1, (step - 22) // 6)],
+                      fill=(0, 0, 0), font=font)
+    else:
+        draw.rectangle((2 * PANEL_PX + 8, ky + 2, 2 * PANEL_PX + 26, ky + 6), fill=OUTLINE_RGB)
+        draw.text((2 * PANEL_PX + 32, ky - 2), "nucleus outline (final, after stitching)", fill=(0, 0, 0), font=font)
     draw.text((6, top + PANEL_PX + KEY_PX + 8), caption.encode("ascii", "replace").decode(), fill=(0, 0, 0), font=font)
     return canvas
 
@@ -304,18 +320,28 @@ class QCAccumulator:
         for (r, c), n in zip(uniq.tolist(), counts.tolist()):
             self.chunk_counts[(r, c)] = self.chunk_counts.get((r, c), 0) + n
 
-    def write(self, path: str | os.PathLike, outlines, *, caption: str = "") -> Path:
+    def write(self, path: str | os.PathLike, outlines, *, caption: str = "", class_names=()) -> Path:
         """Render and write the PNG atomically.
 
         ``outlines(chunk_rc, (r0, c0, side))`` returns shapely polygons (store px) of the final
         nuclei near the crop ``[r0, r0 + side) x [c0, c0 + side)`` inside chunk ``chunk_rc`` (at
         least those of that chunk and its 8 neighbours); those intersecting the crop are drawn.
+        With ``class_names`` (a typed model) it returns ``(polygons, class name per polygon)`` and
+        outlines are drawn in the class colours (:class:`pipeline.data.classes.ClassVocabulary`)
+        with a legend.
         """
         import shapely
 
         from .store import read_window
 
-        crop, rings = None, []
+        crop, rings, ring_rgb, legend = None, [], [], None
+        colors = {}
+        if class_names:
+            from .data.classes import ClassVocabulary
+
+            vocab = ClassVocabulary.from_names(class_names)
+            colors = dict(zip(vocab.names, vocab.colors))
+            legend = list(colors.items())
         best = representative_chunk(self.chunk_counts, self.attrs.get("tissue_chunks", []))
         if best is not None:
             chunk_px = int(self.attrs["chunk_px"])
@@ -325,13 +351,18 @@ class QCAccumulator:
             c0 = best[1] * chunk_px + (min(chunk_px, W - best[1] * chunk_px) - side) // 2
             crop = read_window(self.group, r0, c0, side, side)
             if self.chunk_counts:
-                geoms = np.asarray(outlines(best, (r0, c0, side)), dtype=object)
+                got = outlines(best, (r0, c0, side))
+                geoms, names = (got if class_names else (got, None))
+                geoms = np.asarray(geoms, dtype=object)
                 box = shapely.box(c0, r0, c0 + side, r0 + side)
-                for g in geoms[shapely.intersects(geoms, box)] if len(geoms) else []:
-                    xy = np.asarray(g.exterior.coords)
+                hit = np.flatnonzero(shapely.intersects(geoms, box)) if len(geoms) else []
+                for k in hit:
+                    xy = np.asarray(geoms[k].exterior.coords)
                     rings.append(np.stack([xy[:, 1] - r0, xy[:, 0] - c0], axis=1))
+                    if class_names:
+                        ring_rgb.append(colors.get(str(names[k]), OUTLINE_RGB))
         img = render_qc(self.thumb, self.thumb_mpp, self.mask, self.density, crop, rings, caption,
-                        crop_mpp=self.mpp,
+                        crop_mpp=self.mpp, ring_rgb=ring_rgb if class_names else None, legend=legend,
                         crop_title="median-density chunk, full resolution" if self.chunk_counts else
                         "first tissue chunk, full resolution")
         return save_png_atomic(img, path)

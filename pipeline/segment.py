@@ -104,9 +104,10 @@ class _ParquetColumns:
         return self._file.read(columns=[name])[name]
 
 
-def _parquet_outlines(path, scale_xy_l0):
+def _parquet_outlines(path, scale_xy_l0, classes=False):
     """``outlines(chunk_rc, crop)`` for :class:`pipeline.qc.QCAccumulator`: store-px polygons of the
-    nuclei of chunk ``chunk_rc`` and its neighbours, read back from the written GeoParquet."""
+    nuclei of chunk ``chunk_rc`` and its neighbours, read back from the written GeoParquet (with
+    ``classes``: ``(polygons, class name of each)``)."""
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
@@ -114,11 +115,12 @@ def _parquet_outlines(path, scale_xy_l0):
 
     def outlines(chunk_rc, _crop):
         r, c = chunk_rc
-        t = pq.read_table(path, columns=["chunk_row", "chunk_col", "geometry"],
+        t = pq.read_table(path, columns=["chunk_row", "chunk_col", "geometry"] + (["class"] if classes else []),
                           filters=[("chunk_row", ">=", r - 1), ("chunk_row", "<=", r + 1)])
         col = t["chunk_col"]
         t = t.filter(pc.and_(pc.greater_equal(col, c - 1), pc.less_equal(col, c + 1)))
-        return scale_translate(from_wkb(t["geometry"]), (1.0 / scale_xy_l0[0], 1.0 / scale_xy_l0[1]), (0.0, 0.0))
+        geoms = scale_translate(from_wkb(t["geometry"]), (1.0 / scale_xy_l0[0], 1.0 / scale_xy_l0[1]), (0.0, 0.0))
+        return (geoms, t["class"].to_pylist()) if classes else geoms
 
     return outlines
 
@@ -295,7 +297,8 @@ def run_export(
             f"{sp.slide_id}: {n} nuclei, tissue {attrs.get('tissue_area_mm2') or 0:.2f} mm2, "
             f"{(stats['nuclei_per_mm2'] or 0):.0f} nuclei/mm2, store {mpp:g} um/px, model {model_label(meta.get('model'))}"
         )
-        qc.write(sp.qc_png, _parquet_outlines(sp.parquet, scale), caption=caption)
+        qc.write(sp.qc_png, _parquet_outlines(sp.parquet, scale, classes=bool(nuclei.scan.class_names)),
+                 caption=caption, class_names=nuclei.scan.class_names)
         timings["qc_s"] = time.perf_counter() - t0
 
         if not attrs.get("tissue_chunks"):

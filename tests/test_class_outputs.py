@@ -168,3 +168,19 @@ def test_cohort_per_class_columns_and_plot(typed, slide_path, tmp_path):
     px = np.asarray(Image.open(png).convert("RGB")).reshape(-1, 3)
     for n in NAMES:  # every class bar in its fixed colour
         assert (np.abs(px.astype(int) - ClassVocabulary.crchisto().color(n)).sum(axis=1) < 6).sum() > 20, n
+
+
+def test_qc_outlines_in_class_colours_with_legend(typed, tmp_path):
+    from PIL import Image
+
+    from pipeline.qc import KEY_PX, PANEL_PX, TITLE_PX
+
+    out, _ = typed
+    im = np.asarray(Image.open(slide_paths(out, "syn").qc_png).convert("RGB")).astype(int)
+    crop = im[TITLE_PX:TITLE_PX + PANEL_PX, 2 * PANEL_PX:].reshape(-1, 3)
+    key = im[TITLE_PX + PANEL_PX:TITLE_PX + PANEL_PX + KEY_PX, 2 * PANEL_PX:].reshape(-1, 3)
+    vocab = ClassVocabulary.crchisto()
+    seen = [n for n in NAMES if (np.abs(crop - vocab.color(n)).sum(axis=1) < 10).sum() > 30]
+    assert len(seen) >= 2, seen  # outlines drawn in at least two class colours
+    for n in NAMES:  # one legend swatch per class
+        assert (np.abs(key - vocab.color(n)).sum(axis=1) == 0).sum() >= 14 * 6, n
