@@ -184,3 +184,28 @@ def test_qc_outlines_in_class_colours_with_legend(typed, tmp_path):
     assert len(seen) >= 2, seen  # outlines drawn in at least two class colours
     for n in NAMES:  # one legend swatch per class
         assert (np.abs(key - vocab.color(n)).sum(axis=1) == 0).sum() >= 14 * 6, n
+
+
+def test_vectorised_geojson_matches_reference_for_typed_rows():
+    import shapely
+
+    from pipeline.export import _features, _features_json, _measurement_columns
+    from pipeline.geometry import from_wkb
+    from pipeline.stitch import assign_ids, extract_chunk_instances
+
+    labels = np.zeros((64, 64), np.uint32)
+    labels[5:15, 5:15], labels[30:42, 20:30], labels[50:60, 40:52] = 1, 2, 3
+    probs = np.array([[0.7, 0.1, 0.1, 0.1], [0.1, 0.1, 0.2, 0.6], [0.2, 0.5, 0.2, 0.1]], np.float32)
+    t = extract_chunk_instances(labels, np.ones(3, np.float32), np.full((64, 64, 3), 128, np.uint8),
+                                window_origin_rc=(0, 0), core_box_rc=(0, 0, 64, 64), store_shape_rc=(64, 64),
+                                mpp=0.5, eps_px=2, min_area_um2=1, chunk_rc=(0, 0), class_probs=probs,
+                                class_names=NAMES)
+    t = assign_ids(t)
+    assert t["class"].to_pylist() == ["Epithelial", "Other", "Inflammatory"]
+    cols = _measurement_columns(t)
+    fast, n = _features(t, scale_xy_l0=(1.0, 1.0), offset_xy_l0=(0.0, 0.0), slide_key="k", cols=cols)
+    polys = from_wkb(t["geometry"])
+    values = np.column_stack([t[c].to_numpy().astype(np.float64) for c in cols])
+    ref, m = _features_json(t, polys, values, np.isfinite(values), t["nucleus_id"].to_numpy(), slide_key="k", cols=cols)
+    assert n == m == 3 and shapely.is_valid(polys).all()
+    assert [json.loads(line) for line in fast.split(b",\n")] == [json.loads(line) for line in ref.split(b",\n")]
