@@ -163,12 +163,17 @@ def pair_files(pred_dir, truth_dir) -> list[tuple[str, Path, Path]]:
     InputError
         For a missing/empty directory, duplicate stems or a file without a partner.
     """
-    pred_dir, truth_dir = Path(pred_dir), Path(truth_dir)
+    return _pair_by_stem(pred_dir, truth_dir, TRUTH_EXTS, "ground-truth", "ground truth")
+
+
+def _pair_by_stem(pred_dir, other_dir, other_exts, other_kind: str, other_name: str) -> list[tuple[str, Path, Path]]:
+    """``(stem, prediction, other)`` for every stem, both ways complete (else one-line InputError)."""
+    pred_dir, other_dir = Path(pred_dir), Path(other_dir)
     preds = _files_by_stem(pred_dir, PRED_EXTS, "prediction")
-    truths = _files_by_stem(truth_dir, TRUTH_EXTS, "ground-truth")
-    _unpaired(preds, truths, pred_dir, truth_dir, "ground truth")
-    _unpaired(truths, preds, truth_dir, pred_dir, "prediction")
-    return [(s, preds[s], truths[s]) for s in sorted(preds)]
+    others = _files_by_stem(other_dir, other_exts, other_kind)
+    _unpaired(preds, others, pred_dir, other_dir, other_name)
+    _unpaired(others, preds, other_dir, pred_dir, "prediction")
+    return [(s, preds[s], others[s]) for s in sorted(preds)]
 
 
 def _read_truth(path: Path, shape_rc):
@@ -389,12 +394,7 @@ def pair_point_files(pred_dir, points_dir) -> list[tuple[str, Path, Path]]:
     InputError
         For a missing/empty directory, duplicate stems or a file without a partner.
     """
-    pred_dir, points_dir = Path(pred_dir), Path(points_dir)
-    preds = _files_by_stem(pred_dir, PRED_EXTS, "prediction")
-    points = _files_by_stem(points_dir, (".csv",), "point")
-    _unpaired(preds, points, pred_dir, points_dir, "point CSV")
-    _unpaired(points, preds, points_dir, pred_dir, "prediction")
-    return [(s, preds[s], points[s]) for s in sorted(preds)]
+    return _pair_by_stem(pred_dir, points_dir, (".csv",), "point", "point CSV")
 
 
 def label_centroids(labels):

@@ -46,7 +46,7 @@ from ..errors import InputError
 from ..model.cellsam import DEFAULT_ARCH, PIXEL_MEAN, PIXEL_STD, CellSAM, GatedFusion
 from ..model.checkpoint import load_checkpoint
 from ..model.student import EMBED_STRIDE
-from .loop import fit, sampling_weights
+from .loop import fit, sampling_weights, train_only
 
 log = logging.getLogger(__name__)
 
@@ -305,12 +305,7 @@ def train_dual(data, out, teacher, *, init=None, cfg: DistillConfig = DistillCon
     model.teacher = t
     model = model.to(dev).train()
     model.student.eval()
-    params = []
-    for name, p in model.named_parameters():
-        train_it = name.startswith(("fusion.", "decoder."))
-        p.requires_grad_(train_it)
-        if train_it:
-            params.append(p)
+    params = train_only(model, ("fusion.", "decoder."))
     tcfg = _train_cfg(cfg)
 
     def step(rng):

@@ -69,6 +69,18 @@ def optimizer_and_schedule(params, cfg):
     return opt, torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
 
 
+def train_only(model, prefixes: tuple[str, ...]) -> list:
+    """Freeze every parameter of ``model`` but those whose name starts with one of ``prefixes``;
+    returns the trainable ones (in ``named_parameters`` order)."""
+    params = []
+    for name, p in model.named_parameters():
+        on = name.startswith(prefixes)
+        p.requires_grad_(on)
+        if on:
+            params.append(p)
+    return params
+
+
 def append_log_row(log_path, row: dict) -> None:
     """Append one epoch row to a run's ``log.csv`` (header written with the first row)."""
     new = not Path(log_path).exists()

@@ -119,7 +119,7 @@ def train_refiner(model, data, out, *, cfg: RefinerConfig = RefinerConfig(), tea
     """
     from ..data.augment import augment
     from ..model.segmenter import resolve_device
-    from .loop import fit, sampling_weights
+    from .loop import fit, sampling_weights, train_only
     from .train import load_data
 
     dev = resolve_device(device)
@@ -146,12 +146,7 @@ def train_refiner(model, data, out, *, cfg: RefinerConfig = RefinerConfig(), tea
     model = model.to(dev).eval()
     model.prompt_encoder.train()
     model.mask_decoder.train()
-    params = []
-    for name, p in model.named_parameters():
-        on = name.startswith(("prompt_encoder.", "mask_decoder."))
-        p.requires_grad_(on)
-        if on:
-            params.append(p)
+    params = train_only(model, ("prompt_encoder.", "mask_decoder."))
     pe, md = model.prompt_encoder, model.mask_decoder
 
     def step(rng):
