@@ -16,7 +16,7 @@ import sys
 from .. import __version__
 from ..errors import PipelineError
 
-COMMANDS = ["demo", "tile", "infer", "export", "segment", "predict", "evaluate", "train", "distill", "check", "cohort"]
+COMMANDS = ["demo", "tile", "infer", "export", "segment", "predict", "evaluate", "train", "train_types", "distill", "check", "cohort"]
 
 
 class _Parser(argparse.ArgumentParser):
