@@ -16,8 +16,8 @@ Layout (one RGB PNG, white background)::
     | one line of text: slide id, nuclei, tissue area, density, model    |
     +--------------------------------------------------------------------+
 
-The crop is the tissue chunk of median nucleus count among the chunks holding nuclei
-(:func:`representative_chunk`): the densest chunk is often not representative (on
+The crop is the tissue chunk of median nucleus count among the chunks holding nuclei that are
+mostly tissue (:func:`representative_chunk`): the densest chunk is often not representative (on
 CMU-1-Small-Region it is keratin, where false positives pile up).
 
 Drawn with PIL only and saved without metadata, so the same inputs give the same bytes.
@@ -278,14 +278,23 @@ def _thumbnail(group, attrs: dict) -> tuple[np.ndarray, np.ndarray | None, float
     return thumb, mask, mpp * 2**level * step
 
 
-def representative_chunk(chunk_counts: dict, tissue_chunks) -> tuple[int, int] | None:
+MIN_CROP_TISSUE_FRACTION = 0.6  # the QC crop is drawn from chunks at least this much tissue, where any exist
+
+
+def representative_chunk(chunk_counts: dict, tissue_chunks, tissue_fraction: dict | None = None) -> tuple[int, int] | None:
     """Chunk of median nucleus count among the chunks holding nuclei (the lower median, ties:
     smallest (row, col)); else the first tissue chunk; else ``None``.
 
-    ``chunk_counts``: (chunk_row, chunk_col) -> nuclei.
+    ``chunk_counts``: (chunk_row, chunk_col) -> nuclei. ``tissue_fraction``: (chunk_row,
+    chunk_col) -> tissue fraction of the chunk (0..1); when given, only chunks with at least
+    :data:`MIN_CROP_TISSUE_FRACTION` tissue compete (if any do), so the crop is not half
+    background at the tissue's edge.
     """
     if chunk_counts:
         ranked = sorted((n, tuple(rc)) for rc, n in chunk_counts.items() if n > 0)
+        if tissue_fraction:
+            full = [(n, rc) for n, rc in ranked if tissue_fraction.get(rc, 0.0) >= MIN_CROP_TISSUE_FRACTION]
+            ranked = full or ranked
         if ranked:
             return ranked[(len(ranked) - 1) // 2][1]
     if tissue_chunks:
@@ -320,6 +329,9 @@ class QCAccumulator:
         for (r, c), n in zip(uniq.tolist(), counts.tolist()):
             self.chunk_counts[(r, c)] = self.chunk_counts.get((r, c), 0) + n
 
+    def _tissue_fractions(self) -> dict:
+        return chunk_tissue_fractions(self.mask, self.thumb_mpp, self.mpp, int(self.attrs["chunk_px"]))
+
     def write(self, path: str | os.PathLike, outlines, *, caption: str = "", class_names=()) -> Path:
         """Render and write the PNG atomically.
 
@@ -342,7 +354,7 @@ class QCAccumulator:
             vocab = ClassVocabulary.from_names(class_names)
             colors = dict(zip(vocab.names, vocab.colors))
             legend = list(colors.items())
-        best = representative_chunk(self.chunk_counts, self.attrs.get("tissue_chunks", []))
+        best = representative_chunk(self.chunk_counts, self.attrs.get("tissue_chunks", []), self._tissue_fractions())
         if best is not None:
             chunk_px = int(self.attrs["chunk_px"])
             H, W = (int(v) for v in self.attrs["shape_rc"])
@@ -366,6 +378,22 @@ class QCAccumulator:
                         crop_title="median-density chunk, full resolution" if self.chunk_counts else
                         "first tissue chunk, full resolution")
         return save_png_atomic(img, path)
+
+
+def chunk_tissue_fractions(mask: np.ndarray | None, mask_mpp: float, store_mpp: float, chunk_px: int) -> dict:
+    """Tissue fraction per store chunk ``(row, col) -> 0..1`` from a low-resolution tissue mask
+    ``bool (h, w)`` at ``mask_mpp`` µm/px (the QC thumbnail's)."""
+    if mask is None or not mask.size:
+        return {}
+    cell = chunk_px * store_mpp / mask_mpp  # chunk edge in mask pixels
+    out = {}
+    for r in range(int(np.ceil(mask.shape[0] / cell))):
+        for c in range(int(np.ceil(mask.shape[1] / cell))):
+            sub = mask[int(r * cell):max(int((r + 1) * cell), int(r * cell) + 1),
+                       int(c * cell):max(int((c + 1) * cell), int(c * cell) + 1)]
+            if sub.size:
+                out[(r, c)] = float(sub.mean())
+    return out
 
 
 def model_label(info: dict | None) -> str:
