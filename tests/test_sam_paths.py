@@ -137,11 +137,11 @@ def test_refine_works_at_any_input_mpp(refiner_ckpt, tile, factor):
     k = int(lab.max())
     assert k > 5 and sc.shape == (k,) and set(np.unique(lab)) == set(range(k + 1))
     # refinement ran (before the fix it was silently skipped: the output equalled the dense one)
-    dense, _ = plain.segment(image, mpp)
+    dense = plain.segment(image, mpp)[0]
     assert not np.array_equal(lab, dense)
     # it is the refined segmentation at the model's µm/px brought back to the input grid
     small = resample_image(image, 1 / factor)
-    want, want_sc = resample_labels(*ref.segment(small, 0.5), image.shape[:2])
+    want, want_sc = resample_labels(*ref.segment(small, 0.5)[:2], image.shape[:2])
     np.testing.assert_array_equal(lab, want)
     np.testing.assert_array_equal(sc, want_sc)
 
