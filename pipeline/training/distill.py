@@ -84,15 +84,11 @@ def cut_crop(image: np.ndarray, r: int, c: int, crop_px: int) -> np.ndarray:
 def load_crops(data, cfg: DistillConfig) -> list[dict]:
     """Fixed crops of the training tiles of ``data`` (see :func:`pipeline.training.train.load_data`): dicts with
     ``key`` (``<tile>__r<row>_c<col>``) and ``image`` uint8 (crop, crop, 3)."""
-    from .train import load_data
+    from .train import training_tiles
 
     if cfg.crop_px % EMBED_STRIDE:
         raise InputError(f"crop_px must be a multiple of {EMBED_STRIDE}, got {cfg.crop_px}")
-    tiles, _ = load_data(data, cfg.mpp, validation=False)
-    if cfg.max_tiles:
-        tiles = tiles[: cfg.max_tiles]
-    if not tiles:
-        raise InputError(f"{data}: no training tiles")
+    tiles = training_tiles(data, cfg.mpp, cfg.max_tiles)
     crops = []
     for t in tiles:
         name = re.sub(r"[^A-Za-z0-9._-]", "_", t["name"])
@@ -285,17 +281,13 @@ def train_dual(data, out, teacher, *, init=None, cfg: DistillConfig = DistillCon
     supervised losses of :mod:`pipeline.training.train` (student frozen). Returns the final metadata
     (``mode`` "dual", ``teacher`` = the teacher's identity; arch ``fusion`` = True)."""
     from ..model.teacher import SamTeacher, load_teacher
-    from .train import load_data, losses, make_batch
+    from .train import losses, make_batch, training_tiles
 
     dev = _resolve_device(device)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     t = teacher if isinstance(teacher, SamTeacher) else load_teacher(teacher)
-    tiles, _ = load_data(data, cfg.mpp, validation=False)
-    if cfg.max_tiles:
-        tiles = tiles[: cfg.max_tiles]
-    if not tiles:
-        raise InputError(f"{data}: no training tiles")
+    tiles = training_tiles(data, cfg.mpp, cfg.max_tiles)
     weights = sampling_weights(tiles)
     torch.manual_seed(cfg.seed)
     model, meta = _init_model(init, cfg)

@@ -120,7 +120,7 @@ def train_refiner(model, data, out, *, cfg: RefinerConfig = RefinerConfig(), tea
     from ..data.augment import augment
     from ..model.segmenter import resolve_device
     from .loop import fit, sampling_weights, train_only
-    from .train import load_data
+    from .train import training_tiles
 
     dev = resolve_device(device)
     if cfg.threads:
@@ -129,11 +129,7 @@ def train_refiner(model, data, out, *, cfg: RefinerConfig = RefinerConfig(), tea
     mpp = float(meta.get("mpp", 0.5))
     if cfg.crop_px % EMBED_STRIDE or cfg.crop_px < cfg.window_tokens * EMBED_STRIDE:
         raise InputError(f"crop_px must be a multiple of {EMBED_STRIDE} and >= window_tokens x {EMBED_STRIDE}")
-    tiles, _ = load_data(data, mpp, validation=False)
-    if cfg.max_tiles:
-        tiles = tiles[: cfg.max_tiles]
-    if not tiles:
-        raise InputError(f"{data}: no training tiles")
+    tiles = training_tiles(data, mpp, cfg.max_tiles)
     weights = sampling_weights(tiles)
     torch.manual_seed(cfg.seed)
     if teacher is not None and model.fusion is not None:

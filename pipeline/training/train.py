@@ -59,6 +59,17 @@ def load_data(spec: str, mpp: float, *, validation: bool = True):
     return [prepare(s, mpp) for s in tr], va
 
 
+def training_tiles(spec: str, mpp: float, max_tiles: int = 0) -> list[dict]:
+    """The prepared training tiles of ``spec`` (:func:`load_data`, no validation split), the first
+    ``max_tiles`` if > 0; InputError if there are none."""
+    tiles, _ = load_data(spec, mpp, validation=False)
+    if max_tiles:
+        tiles = tiles[:max_tiles]
+    if not tiles:
+        raise InputError(f"{spec}: no training tiles")
+    return tiles
+
+
 def _soft_dice(logit, target):
     p = torch.sigmoid(logit)
     inter = (p * target).sum((1, 2))
