@@ -25,7 +25,7 @@ from conftest import REPO, shared_file
 from pipeline.errors import ModelError
 from pipeline.metrics import aji, object_scores
 from pipeline.model import load_model
-from pipeline.model.engine import available, build_engine, export_onnx, probe_tile
+from pipeline.model.engine import available, build_engine, cpu_has_bf16, export_onnx, probe_tile
 
 COMBOS = [("torch", "bf16"), ("onnxruntime", "fp32"), ("openvino", "fp32"), ("openvino", "bf16")]
 TILE = "nuclei/monuseg2018_train/images/TCGA-21-5784-01Z-00-DX1.tif"
@@ -35,11 +35,8 @@ TILE_XML = "nuclei/monuseg2018_train/annotations/TCGA-21-5784-01Z-00-DX1.xml"
 def _installed(engine: str, precision: str) -> None:
     if not available(engine):
         pytest.skip(f"{engine} is not installed")
-    if precision == "bf16" and engine == "openvino":
-        import openvino as ov
-
-        if "BF16" not in ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES"):
-            pytest.skip("this CPU has no bf16 units")
+    if precision == "bf16" and engine == "openvino" and not cpu_has_bf16():
+        pytest.skip("this CPU has no bf16 units")
 
 
 @pytest.fixture(scope="module")
@@ -135,9 +132,7 @@ def test_auto_engine_on_this_cpu():
     """``auto`` picks the measured-fastest runtime that is installed and passes the parity probe."""
     seg = load_model(device="cpu")
     if available("openvino"):
-        import openvino as ov
-
-        bf16 = "BF16" in ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+        bf16 = cpu_has_bf16()
         assert (seg.engine.name, seg.engine.precision) == ("openvino", "bf16" if bf16 else "fp32") or \
             (not bf16 and seg.engine.name == "onnxruntime")
     elif available("onnxruntime"):

@@ -31,6 +31,7 @@ Threads
 
 from __future__ import annotations
 
+import copy
 import io
 import logging
 import warnings
@@ -82,6 +83,8 @@ def export_onnx(model: torch.nn.Module, with_embed: bool = False) -> bytes:
     """
     if getattr(model, "teacher", None) is not None and getattr(model, "fusion", None) is not None:
         raise ModelError("dual mode (SAM teacher) runs with --engine torch only")
+    if next(model.parameters()).device.type != "cpu":  # export a CPU copy; the caller's model stays put
+        model = copy.deepcopy(model).cpu()
     wrapper = _MapsOnly(model, with_embed).eval()
     names = ["maps", "embed"] if with_embed else ["maps"]
     dyn = {"image": {0: "n", 2: "h", 3: "w"}, "maps": {0: "n", 2: "h", 3: "w"}}
@@ -314,8 +317,8 @@ def build_engine(model: torch.nn.Module, device: torch.device, engine: str = "au
     if dual:
         raise ModelError(f"--engine {engine}: dual mode (SAM teacher) runs with --engine torch only")
     if engine != "auto":
-        prec = precision if precision != "auto" else ("bf16" if engine == "openvino" and _cpu_bf16() else "fp32")
-        return _make(engine, export_onnx(model.cpu(), with_embed), device, prec, threads, with_embed)
+        prec = precision if precision != "auto" else ("bf16" if engine == "openvino" and cpu_has_bf16() else "fp32")
+        return _make(engine, export_onnx(model, with_embed), device, prec, threads, with_embed)
     # auto on the CPU: measured preference, installed, supported, and within the parity probe
     reference = TorchEngine(model, device, "fp32")
     onnx = None
@@ -324,7 +327,7 @@ def build_engine(model: torch.nn.Module, device: torch.device, engine: str = "au
             continue
         if name == "torch":
             return reference if prec == "fp32" else TorchEngine(model, device, prec)
-        if not available(name) or (prec == "bf16" and not _cpu_bf16()):
+        if not available(name) or (prec == "bf16" and not cpu_has_bf16()):
             continue
         try:
             onnx = onnx if onnx is not None else export_onnx(model, with_embed)
@@ -345,7 +348,7 @@ def _make(name: str, onnx: bytes, device, precision: str, threads: int, with_emb
     return cls(onnx, device, precision, threads, with_embed)
 
 
-def _cpu_bf16() -> bool:
+def cpu_has_bf16() -> bool:
     """Does this CPU have bf16 units (as OpenVINO sees them)?"""
     if not available("openvino"):
         return False
