@@ -13,6 +13,7 @@ from ..errors import InputError, ModelError
 from .cellsam import inference_copy
 from .checkpoint import load_checkpoint
 from .engine import build_engine
+from .typehead import needs_embed
 from .postprocess import PostprocessParams, instances_from_maps
 
 PAD_MULTIPLE = 16
@@ -70,7 +71,8 @@ class Segmenter:
             self.type_head = self.type_head.cpu().eval()
         self.metadata["classes"] = self.class_names
         self.engine = build_engine(self.model, self.device, engine, precision, threads,
-                                   with_embed=self.refine or self.type_head is not None)
+                                   with_embed=self.refine or (self.type_head is not None
+                                                              and needs_embed(self.type_head.groups)))
         self.metadata["engine"] = self.engine.name
         self.metadata["precision"] = self.engine.precision
         # serialises the network calls of threads sharing this segmenter (pipeline.infer workers):
@@ -97,7 +99,7 @@ class Segmenter:
         """
         from .typehead import drop_instances, instance_features
 
-        feats = instance_features(labels, scores, image, embed, mpp, embed_scale)
+        feats = instance_features(labels, scores, image, embed, mpp, embed_scale, self.type_head.groups)
         probs, rej = self.type_head.predict(feats)
         thr = self.type_head.cfg.get("reject_threshold")
         if thr is not None and len(rej):
@@ -167,7 +169,8 @@ class Segmenter:
                         model_s += time.perf_counter() - t2
                 if self.type_head is not None:
                     t2 = time.perf_counter()
-                    results.append(self.classify(images[start + i], lab, sc, out["embed"][i], self.mpp))
+                    emb = out["embed"][i] if out["embed"] is not None else None
+                    results.append(self.classify(images[start + i], lab, sc, emb, self.mpp))
                     post_s += time.perf_counter() - t2
                 else:
                     results.append((lab, sc))

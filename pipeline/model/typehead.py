@@ -26,20 +26,97 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+from scipy import sparse
 from torch import nn
 
 EMBED_STRIDE = 16
+_OD_LUT = -np.log10((np.arange(256, dtype=np.float64) + 1) / 256)  # optical density of a uint8 value
 N_MORPH = 6  # log area µm², log major µm, log minor µm, eccentricity, circularity, (reserved: 1.0)
 N_COLOUR = 7  # OD mean x3, OD std x3, detection score
 
 
-def n_features(embed_dim: int = 256) -> int:
-    """Length of the per-instance feature vector for an embedding of ``embed_dim`` channels."""
-    return 2 * embed_dim + N_MORPH + N_COLOUR
+N_NEIGH = 6  # log count within 10 / 25 µm, log mean area of the 8 nearest within 10 / 25 µm, log distance to the 1st / 4th nearest
+N_SURROUND = 8  # OD of the non-nucleus pixels (x3) + nucleus fraction, in 8 µm and 24 µm boxes
+#: feature groups in their fixed order; a head's ``cfg["feature_groups"]`` picks some (default V1)
+GROUPS = ("embed", "context", "morph", "colour", "neighbours", "surround")
+V1_GROUPS = ("embed", "context", "morph", "colour")
+
+
+def group_sizes(embed_dim: int = 256) -> dict[str, int]:
+    return {"embed": embed_dim, "context": embed_dim, "morph": N_MORPH, "colour": N_COLOUR,
+            "neighbours": N_NEIGH, "surround": N_SURROUND}
+
+
+def n_features(embed_dim: int = 256, groups=V1_GROUPS) -> int:
+    """Length of the per-instance feature vector of ``groups`` for an embedding of ``embed_dim``."""
+    sizes = group_sizes(embed_dim)
+    return sum(sizes[g] for g in groups)
+
+
+def feature_columns(groups, embed_dim: int = 256, among=GROUPS) -> np.ndarray:
+    """Column indices of ``groups`` inside a feature matrix computed for the groups ``among``."""
+    sizes, cols, start = group_sizes(embed_dim), [], 0
+    for g in among:
+        if g in groups:
+            cols.extend(range(start, start + sizes[g]))
+        start += sizes[g]
+    return np.asarray(cols, np.int64)
+
+
+def needs_embed(groups) -> bool:
+    return "embed" in groups or "context" in groups
+
+
+def _neighbours(cen: np.ndarray, area: np.ndarray, mpp: float) -> np.ndarray:
+    """Neighbourhood of each centroid: log(1 + count) of other nuclei within 10 and 25 µm, log mean
+    area (µm²) of the up-to-8 nearest within 10 and 25 µm (own area if none), log distance (µm) to
+    the nearest and to the 4th-nearest nucleus (capped at 50 µm)."""
+    from scipy.spatial import cKDTree
+
+    k = len(cen)
+    tree = cKDTree(cen)
+    out = []
+    kk = min(9, k)
+    d, idx = tree.query(cen, k=kk)
+    d, idx = d.reshape(k, kk), idx.reshape(k, kk)
+    cap = 50.0 / mpp
+    for r_um in (10.0, 25.0):
+        r = r_um / mpp
+        cnt = tree.query_ball_point(cen, r, return_length=True) - 1
+        ok = (d[:, 1:] <= r)
+        a = np.where(ok, area[np.minimum(idx[:, 1:], k - 1)], 0.0)
+        na = ok.sum(1)
+        mean_a = np.where(na > 0, a.sum(1) / np.maximum(na, 1), area)
+        out += [np.log1p(cnt), np.log(mean_a)]
+    dd = np.pad(d, ((0, 0), (0, max(0, 5 - kk))), constant_values=np.inf)
+    out += [np.log(np.minimum(dd[:, 1], cap) * mpp + 0.1), np.log(np.minimum(dd[:, 4], cap) * mpp + 0.1)]
+    return np.stack(out, 1)
+
+
+def _surround(od_img: np.ndarray, fg: np.ndarray, sr: np.ndarray, sc: np.ndarray, mpp: float) -> np.ndarray:
+    """Colour of what surrounds each nucleus: mean OD (RGB) of the non-nucleus pixels and the
+    nucleus fraction in boxes of 8 and 24 µm centred on the centroid (summed-area tables)."""
+    h, w = fg.shape
+    bg = (~fg).astype(np.float64)
+    chans = np.concatenate([od_img * bg[..., None], bg[..., None]], 2)  # (H, W, 4)
+    sat = np.zeros((h + 1, w + 1, 4))
+    sat[1:, 1:] = chans.cumsum(0).cumsum(1)
+    out = []
+    for size_um in (8.0, 24.0):
+        half = max(1, int(round(size_um / mpp / 2)))
+        r0 = np.clip(np.round(sr).astype(np.int64) - half, 0, h)
+        r1 = np.clip(np.round(sr).astype(np.int64) + half + 1, 0, h)
+        c0 = np.clip(np.round(sc).astype(np.int64) - half, 0, w)
+        c1 = np.clip(np.round(sc).astype(np.int64) + half + 1, 0, w)
+        tot = sat[r1, c1] - sat[r0, c1] - sat[r1, c0] + sat[r0, c0]  # (K, 4)
+        n_box = np.maximum((r1 - r0) * (c1 - c0), 1).astype(np.float64)
+        n_bg = np.maximum(tot[:, 3], 1.0)
+        out += [tot[:, :3] / n_bg[:, None], (1.0 - tot[:, 3] / n_box)[:, None]]
+    return np.concatenate(out, 1)
 
 
 def instance_features(labels: np.ndarray, scores: np.ndarray, image: np.ndarray, embed, mpp: float,
-                      embed_scale: float = 1.0) -> np.ndarray:
+                      embed_scale: float = 1.0, groups=V1_GROUPS) -> np.ndarray:
     """Per-instance feature vectors.
 
     Parameters
@@ -58,78 +135,95 @@ def instance_features(labels: np.ndarray, scores: np.ndarray, image: np.ndarray,
     embed_scale : float
         Network pixels per image pixel (``image mpp / model mpp``); 1 when the image is already at
         the model's µm/px.
+    groups : sequence of str
+        Feature groups to compute (:data:`GROUPS`; concatenated in that fixed order). ``embed`` may
+        be None when neither ``embed`` nor ``context`` is asked for.
 
     Returns
     -------
-    ndarray of shape (K, n_features(D)), float32
+    ndarray of shape (K, n_features(D, groups)), float32
     """
-    if isinstance(embed, torch.Tensor):
-        embed = embed.detach().float().cpu().numpy()
-    embed = np.asarray(embed, dtype=np.float32)
-    if embed.ndim == 4:
-        embed = embed[0]
-    d, eh, ew = embed.shape
+    groups = tuple(g for g in GROUPS if g in groups)
+    use_embed = needs_embed(groups)
+    if use_embed:
+        if isinstance(embed, torch.Tensor):
+            embed = embed.detach().float().cpu().numpy()
+        embed = np.asarray(embed, dtype=np.float32)
+        if embed.ndim == 4:
+            embed = embed[0]
+        d, eh, ew = embed.shape
+    else:
+        d = 256
     k = int(labels.max()) if labels.size else 0
     if k == 0:
-        return np.zeros((0, n_features(d)), np.float32)
-    lab = labels.astype(np.int64, copy=False)
+        return np.zeros((0, n_features(d, groups)), np.float32)
+    lab = labels.astype(np.int32, copy=False)
     h, w = lab.shape
     fg = lab > 0
     rr, cc = np.nonzero(fg)
     ll = lab[rr, cc] - 1
     n = np.bincount(ll, minlength=k).astype(np.float64)
     n = np.maximum(n, 1)
-    # --- embedding pooled over the mask (stride-16 cells weighted by pixel counts) ---
-    step = EMBED_STRIDE / float(embed_scale)
-    er = np.minimum((rr / step).astype(np.int64), eh - 1)
-    ec = np.minimum((cc / step).astype(np.int64), ew - 1)
-    key = ll * (eh * ew) + er * ew + ec
-    ukey, cnt = np.unique(key, return_counts=True)
-    inst, cell = ukey // (eh * ew), ukey % (eh * ew)
-    flat = embed.reshape(d, -1).T  # (h*w, D)
-    pooled = np.zeros((k, d), np.float64)
-    np.add.at(pooled, inst, flat[cell] * cnt[:, None])
-    pooled /= n[:, None]
-    # --- moments ---
     sr = np.bincount(ll, rr, minlength=k) / n
     sc = np.bincount(ll, cc, minlength=k) / n
-    dr, dc = rr - sr[ll], cc - sc[ll]
-    mrr = np.bincount(ll, dr * dr, minlength=k) / n + 1 / 12
-    mcc = np.bincount(ll, dc * dc, minlength=k) / n + 1 / 12
-    mrc = np.bincount(ll, dr * dc, minlength=k) / n
-    tr, det = mrr + mcc, mrr * mcc - mrc * mrc
-    disc = np.sqrt(np.maximum(tr * tr / 4 - det, 0))
-    l1, l2 = tr / 2 + disc, np.maximum(tr / 2 - disc, 1e-6)
-    major, minor = 4 * np.sqrt(l1) * mpp, 4 * np.sqrt(l2) * mpp
-    ecc = np.sqrt(np.clip(1 - l2 / l1, 0, 1))
-    # --- context: embedding over the 3x3 cells around the centroid cell ---
-    cr = np.clip((sr / step).astype(np.int64), 0, eh - 1)
-    ccn = np.clip((sc / step).astype(np.int64), 0, ew - 1)
-    ctx = np.zeros((k, d), np.float64)
-    cnum = np.zeros(k, np.float64)
-    for oy in (-1, 0, 1):
-        for ox in (-1, 0, 1):
-            yy, xx = cr + oy, ccn + ox
-            ok = (yy >= 0) & (yy < eh) & (xx >= 0) & (xx < ew)
-            ctx[ok] += flat[yy[ok] * ew + xx[ok]]
-            cnum += ok
-    ctx /= np.maximum(cnum, 1)[:, None]
-    # --- boundary pixels (4-neighbourhood) for the circularity ---
-    pad = np.pad(lab, 1)
-    centre = pad[1:-1, 1:-1]
-    edge = ((pad[:-2, 1:-1] != centre) | (pad[2:, 1:-1] != centre) | (pad[1:-1, :-2] != centre)
-            | (pad[1:-1, 2:] != centre)) & fg
-    per = np.bincount(lab[edge] - 1, minlength=k).astype(np.float64) * mpp
     area = n * mpp * mpp
-    circ = np.clip(4 * np.pi * area / np.maximum(per, mpp) ** 2, 0, 2)
-    # --- colour (optical density) ---
-    od = -np.log10((image[rr, cc].astype(np.float64) + 1) / 256)
-    od_mean = np.stack([np.bincount(ll, od[:, j], minlength=k) / n for j in range(3)], 1)
-    od_sq = np.stack([np.bincount(ll, od[:, j] ** 2, minlength=k) / n for j in range(3)], 1)
-    od_std = np.sqrt(np.maximum(od_sq - od_mean ** 2, 0))
-    morph = np.stack([np.log(area), np.log(major), np.log(minor), ecc, circ, np.ones(k)], 1)
-    sco = np.asarray(scores, np.float64).reshape(-1)[:k, None]
-    out = np.concatenate([pooled, ctx, morph, od_mean, od_std, sco], 1)
+    parts = {}
+    if use_embed:
+        # --- embedding pooled over the mask (stride-16 cells weighted by pixel counts) ---
+        step = EMBED_STRIDE / float(embed_scale)
+        flat = embed.reshape(d, -1).T  # (h*w, D)
+        if "embed" in groups:
+            er = np.minimum((rr / step).astype(np.int64), eh - 1)
+            ec = np.minimum((cc / step).astype(np.int64), ew - 1)
+            # one sparse (K, h*w) matrix of pixel counts per (instance, cell): duplicates summed in C
+            counts = sparse.csr_matrix((np.ones(len(ll), np.float32), (ll, er * ew + ec)), shape=(k, eh * ew))
+            parts["embed"] = np.asarray(counts @ flat, np.float64) / n[:, None]
+        if "context" in groups:
+            # --- context: embedding over the 3x3 cells around the centroid cell ---
+            cr = np.clip((sr / step).astype(np.int64), 0, eh - 1)
+            ccn = np.clip((sc / step).astype(np.int64), 0, ew - 1)
+            ctx = np.zeros((k, d), np.float64)
+            cnum = np.zeros(k, np.float64)
+            for oy in (-1, 0, 1):
+                for ox in (-1, 0, 1):
+                    yy, xx = cr + oy, ccn + ox
+                    ok = (yy >= 0) & (yy < eh) & (xx >= 0) & (xx < ew)
+                    ctx[ok] += flat[yy[ok] * ew + xx[ok]]
+                    cnum += ok
+            parts["context"] = ctx / np.maximum(cnum, 1)[:, None]
+    if "morph" in groups:
+        # --- moments ---
+        dr, dc = rr - sr[ll], cc - sc[ll]
+        mrr = np.bincount(ll, dr * dr, minlength=k) / n + 1 / 12
+        mcc = np.bincount(ll, dc * dc, minlength=k) / n + 1 / 12
+        mrc = np.bincount(ll, dr * dc, minlength=k) / n
+        tr, det = mrr + mcc, mrr * mcc - mrc * mrc
+        disc = np.sqrt(np.maximum(tr * tr / 4 - det, 0))
+        l1, l2 = tr / 2 + disc, np.maximum(tr / 2 - disc, 1e-6)
+        major, minor = 4 * np.sqrt(l1) * mpp, 4 * np.sqrt(l2) * mpp
+        ecc = np.sqrt(np.clip(1 - l2 / l1, 0, 1))
+        # --- boundary pixels (4-neighbourhood) for the circularity ---
+        pad = np.pad(lab, 1)
+        centre = pad[1:-1, 1:-1]
+        edge = ((pad[:-2, 1:-1] != centre) | (pad[2:, 1:-1] != centre) | (pad[1:-1, :-2] != centre)
+                | (pad[1:-1, 2:] != centre)) & fg
+        per = np.bincount(lab[edge] - 1, minlength=k).astype(np.float64) * mpp
+        circ = np.clip(4 * np.pi * area / np.maximum(per, mpp) ** 2, 0, 2)
+        parts["morph"] = np.stack([np.log(area), np.log(major), np.log(minor), ecc, circ, np.ones(k)], 1)
+    img8 = image if image.dtype == np.uint8 else np.clip(np.round(image), 0, 255).astype(np.uint8)
+    if "colour" in groups:
+        # --- colour (optical density) ---
+        od = _OD_LUT[img8[rr, cc]]
+        od_mean = np.stack([np.bincount(ll, od[:, j], minlength=k) / n for j in range(3)], 1)
+        od_sq = np.stack([np.bincount(ll, od[:, j] ** 2, minlength=k) / n for j in range(3)], 1)
+        od_std = np.sqrt(np.maximum(od_sq - od_mean ** 2, 0))
+        sco = np.asarray(scores, np.float64).reshape(-1)[:k, None]
+        parts["colour"] = np.concatenate([od_mean, od_std, sco], 1)
+    if "neighbours" in groups:
+        parts["neighbours"] = _neighbours(np.stack([sc, sr], 1), area, mpp)
+    if "surround" in groups:
+        parts["surround"] = _surround(_OD_LUT[img8], fg, sr, sc, mpp)
+    out = np.concatenate([parts[g] for g in groups], 1)
     return out.astype(np.float32)
 
 
@@ -140,6 +234,8 @@ class TypeHead(nn.Module):
         super().__init__()
         self.cfg = dict(cfg)
         self.classes = [str(c) for c in cfg["classes"]]
+        #: feature groups the head reads (:data:`GROUPS`); heads saved before groups existed: V1
+        self.groups = tuple(cfg.get("feature_groups") or V1_GROUPS)
         nf, hid = int(cfg["n_features"]), int(cfg.get("hidden", 128))
         self.reject = bool(cfg.get("reject", False))
         n_out = len(self.classes) + (1 if self.reject else 0)

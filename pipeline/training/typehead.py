@@ -21,13 +21,15 @@ import numpy as np
 import torch
 
 from ..model.postprocess import instances_from_maps
-from ..model.typehead import TypeHead, drop_instances, instance_features, n_features
+from ..model.typehead import V1_GROUPS, TypeHead, drop_instances, instance_features, n_features
 
 CRCHISTO_MPP = 0.55
 POINT_RADIUS_UM = 3.3
 #: held-out validation tiles of crchisto (by tile: every 5th of the 80 shared tiles in numeric order)
 CRCHISTO_VAL_TILES = tuple(f"img{i}" for i in (1, 7, 13, 19, 25, 31, 39, 46, 52, 57, 64, 70, 75, 82, 87, 94))
 IGNORE, REJECT = -1, -2
+#: feature groups of newly fitted heads (measured on held-out CRCHisto: docs/model.md, "Type head")
+DEFAULT_GROUPS = V1_GROUPS
 
 
 @dataclass
@@ -94,16 +96,17 @@ def segment_raw(seg, image: np.ndarray, mpp: float):
 
 
 def tile_examples(seg, name: str, image: np.ndarray, points_xy: np.ndarray, points_class: np.ndarray,
-                  mpp: float, radius_um: float = POINT_RADIUS_UM) -> TileExamples:
-    """Segment one tile with the frozen network and build its training examples."""
+                  mpp: float, radius_um: float = POINT_RADIUS_UM, groups=DEFAULT_GROUPS) -> TileExamples:
+    """Segment one tile with the frozen network and build its training examples (features of
+    ``groups``, :data:`pipeline.model.typehead.GROUPS`)."""
     lab, sc, embed, scale = segment_raw(seg, image, mpp)
-    feats = instance_features(lab, sc, image, embed, mpp, scale)
+    feats = instance_features(lab, sc, image, embed, mpp, scale, groups)
     target = match_targets(lab, points_xy, points_class, radius_um / mpp)
     return TileExamples(name, feats, target, lab, np.asarray(sc, np.float32), centroids_xy(lab),
                         np.asarray(points_xy, np.float64), np.asarray(points_class, np.int64))
 
 
-def crchisto_examples(seg, root, vocab, tiles=None) -> list[TileExamples]:
+def crchisto_examples(seg, root, vocab, tiles=None, groups=DEFAULT_GROUPS) -> list[TileExamples]:
     """Examples of crchisto tiles (``root/images/<tile>.png``, ``root/points/<tile>.csv``)."""
     from ..data.classes import read_point_csv
     from ..data.readers import read_image
@@ -114,14 +117,16 @@ def crchisto_examples(seg, root, vocab, tiles=None) -> list[TileExamples]:
     for name in names:
         img = read_image(root / "images" / f"{name}.png")
         pts = read_point_csv(root / "points" / f"{name}.csv")
-        out.append(tile_examples(seg, name, img, pts.xy_px, pts.encode(vocab), CRCHISTO_MPP))
+        out.append(tile_examples(seg, name, img, pts.xy_px, pts.encode(vocab), CRCHISTO_MPP, groups=groups))
     return out
 
 
 def fit_head(examples, classes, reject: bool = True, hidden: int = 128, epochs: int = 300, lr: float = 3e-3,
-             weight_decay: float = 1e-3, dropout: float = 0.2, seed: int = 0, colors=None) -> TypeHead:
-    """Fit a :class:`TypeHead` (full batch, AdamW) on the examples' typed (and reject) instances."""
-    feats = np.concatenate([e.features for e in examples]) if examples else np.zeros((0, n_features()))
+             weight_decay: float = 1e-3, dropout: float = 0.2, seed: int = 0, colors=None,
+             groups=DEFAULT_GROUPS) -> TypeHead:
+    """Fit a :class:`TypeHead` (full batch, AdamW) on the examples' typed (and reject) instances;
+    ``groups``: the feature groups the examples were computed with (stored in the head)."""
+    feats = np.concatenate([e.features for e in examples]) if examples else np.zeros((0, n_features(groups=groups)))
     target = np.concatenate([e.target for e in examples]) if examples else np.zeros(0, np.int64)
     c = len(classes)
     y = target.copy()
@@ -129,7 +134,8 @@ def fit_head(examples, classes, reject: bool = True, hidden: int = 128, epochs: 
     use = y >= 0
     x, y = feats[use], y[use]
     cfg = {"classes": list(classes), "n_features": int(feats.shape[1]), "hidden": int(hidden),
-           "reject": bool(reject), "reject_threshold": 0.5 if reject else None, "dropout": float(dropout)}
+           "reject": bool(reject), "reject_threshold": 0.5 if reject else None, "dropout": float(dropout),
+           "feature_groups": list(groups)}
     if colors is not None:
         cfg["colors"] = [list(map(int, rgb)) for rgb in colors]
     torch.manual_seed(seed)
