@@ -21,6 +21,17 @@ def register(sub):
     for f in fields(TrainConfig):
         p.add_argument(f"--{f.name.replace('_', '-')}", type=config_type(f.name, f.default), default=None,
                        help=f"default {f.default}")
+    p.add_argument("--points", metavar="DIR", default=None,
+                   help="joint training (needs --init): also nucleus-centre point tiles, images/<t>.png + "
+                        "points/<t>.csv (x_px,y_px,class at 0.55 µm/px, e.g. ../shared/data/nuclei/crchisto): "
+                        "teacher soft maps corrected by the points (hard negatives, missed nuclei) and a "
+                        "fitted type head; see pipeline/training/joint.py")
+    p.add_argument("--negatives", metavar="GEOJSON", default=None,
+                   help="with --points: hand-drawn regions without nuclei on slides (level-0 polygons with "
+                        "properties.slide relative to --negatives-root), e.g. "
+                        "pipeline/data/negatives/cmu1_negatives.geojson")
+    p.add_argument("--negatives-root", metavar="DIR", default=None,
+                   help="folder the negative regions' slide paths are relative to (default: the parent of --data)")
     p.add_argument("--no-tune", action="store_true", help="skip the post-processing threshold search")
     p.add_argument("--resume-state", metavar="FILE", default=None,
                    help="compact resume file (fp16 weights, <= 15 MB) rewritten every epoch, resumed from when "
@@ -36,7 +47,22 @@ def run(args):
 
     cfg = with_overrides(TrainConfig(), **{f.name: getattr(args, f.name) for f in fields(TrainConfig)})
     init = DEFAULT_WEIGHTS if args.init == "default" else args.init
-    meta = train(args.data, args.output, init=init, cfg=cfg, tune=not args.no_tune, resume_state=args.resume_state)
+    if args.points:
+        from ..errors import ConfigError
+        from ..training.joint import train_joint
+
+        if init is None:
+            raise ConfigError("--points (joint training) needs --init (a checkpoint with a distance head, e.g. default)")
+        meta = train_joint(args.data, args.points, args.output, init=init, regions=args.negatives,
+                           regions_root=args.negatives_root, cfg=cfg, resume_state=args.resume_state,
+                           tune=not args.no_tune)
+    elif args.negatives:
+        from ..errors import ConfigError
+
+        raise ConfigError("--negatives needs --points (joint training)")
+    else:
+        meta = train(args.data, args.output, init=init, cfg=cfg, tune=not args.no_tune,
+                     resume_state=args.resume_state)
     val = meta.get("validation")
     print(f"wrote {args.output}" + (f" (validation AJI {val['aji']:.3f} PQ {val['pq']:.3f})" if val else ""))
     return 0
