@@ -14,7 +14,12 @@ looked up (first hit) as ``<stem>.geojson``, ``<stem>.geojson.gz``, ``<stem>.jso
 ``<stem>.csv`` in ``DIR/``, ``DIR/labels/``, ``DIR/points/`` or ``DIR/annotations/``:
 
 * QuPath GeoJSON exports with classified objects (:func:`pipeline.data.classes.read_geojson_classes`);
-* point CSVs like crchisto's, ``x_px,y_px,class`` (:func:`pipeline.data.classes.read_point_csv`).
+* point CSVs like crchisto's, ``x_px,y_px,class`` (:func:`pipeline.data.classes.read_point_csv`);
+* label + type image pairs (HoVer-Net / PanNuke / CoNSeP style): ``labels/<stem>.tif|png`` (instance
+  labels) with ``types/<stem>.tif|png`` (per-pixel type ids) or ``types/<stem>.npy|csv``
+  (per-instance type ids), or one CoNSeP ``labels/<stem>.mat``; the names of the type ids come
+  from ``type_names`` (``--type-names 1=Neoplastic,2=Inflammatory``) or ``DIR/type_names.json``
+  (``{"1": "Neoplastic", ...}``). Each instance becomes a point at its centroid.
 
 Images without an annotation file are skipped. Class names are the distinct names found (sorted
 case-insensitively; colours from :meth:`pipeline.data.classes.ClassVocabulary.from_names`); with
@@ -37,6 +42,44 @@ log = logging.getLogger(__name__)
 
 ANNOTATION_SUFFIXES = (".geojson", ".geojson.gz", ".json", ".csv")
 ANNOTATION_DIRS = (".", "labels", "points", "annotations")
+LABEL_SUFFIXES = (".tif", ".tiff", ".png")
+TYPE_SUFFIXES = (".tif", ".tiff", ".png", ".npy", ".csv")
+
+
+def _first_file(candidates):
+    return next((p for p in candidates if p.is_file()), None)
+
+
+def _label_type_files(root: Path, stem: str):
+    """``(label, type or None)`` of a label + type pair for ``stem``, or None."""
+    mat = _first_file(root / d / f"{stem}.mat" for d in ("labels", "."))
+    if mat is not None:
+        return mat, None
+    lab = _first_file(root / "labels" / f"{stem}{s}" for s in LABEL_SUFFIXES)
+    typ = _first_file(root / "types" / f"{stem}{s}" for s in TYPE_SUFFIXES)
+    return (lab, typ) if lab is not None and typ is not None else None
+
+
+def read_type_names(data, spec=None) -> dict[int, str] | None:
+    """Names of type ids: ``spec`` ``"1=A,2=B"`` or ``DATA/type_names.json``; None if neither."""
+    if spec:
+        out = {}
+        for item in str(spec).split(","):
+            key, sep, name = item.partition("=")
+            if not sep or not key.strip().isdigit() or not name.strip():
+                raise InputError(f"--type-names: expected ID=NAME items like 1=Neoplastic, got {item.strip()!r}")
+            out[int(key)] = name.strip()
+        return out
+    path = Path(data) / "type_names.json"
+    if not path.is_file():
+        return None
+    import json
+
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+        return {int(k): str(v) for k, v in raw.items()}
+    except (ValueError, AttributeError, TypeError):
+        raise InputError(f"{path}: expected a JSON object {{\"1\": \"Name\", ...}}") from None
 
 
 @dataclass(frozen=True)
@@ -64,20 +107,37 @@ def find_pairs(data) -> list[tuple[Path, Path]]:
         ann = next((root / d / f"{img.stem}{s}" for d in ANNOTATION_DIRS for s in ANNOTATION_SUFFIXES
                     if (root / d / f"{img.stem}{s}").is_file()), None)
         if ann is None:
+            ann = _label_type_files(root, img.stem)
+        if ann is None:
             log.info("%s: no annotation file, skipped", img)
             continue
         pairs.append((img, ann))
     if not pairs:
         raise InputError(f"{root}: no image with an annotation (<stem>.geojson or <stem>.csv next to it, "
-                         f"or in labels/ points/ annotations/)")
+                         f"or in labels/ points/ annotations/, or labels/<stem>.tif + types/<stem>.png)")
     return pairs
 
 
-def read_annotation(path, shape_rc) -> tuple[np.ndarray, tuple]:
+def read_annotation(path, shape_rc, type_names=None) -> tuple[np.ndarray, tuple]:
     """Typed points of one annotation file: ``(xy float64 (N, 2), names)``; polygons become the
-    centroid of their rasterised mask (objects with no pixel inside the image are dropped)."""
+    centroid of their rasterised mask (objects with no pixel inside the image are dropped).
+    ``path`` may be a ``(label, type)`` pair (:func:`find_pairs`; needs ``type_names``): every
+    instance becomes a point at its centroid."""
+    from ..data.classes import read_label_type_pair
     from .typehead import centroids_xy
 
+    if isinstance(path, tuple):
+        if not type_names:
+            raise InputError(f"{path[0]}: label + type pairs need the names of the type ids "
+                             f"(--type-names 1=Name,2=Name or type_names.json in the data folder)")
+        inst = read_label_type_pair(path[0], path[1], type_names)
+        if inst.labels.shape != tuple(shape_rc):
+            raise InputError(f"{path[0]}: labels are {inst.labels.shape[1]}x{inst.labels.shape[0]} px, "
+                             f"the image {shape_rc[1]}x{shape_rc[0]}")
+        if not len(inst):
+            return np.zeros((0, 2)), ()
+        cen = centroids_xy(inst.labels)
+        return cen[np.asarray(inst.instance_label, np.int64) - 1], tuple(inst.class_name)
     path = Path(path)
     if path.name.lower().endswith(".csv"):
         pts = read_point_csv(path)
@@ -131,7 +191,7 @@ def user_vocabulary(items, classes=None) -> ClassVocabulary:
 
 
 def train_types(data, out, mpp: float, init=None, classes=None, reject: bool = False, epochs: int = 300,
-                device: str = "cpu", seed: int = 0) -> dict:
+                device: str = "cpu", seed: int = 0, type_names=None) -> dict:
     """Fit a new type head for the classes of ``data`` on the frozen network of ``init`` and write
     the checkpoint ``out`` (atomically).
 
@@ -150,6 +210,8 @@ def train_types(data, out, mpp: float, init=None, classes=None, reject: bool = F
     reject : bool
         Also learn a "not a nucleus" output from predicted instances no annotation touches: only
         for annotations that mark every nucleus of each image.
+    type_names : str or mapping of int -> str, optional
+        Names of the type ids of label + type pairs (``"1=A,2=B"``; default ``DATA/type_names.json``).
 
     Returns
     -------
@@ -165,12 +227,14 @@ def train_types(data, out, mpp: float, init=None, classes=None, reject: bool = F
         raise InputError(f"--mpp must be > 0, got {mpp}")
     init = DEFAULT_WEIGHTS if init in (None, "default") else Path(init)
     pairs = find_pairs(data)
+    if not isinstance(type_names, dict):
+        type_names = read_type_names(data, type_names)
     images, annotated = [], []
     for img_path, ann_path in pairs:
         img = read_image(img_path)
-        xy, names = read_annotation(ann_path, img.shape[:2])
+        xy, names = read_annotation(ann_path, img.shape[:2], type_names)
         images.append(img)
-        annotated.append(Annotated(img_path, ann_path, xy, names))
+        annotated.append(Annotated(img_path, ann_path[0] if isinstance(ann_path, tuple) else ann_path, xy, names))
     vocab = user_vocabulary([(str(a.annotation), a.names) for a in annotated], classes)
     seg = load_model(init, device=device, engine="torch", precision="fp32")
     examples = []
