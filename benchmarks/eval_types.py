@@ -32,7 +32,7 @@ DATA = ROOT.parent / "shared" / "data"
 from pipeline.data.classes import ClassVocabulary  # noqa: E402
 from pipeline.model.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
 from pipeline.model.segmenter import Segmenter  # noqa: E402
-from pipeline.training.typehead import (CRCHISTO_VAL_TILES, crchisto_examples, fit_head,  # noqa: E402
+from pipeline.training.typehead import (CRCHISTO_VAL_TILES, DEFAULT_GROUPS, crchisto_examples, fit_head,  # noqa: E402
                                         score_tiles, with_type_head)
 
 
@@ -85,11 +85,13 @@ def main(argv=None) -> int:
     train_names = [n for n in names if n not in CRCHISTO_VAL_TILES]
     val_names = [n for n in names if n in CRCHISTO_VAL_TILES]
     t0 = time.time()
-    val = crchisto_examples(seg, root, vocab, val_names)
-    result = {"model": Path(args.model).name, "val_tiles": val_names, "radius_um": 3.3}
+    fitting = args.fit or args.curve or model.type_head is None
+    groups = DEFAULT_GROUPS if fitting else model.type_head.groups
+    val = crchisto_examples(seg, root, vocab, val_names, groups=groups)
+    result = {"model": Path(args.model).name, "val_tiles": val_names, "radius_um": 3.3, "feature_groups": list(groups)}
     result["detection"] = summary(score_tiles(None, val, len(vocab), None), vocab.names)
-    if args.fit or args.curve:
-        train = crchisto_examples(seg, root, vocab, train_names)
+    if fitting:
+        train = crchisto_examples(seg, root, vocab, train_names, groups=groups)
         print(f"features of {len(train) + len(val)} tiles in {time.time() - t0:.0f} s", flush=True)
         head = fit_head(train, vocab.names, reject=True, colors=vocab.colors)
         head.cfg["reject_threshold"] = args.reject_threshold

@@ -60,13 +60,22 @@ def test_teacher_is_d4_equivariant():
 
 
 def test_negative_regions_read_from_the_slide():
+    """The CMU keratin/debris polygons: zero targets inside, the teacher's maps around them."""
+    from pipeline.model.checkpoint import DEFAULT_WEIGHTS, load_checkpoint
+    from pipeline.model.segmenter import Segmenter
+
     shared_file("slides/CMU-1-Small-Region.svs")
-    regions = load_negative_regions(NEGATIVES, SHARED, 0.5)
-    assert len(regions) == 2
-    for r in regions:
-        assert r["image"].dtype == np.uint8 and r["image"].shape[:2] == r["mask"].shape
-        assert 0.3 < r["mask"].mean() < 0.95  # a polygon, not its bounding box
-        assert r["image"][r["mask"]].mean() > 120  # pale keratin / debris, not dark epidermis
+    bare = load_negative_regions(NEGATIVES, SHARED, 0.5)
+    assert len(bare) == 1  # both polygons lie on one slide: one tissue window
+    r = bare[0]
+    assert r["image"].dtype == np.uint8 and r["image"].shape[:2] == r["mask"].shape == r["fg"].shape
+    assert 0.05 < r["mask"].mean() < 0.5
+    assert r["image"][r["mask"]].mean() > 120  # pale keratin / debris, not dark epidermis
+    assert (r["weight"][~r["mask"]] == 0).all() and (r["weight"][r["mask"]] == 3.0).all()
+    model, meta = load_checkpoint(DEFAULT_WEIGHTS)
+    t = load_negative_regions(NEGATIVES, SHARED, 0.5, Segmenter(model, meta, device="cpu", engine="torch"))[0]
+    assert (t["fg"][t["mask"]] == 0).all() and (t["weight"][~t["mask"]] == 1.0).all()
+    assert (t["fg"][~t["mask"]] > 0.5).mean() > 0.03  # real nuclei around the negatives stay positive
 
 
 def test_short_joint_run_resumes_and_ships_a_type_head(tmp_path):

@@ -60,7 +60,8 @@ def test_type_f1_on_held_out_tiles(seg):
     for name in ("img1", "img7"):
         assert name in CRCHISTO_VAL_TILES
         img, pts = _tile(name)
-        examples.append(tile_examples(seg, name, img, pts.xy_px, pts.encode(vocab), CRCHISTO_MPP))
+        examples.append(tile_examples(seg, name, img, pts.xy_px, pts.encode(vocab), CRCHISTO_MPP,
+                                      groups=seg.type_head.groups))
     s = score_tiles(seg.type_head, examples, 4, seg.type_head.cfg.get("reject_threshold"))
     assert s["f1"] >= DETECTION_F1_FLOOR, s["f1"]
     assert s["weighted_f1"] >= WEIGHTED_F1_FLOOR, s["weighted_f1"]

@@ -19,8 +19,10 @@ in every batch:
     feature the type head pools; the classifier itself is not kept), so the embedding learns to
     tell the classes apart;
 
-* **negative regions** (optional; GeoJSON polygons in level-0 pixels of a slide, drawn by hand
-  over keratin, hair shafts, red cells...): foreground and distance 0 inside, ignored outside.
+* **slide tissue with negative regions** (optional; GeoJSON polygons in level-0 pixels of a slide,
+  drawn by hand over keratin, hair shafts, debris...): foreground and distance 0 inside; outside,
+  the teacher's soft maps (distillation on unlabelled slide tissue: without it the student learnt
+  to erase the dark basal nuclei next to the dark cornified layers).
 
 The **teacher** is the starting checkpoint itself under the 8 dihedral transforms (test-time
 augmentation ensemble, evaluated once per tile before training): slower by 8x and smoother, never
@@ -198,33 +200,61 @@ def load_point_tiles(root, seg: Segmenter, vocab, tiles, mpp: float, cfg: JointC
 # negative regions on slides
 
 
-def load_negative_regions(path, data_root, mpp: float) -> list[dict]:
-    """Hand-drawn negative regions: a GeoJSON FeatureCollection of polygons in level-0 pixels, each
-    with ``properties.slide`` = the slide's path relative to ``data_root`` (QuPath annotation
-    export plus that one property). Returns one dict per polygon: ``image`` (its bounding box read
-    at ``mpp``, uint8 (h, w, 3)) and ``mask`` bool (h, w)."""
+def load_negative_regions(path, data_root, mpp: float, teacher: Segmenter | None = None,
+                          neg_weight: float = 3.0, margin_um: float = 256.0) -> list[dict]:
+    """Slide tissue around hand-drawn negative regions, with targets.
+
+    ``path``: a GeoJSON FeatureCollection of polygons in level-0 pixels, each with
+    ``properties.slide`` = the slide's path relative to ``data_root``. Per slide, the bounding box
+    of its polygons grown by ``margin_um`` is read at ``mpp``; inside the polygons the foreground
+    and distance targets are 0 (weight ``neg_weight``); outside they are the ``teacher``'s soft
+    maps (weight 1: output distillation on unlabelled tissue, which keeps the real nuclei next to
+    the negatives), or ignored (weight 0) without a teacher.
+
+    Returns
+    -------
+    list of dict, one per slide: ``image`` uint8 (h, w, 3), ``fg``, ``dist``, ``weight`` float32
+    (h, w), ``mask`` bool (h, w) (inside a polygon).
+    """
     from skimage.draw import polygon as draw_polygon
 
     from ..data.datasets import resample_pair
     from ..slide import open_slide
 
     path = Path(path)
-    out = []
     gj = json.loads(path.read_text())
+    by_slide: dict[str, list] = {}
     for k, feat in enumerate(gj["features"]):
-        slide_path = Path(data_root) / feat["properties"]["slide"]
+        rel = feat.get("properties", {}).get("slide")
+        if not rel:
+            raise InputError(f"{path}: region {feat.get('id', k)} has no properties.slide")
+        by_slide.setdefault(rel, []).append(np.asarray(feat["geometry"]["coordinates"][0], np.float64))
+    out = []
+    for rel, rings in sorted(by_slide.items()):
+        slide_path = Path(data_root) / rel
         if not slide_path.exists():
-            raise InputError(f"{path}: region {feat.get('id', k)}: slide {slide_path} not found")
+            raise InputError(f"{path}: slide {slide_path} not found")
         with open_slide(slide_path) as sl:
-            ring = np.asarray(feat["geometry"]["coordinates"][0], np.float64)
-            x0, y0 = np.floor(ring.min(0)).astype(int)
-            x1, y1 = np.ceil(ring.max(0)).astype(int)
-            img = sl.read_region_l0(int(x0), int(y0), int(x1 - x0), int(y1 - y0), 0)[..., :3]
+            pad = margin_um / sl.mpp_x
+            allp = np.concatenate(rings)
+            x0, y0 = np.maximum(np.floor(allp.min(0) - pad), 0).astype(int)
+            x1, y1 = np.ceil(allp.max(0) + pad).astype(int)
+            x1, y1 = min(x1, sl.dimensions_l0[0]), min(y1, sl.dimensions_l0[1])
+            img = np.ascontiguousarray(sl.read_region_l0(int(x0), int(y0), int(x1 - x0), int(y1 - y0), 0)[..., :3])
             m = np.zeros(img.shape[:2], bool)
-            rr, cc = draw_polygon(ring[:, 1] - y0, ring[:, 0] - x0, m.shape)
-            m[rr, cc] = True
-            img, m2 = resample_pair(np.ascontiguousarray(img), m.astype(np.uint32), sl.mpp_x / mpp)
-        out.append({"name": f"{slide_path.stem}:{feat.get('id', k)}", "image": img, "mask": m2 > 0})
+            for ring in rings:
+                rr, cc = draw_polygon(ring[:, 1] - y0, ring[:, 0] - x0, m.shape)
+                m[rr, cc] = True
+            img, m2 = resample_pair(img, m.astype(np.uint32), sl.mpp_x / mpp)
+        mask = m2 > 0
+        if teacher is not None:
+            fg, dist = teacher_maps(teacher, img)
+            weight = np.ones(mask.shape, np.float32)
+        else:
+            fg, dist = np.zeros(mask.shape, np.float32), np.zeros(mask.shape, np.float32)
+            weight = np.zeros(mask.shape, np.float32)
+        fg[mask], dist[mask], weight[mask] = 0.0, 0.0, neg_weight
+        out.append({"name": slide_path.stem, "image": img, "fg": fg, "dist": dist, "weight": weight, "mask": mask})
     return out
 
 
@@ -257,15 +287,25 @@ def weak_batch(rng, point_tiles, regions, jcfg: JointConfig, cfg: TrainConfig):
         tys.append(np.rint(fl[3]))
     for _ in range(jcfg.region_crops if regions else 0):
         r = regions[int(rng.integers(len(regions)))]
-        m = r["mask"].astype(np.float32)
-        fields = np.stack([m])
-        img, fl = _crop_weak(rng, r["image"], fields, cfg.crop_px, cfg.aug_strength)
-        inside = fl[0] > 0.5
-        imgs.append(img)
-        fgs.append(np.zeros_like(fl[0]))
-        dists.append(np.zeros_like(fl[0]))
-        ws.append(np.where(inside, jcfg.neg_weight, 0.0).astype(np.float32))
-        tys.append(np.full_like(fl[0], -1))
+        h, w = r["mask"].shape
+        c = cfg.crop_px
+        if rng.random() < 0.5:  # centred on a negative pixel, else anywhere in the tissue around
+            ys, xs = np.nonzero(r["mask"])
+            j = int(rng.integers(len(ys)))
+            y0 = int(np.clip(ys[j] - c // 2 + rng.integers(-c // 4, c // 4 + 1), 0, max(0, h - c)))
+            x0 = int(np.clip(xs[j] - c // 2 + rng.integers(-c // 4, c // 4 + 1), 0, max(0, w - c)))
+        else:
+            y0, x0 = int(rng.integers(0, max(1, h - c + 1))), int(rng.integers(0, max(1, w - c + 1)))
+        sl = (slice(y0, y0 + c), slice(x0, x0 + c))
+        fields = np.stack([r["fg"][sl], r["dist"][sl], r["weight"][sl]])
+        img = r["image"][sl]
+        pad = np.concatenate([np.zeros((2,) + fields.shape[1:], np.float32), fields], 0)
+        img, _, pad = dihedral(rng, img, np.zeros(img.shape[:2], np.uint32), pad)
+        imgs.append(colour(rng, img, cfg.aug_strength))
+        fgs.append(pad[2])
+        dists.append(pad[3])
+        ws.append(pad[4])
+        tys.append(np.full_like(pad[2], -1))
     if not imgs:
         return None
     x = torch.from_numpy(np.stack(imgs)).permute(0, 3, 1, 2).float().contiguous(memory_format=torch.channels_last)
@@ -392,7 +432,8 @@ def train_joint(data: str, points: str, out, *, init, regions=None, regions_root
              len(point_tiles), time.time() - t0, sum(t["n_neg"] for t in point_tiles),
              sum(t["n_missed"] for t in point_tiles))
     point_val = load_point_val(proot, va_names, cfg.mpp)
-    reg = load_negative_regions(regions, regions_root or Path(data).parent, cfg.mpp) if regions else []
+    reg = (load_negative_regions(regions, regions_root or Path(data).parent, cfg.mpp, teacher, jcfg.neg_weight)
+           if regions else [])
     model.arch.pop("type_head", None)
     model.type_head = None
     model = model.to(memory_format=torch.channels_last)
