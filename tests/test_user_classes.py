@@ -172,3 +172,50 @@ def test_label_type_image_pairs(tmp_path):
     by = {c: [float(x["area_px"]) for x in rows if x["class"] == c] for c in ("Large cell", "Small cell")}
     assert len(by["Large cell"]) > 10 and len(by["Small cell"]) > 10
     assert np.median(by["Large cell"]) > 1.3 * np.median(by["Small cell"])
+
+
+def test_train_init_default_learns_the_classes_of_classified_polygons(tmp_path):
+    """`cellsam train --init default` on a folder of QuPath-style classified nucleus polygons
+    fine-tunes the segmentation on the masks AND fits a head for the classes found."""
+    from PIL import Image
+    from skimage.measure import find_contours
+
+    from conftest import NUCLEI
+    from pipeline.data.datasets import builtin_samples
+
+    shared_file("nuclei/monuseg2018_train")
+    sample = next(s for s in builtin_samples(NUCLEI) if s.name.startswith("TCGA-18-5592"))
+    img, lab = sample.load()
+    img, lab = img[:384, :384], lab[:384, :384]
+    d = tmp_path / "qupath"
+    (d / "images").mkdir(parents=True)
+    (d / "labels").mkdir()
+    Image.fromarray(img).save(d / "images" / "t1.png")
+    (d / "mpp.txt").write_text(f"{sample.mpp}\n")
+    area = np.bincount(lab.ravel())
+    ids = np.nonzero(area[1:])[0] + 1
+    med = np.median(area[ids])
+    feats = []
+    for i in ids:
+        m = np.pad(lab == i, 1)
+        ring = max(find_contours(m.astype(float), 0.5), key=len)[:, ::-1] - 1  # (x, y)
+        if len(ring) < 4:
+            continue
+        coords = [[round(float(x), 2), round(float(y), 2)] for x, y in ring] + [[round(float(ring[0][0]), 2),
+                                                                                 round(float(ring[0][1]), 2)]]
+        name = "Large cell" if area[i] > med else "Small cell"
+        feats.append({"type": "Feature", "id": f"n{i}", "geometry": {"type": "Polygon", "coordinates": [coords]},
+                      "properties": {"objectType": "detection", "classification": {"name": name, "color": [255, 0, 0]}}})
+    (d / "labels" / "t1.geojson").write_text(json.dumps({"type": "FeatureCollection", "features": feats}))
+    out = tmp_path / "ft.pt"
+    r = _cli("train", "--data", d, "--init", "default", "-o", out, "--epochs", "1", "--iters-per-epoch", "2",
+             "--batch-size", "2", "--crop-px", "128")
+    assert r.returncode == 0, r.stderr
+    assert "Large cell, Small cell" in r.stdout
+    obj = read_checkpoint(out)
+    assert obj["arch"]["type_head"]["classes"] == ["Large cell", "Small cell"]
+    assert obj["metadata"]["type_head"]["trained_on"]["matched_instances"]["Large cell"] > 10
+    r = _cli("train", "--data", d, "--init", "default", "-o", tmp_path / "nt.pt", "--epochs", "1",
+             "--iters-per-epoch", "1", "--batch-size", "2", "--crop-px", "128", "--no-types")
+    assert r.returncode == 0, r.stderr
+    assert "type_head" not in read_checkpoint(tmp_path / "nt.pt")["arch"]

@@ -33,10 +33,33 @@ def register(sub):
     p.add_argument("--negatives-root", metavar="DIR", default=None,
                    help="folder the negative regions' slide paths are relative to (default: the parent of --data)")
     p.add_argument("--no-tune", action="store_true", help="skip the post-processing threshold search")
+    p.add_argument("--no-types", action="store_true",
+                   help="do not fit a type head for the classes found in a user folder's annotations "
+                        "(classified QuPath GeoJSON objects, point CSVs, label + type pairs)")
     p.add_argument("--resume-state", metavar="FILE", default=None,
                    help="compact resume file (fp16 weights, <= 15 MB) rewritten every epoch, resumed from when "
                         "OUT.run/ is gone (e.g. committed and continued on another machine), deleted at the end")
     p.set_defaults(func=run)
+
+
+def _fit_user_classes(data, out) -> None:
+    """After training on a user folder whose annotations carry >= 2 class names, replace the
+    output's (absent) type head by one fitted for those classes on the new network."""
+    import logging
+    from pathlib import Path
+
+    from ..training.user_classes import classes_found, train_types
+
+    root = Path(data)
+    if (root / "monuseg2018_train").exists() or (root / "cpm15").exists():
+        return  # the built-in instance data has no classes
+    names = classes_found(root)
+    if len(names) < 2:
+        return
+    mpp = float((root / "mpp.txt").read_text().strip())
+    summary = train_types(root, out, mpp, init=out)
+    logging.getLogger(__name__).info("type head fitted for %s", ", ".join(summary["classes"]))
+    print(f"classes: {', '.join(summary['classes'])}")
 
 
 def run(args):
@@ -63,6 +86,8 @@ def run(args):
     else:
         meta = train(args.data, args.output, init=init, cfg=cfg, tune=not args.no_tune,
                      resume_state=args.resume_state)
+        if not args.no_types:
+            _fit_user_classes(args.data, args.output)
     val = meta.get("validation")
     print(f"wrote {args.output}" + (f" (validation AJI {val['aji']:.3f} PQ {val['pq']:.3f})" if val else ""))
     return 0

@@ -19,7 +19,7 @@ import numpy as np
 from scipy import ndimage as ndi
 
 from ..errors import InputError
-from .readers import read_image, read_labels, read_monuseg_xml
+from .readers import read_image, read_truth
 
 VAL_MONUSEG = ("TCGA-21-5784-01Z-00-DX1", "TCGA-B0-5710-01Z-00-DX1", "TCGA-E2-A1B5-01Z-00-DX1")
 VAL_CPM = ("image03", "image09", "image13")
@@ -30,7 +30,7 @@ CPM_MPP_40X = 0.25
 
 @dataclass(frozen=True)
 class Sample:
-    """One annotated tile. ``truth`` is a label image or an ImageScope XML file."""
+    """One annotated tile. ``truth`` is a label image, an ImageScope XML or a QuPath GeoJSON file."""
 
     name: str
     image: Path
@@ -41,10 +41,7 @@ class Sample:
     def load(self) -> tuple[np.ndarray, np.ndarray]:
         """Return ``(image uint8 (H, W, 3), labels uint32 (H, W))`` at the tile's own µm/px."""
         img = read_image(self.image)
-        if self.truth.suffix.lower() == ".xml":
-            lab = read_monuseg_xml(self.truth, img.shape[:2])
-        else:
-            lab = read_labels(self.truth)
+        lab = read_truth(self.truth, img.shape[:2])  # label image, ImageScope XML or QuPath GeoJSON
         if lab.shape != img.shape[:2]:
             raise InputError(f"{self.truth}: label shape {lab.shape} != image shape {img.shape[:2]}")
         return img, lab

@@ -155,6 +155,30 @@ def read_annotation(path, shape_rc, type_names=None) -> tuple[np.ndarray, tuple]
     return np.concatenate(xy), tuple(names)
 
 
+def classes_found(data, type_names=None) -> list[str]:
+    """Distinct class names of a data folder's annotations (:func:`find_pairs`), sorted
+    case-insensitively; [] when it has no typed annotation (or no annotation this reader knows).
+    Label + type pairs count only when their type names are known."""
+    try:
+        pairs = find_pairs(data)
+    except InputError:
+        return []
+    if not isinstance(type_names, dict):
+        type_names = read_type_names(data, type_names)
+    names: set[str] = set()
+    for _, ann in pairs:
+        if isinstance(ann, tuple):
+            if type_names:
+                names.update(v for v in type_names.values() if v)
+            continue
+        if ann.name.lower().endswith(".csv"):
+            names.update(n for n in read_point_csv(ann).class_name if n)
+        else:
+            pts, polys = read_geojson_classes(ann)
+            names.update(n for n in tuple(pts.class_name) + tuple(polys.class_name) if n)
+    return sorted(names, key=lambda n: (_norm(n), n))
+
+
 def user_vocabulary(items, classes=None) -> ClassVocabulary:
     """The class vocabulary of annotations ``[(source, names), ...]``.
 
