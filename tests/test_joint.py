@@ -33,7 +33,9 @@ def test_point_targets_hard_negative_missed_point_and_types():
     # nothing on the second nucleus (far from every point: a hard negative)
     pts = np.array([[20.0, 20.0], [20.0, 75.0]])
     cls = np.array([2, -1])
-    cfg = JointConfig(neg_weight=3.0, pos_weight=2.0, pos_radius_um=2.0)
+    off = point_targets(prob, dist, pts, cls, 0.5, PostprocessParams(), JointConfig())
+    assert off["n_neg"] == 0 and off["fg"][70, 70] == pytest.approx(0.95)  # default: no point negatives
+    cfg = JointConfig(point_negatives=True, neg_weight=3.0, pos_weight=2.0, pos_radius_um=2.0)
     t = point_targets(prob, dist, pts, cls, 0.5, PostprocessParams(), cfg)
     assert t["n_neg"] == 1 and t["n_missed"] == 1
     assert t["fg"][70, 70] == 0 and t["dist"][70, 70] == 0 and t["weight"][70, 70] == 3.0

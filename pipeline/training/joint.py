@@ -65,6 +65,7 @@ class JointConfig:
 
     point_crops: int = 3  # point-tile crops per batch (the rest of the batch: instance tiles)
     region_crops: int = 1  # negative-region crops per batch (0 without regions)
+    point_negatives: bool = False  # teacher instances no point touches -> 0 (off: see point_targets)
     neg_radius_um: float = 4.0
     neg_weight: float = 3.0
     pos_radius_um: float = 2.0
@@ -124,6 +125,11 @@ def point_targets(prob, dist, points_xy, points_class, mpp: float, params: Postp
     points_class : ndarray of shape (N,), int
         Class index per point, < 0 for unlabelled.
 
+    Hard negatives are **off** by default (``cfg.point_negatives``): CRCHisto does not mark every
+    nucleus (dense lymphoid and stromal areas are sampled), so most "untouched" teacher instances
+    there are real, unmarked nuclei, and a student trained to erase them learnt to erase dark
+    nuclei everywhere (measured: docs/model.md, "Joint training").
+
     Returns
     -------
     dict with ``fg``, ``dist``, ``weight`` float32 (H, W), ``types`` int64 (H, W) (class index at
@@ -143,7 +149,7 @@ def point_targets(prob, dist, points_xy, points_class, mpp: float, params: Postp
         if len(pts):
             d = np.hypot(cen[:, None, 0] - pts[None, :, 0], cen[:, None, 1] - pts[None, :, 1]).min(1)
             far = d > cfg.neg_radius_um / mpp
-        neg = (target == REJECT) & far
+        neg = (target == REJECT) & far & bool(cfg.point_negatives)
         n_neg = int(neg.sum())
         if n_neg:
             lut = np.zeros(len(neg) + 1, bool)
