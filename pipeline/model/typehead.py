@@ -93,21 +93,23 @@ def _neighbours(cen: np.ndarray, area: np.ndarray, mpp: float) -> np.ndarray:
     return np.stack(out, 1)
 
 
-def _surround(od_img: np.ndarray, fg: np.ndarray, sr: np.ndarray, sc: np.ndarray, mpp: float) -> np.ndarray:
+def _surround(img8: np.ndarray, fg: np.ndarray, sr: np.ndarray, sc: np.ndarray, mpp: float,
+              step: int = 4) -> np.ndarray:
     """Colour of what surrounds each nucleus: mean OD (RGB) of the non-nucleus pixels and the
-    nucleus fraction in boxes of 8 and 24 µm centred on the centroid (summed-area tables)."""
-    h, w = fg.shape
-    bg = (~fg).astype(np.float64)
-    chans = np.concatenate([od_img * bg[..., None], bg[..., None]], 2)  # (H, W, 4)
+    nucleus fraction in boxes of 8 and 24 µm centred on the centroid. Estimated on every
+    ``step``-th pixel in each direction with summed-area tables (a few ms per 1216² window)."""
+    sub = img8[::step, ::step]
+    bg = ~fg[::step, ::step]
+    h, w = bg.shape
+    chans = np.concatenate([_OD_LUT[sub] * bg[..., None], bg[..., None]], 2)  # (h, w, 4)
     sat = np.zeros((h + 1, w + 1, 4))
     sat[1:, 1:] = chans.cumsum(0).cumsum(1)
+    cr, cc = np.round(sr / step).astype(np.int64), np.round(sc / step).astype(np.int64)
     out = []
     for size_um in (8.0, 24.0):
-        half = max(1, int(round(size_um / mpp / 2)))
-        r0 = np.clip(np.round(sr).astype(np.int64) - half, 0, h)
-        r1 = np.clip(np.round(sr).astype(np.int64) + half + 1, 0, h)
-        c0 = np.clip(np.round(sc).astype(np.int64) - half, 0, w)
-        c1 = np.clip(np.round(sc).astype(np.int64) + half + 1, 0, w)
+        half = max(1, int(round(size_um / mpp / 2 / step)))
+        r0, r1 = np.clip(cr - half, 0, h), np.clip(cr + half + 1, 0, h)
+        c0, c1 = np.clip(cc - half, 0, w), np.clip(cc + half + 1, 0, w)
         tot = sat[r1, c1] - sat[r0, c1] - sat[r1, c0] + sat[r0, c0]  # (K, 4)
         n_box = np.maximum((r1 - r0) * (c1 - c0), 1).astype(np.float64)
         n_bg = np.maximum(tot[:, 3], 1.0)
@@ -222,7 +224,7 @@ def instance_features(labels: np.ndarray, scores: np.ndarray, image: np.ndarray,
     if "neighbours" in groups:
         parts["neighbours"] = _neighbours(np.stack([sc, sr], 1), area, mpp)
     if "surround" in groups:
-        parts["surround"] = _surround(_OD_LUT[img8], fg, sr, sc, mpp)
+        parts["surround"] = _surround(img8, fg, sr, sc, mpp)
     out = np.concatenate([parts[g] for g in groups], 1)
     return out.astype(np.float32)
 
