@@ -1,17 +1,17 @@
-"""Joint fine-tuning: instance masks + nucleus-centre points + hard negatives (+ a type signal).
+"""Joint fine-tuning: instance masks + nucleus-centre points + hand-drawn negatives (+ a type signal).
 
-``cellsam train-joint`` (and :func:`train_joint`) continue a lite checkpoint on three kinds of crop
-in every batch:
+``cellsam train --points DIR [--negatives GEOJSON] --init CKPT`` (:func:`train_joint`) continues
+a lite checkpoint on three kinds of crop in every batch:
 
 * **instance tiles** (MoNuSeg/CPM, :func:`pipeline.training.train.load_data`): the losses of
   :func:`pipeline.training.train.losses`, unchanged;
-* **point tiles** (CRCHisto: every nucleus marked by a centre point, most of them typed): no masks,
-  so the targets are the *teacher's* soft maps (output distillation, :func:`teacher_maps`),
-  corrected by the points:
+* **point tiles** (CRCHisto: nucleus centre points, most of them typed): no masks, so the targets
+  are the *teacher's* soft maps (output distillation, :func:`teacher_maps`), corrected by the points:
 
-  - a teacher instance that no point touches and whose centroid lies farther than
-    ``neg_radius_um`` from every point is a **hard negative**: foreground and distance targets 0
-    over its mask (dilated by 1 px), loss weight ``neg_weight``;
+  - only with ``point_negatives`` (off by default: CRCHisto does not mark every nucleus, see
+    :func:`point_targets`): a teacher instance that no point touches and whose centroid lies
+    farther than ``neg_radius_um`` from every point is a hard negative (targets 0 over its mask
+    dilated by 1 px, weight ``neg_weight``);
   - a point that no teacher instance reaches is a **missed nucleus**: a disc of ``pos_radius_um``
     around it gets foreground 1 and a distance cone peaking at the point, weight ``pos_weight``;
   - everything else: the teacher's soft foreground and distance maps, weight 1;
@@ -21,8 +21,8 @@ in every batch:
 
 * **slide tissue with negative regions** (optional; GeoJSON polygons in level-0 pixels of a slide,
   drawn by hand over keratin, hair shafts, debris...): foreground and distance 0 inside; outside,
-  the teacher's soft maps (distillation on unlabelled slide tissue: without it the student learnt
-  to erase the dark basal nuclei next to the dark cornified layers).
+  the teacher's soft maps (distillation on unlabelled slide tissue, which keeps the real nuclei
+  next to the negatives).
 
 The **teacher** is the starting checkpoint itself under the 8 dihedral transforms (test-time
 augmentation ensemble, evaluated once per tile before training): slower by 8x and smoother, never
