@@ -52,8 +52,9 @@ from ..errors import InputError
 from ..model.checkpoint import init_identity, load_checkpoint, save_checkpoint
 from ..model.postprocess import PostprocessParams, instances_from_maps
 from ..model.segmenter import Segmenter
-from .loop import WeightEMA, end_epoch, finish_run, optimizer_and_schedule, restore_run, sampling_weights
-from .train import base_metadata, evaluate_model, load_data, losses, tune_postprocess
+from .loop import (WeightEMA, end_epoch, finish_run, optimizer_and_schedule, optimizer_step, restore_run,
+                   sampling_weights)
+from .train import base_metadata, evaluate_model, losses, start_run, tune_postprocess
 from .typehead import CRCHISTO_MPP, CRCHISTO_VAL_TILES, REJECT, centroids_xy, match_targets
 
 log = logging.getLogger(__name__)
@@ -405,14 +406,7 @@ def train_joint(data: str, points: str, out, *, init, regions=None, regions_root
     carries a type head fitted on the point tiles' classes (rejection off)."""
     from ..data.classes import ClassVocabulary, read_point_csv, vocabulary_from_data
 
-    out = Path(out)
-    run = out.with_name(out.name + ".run")
-    run.mkdir(parents=True, exist_ok=True)
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    torch.manual_seed(cfg.seed)
-    train_data, val_samples = load_data(data, cfg.mpp)
-    weights = sampling_weights(train_data)
+    out, run, train_data, val_samples, weights = start_run(data, out, cfg)
     model, meta0 = load_checkpoint(init)
     if model.arch["decoder"].get("out", 3) < 4:
         raise InputError(f"{init}: joint training needs a checkpoint with a distance head")
@@ -478,13 +472,7 @@ def train_joint(data: str, points: str, out, *, init, regions=None, regions_root
                 wo = {"maps": o["maps"][n_full:], "embed": o["embed"][n_full:]}
                 wl = weak_losses(wo, *wb[1:], type_clf, jcfg)
                 ls = {**ls, **wl, "loss": ls["loss"] + wl["weak"]}
-            opt.zero_grad(set_to_none=True)
-            ls["loss"].backward()
-            torch.nn.utils.clip_grad_norm_(params, 5.0)
-            opt.step()
-            sched.step()
-            for k, v in ls.items():
-                sums[k] = sums.get(k, 0.0) + float(v.detach())
+            optimizer_step(ls, opt, sched, params, sums)
             if ema is not None:
                 ema.update(model)
             if cfg.log_every and (it + 1) % cfg.log_every == 0:

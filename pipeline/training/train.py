@@ -173,12 +173,10 @@ def base_metadata(cfg: TrainConfig, arch_mode="lite") -> dict:
             "train_config": asdict(cfg)}
 
 
-def train(data: str, out, *, init=None, cfg: TrainConfig = TrainConfig(), tune: bool = True,
-          resume_state=None) -> dict:
-    """Train (or resume, or fine-tune from ``init``) and write the final checkpoint to ``out``.
-
-    ``resume_state``: path of the compact resume file (written every epoch, resumed from, deleted at
-    the end; see :mod:`pipeline.training.loop`)."""
+def start_run(data: str, out, cfg: TrainConfig):
+    """Common start of ``train`` and ``train_joint``: the run directory ``OUT.run/``, threads and
+    seed, the prepared tiles. Returns ``(out Path, run dir, train tiles, val samples, sampling
+    weights)``; InputError without training tiles."""
     out = Path(out)
     run = out.with_name(out.name + ".run")
     run.mkdir(parents=True, exist_ok=True)
@@ -188,7 +186,16 @@ def train(data: str, out, *, init=None, cfg: TrainConfig = TrainConfig(), tune: 
     train_data, val_samples = load_data(data, cfg.mpp)
     if not train_data:
         raise InputError(f"{data}: no training tiles")
-    weights = sampling_weights(train_data)
+    return out, run, train_data, val_samples, sampling_weights(train_data)
+
+
+def train(data: str, out, *, init=None, cfg: TrainConfig = TrainConfig(), tune: bool = True,
+          resume_state=None) -> dict:
+    """Train (or resume, or fine-tune from ``init``) and write the final checkpoint to ``out``.
+
+    ``resume_state``: path of the compact resume file (written every epoch, resumed from, deleted at
+    the end; see :mod:`pipeline.training.loop`)."""
+    out, run, train_data, val_samples, weights = start_run(data, out, cfg)
 
     if init is not None:
         model, meta0 = load_checkpoint(init)
