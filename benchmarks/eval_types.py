@@ -48,23 +48,36 @@ def summary(res: dict, classes) -> dict:
     return out
 
 
-def cost(model, meta, image, reps: int = 7) -> dict:
+def cost(model, meta, image, reps: int = 15) -> dict:
+    """Head overhead on one window: ``segment_batch`` with and without the head, interleaved in
+    pairs; the overhead is the median of the per-pair ratios (drift of a shared machine cancels
+    within a pair), with the medians and the classify step timed alone alongside."""
     with_head = Segmenter(model, meta, device="cpu")
     bare_model = type(model)({**model.arch, "type_head": None})
     bare_model.load_state_dict({k: v for k, v in model.state_dict().items() if not k.startswith("type_head.")},
                                strict=False)
     bare = Segmenter(bare_model, meta, device="cpu")
-    t = {"head": [], "bare": []}
+    t = {"head": [], "bare": [], "classify": []}
     for seg in (with_head, bare):
         seg.segment_batch(image[None])  # warm-up (static-shape compile)
+    out = with_head.forward(image[None])
+    from pipeline.model.postprocess import instances_from_maps
+
+    lab, sc = instances_from_maps(out["prob"][0], out["hv"][0], with_head.mpp, with_head.params)
     for _ in range(reps):
         for name, seg in (("bare", bare), ("head", with_head)):
             t0 = time.perf_counter()
             seg.segment_batch(image[None])
             t[name].append(time.perf_counter() - t0)
-    b, h = float(np.median(t["bare"])), float(np.median(t["head"]))
-    return {"engine": with_head.engine.name, "precision": with_head.engine.precision, "bare_s": round(b, 4),
-            "head_s": round(h, 4), "overhead": round(h / b - 1, 4)}
+        t0 = time.perf_counter()
+        with_head.classify(image, lab, sc, out["embed"][0] if out["embed"] is not None else None, with_head.mpp)
+        t["classify"].append(time.perf_counter() - t0)
+    b, h, c = (float(np.median(t[k])) for k in ("bare", "head", "classify"))
+    pair = float(np.median(np.asarray(t["head"]) / np.asarray(t["bare"]))) - 1
+    return {"engine": with_head.engine.name, "precision": with_head.engine.precision, "reps": reps,
+            "instances": int(lab.max()), "bare_s": round(b, 4), "head_s": round(h, 4), "classify_s": round(c, 4),
+            "overhead": round(pair, 4), "overhead_of_medians": round(h / b - 1, 4),
+            "classify_over_bare": round(c / b, 4)}
 
 
 def main(argv=None) -> int:
@@ -76,6 +89,8 @@ def main(argv=None) -> int:
     ap.add_argument("--cost", action="store_true")
     ap.add_argument("--reject-threshold", type=float, default=None, help="apply rejection at this p (default off)")
     ap.add_argument("--tag", default="")
+    ap.add_argument("--groups", default=None,
+                    help="feature groups of a fitted head, comma-separated (default: the training default)")
     args = ap.parse_args(argv)
     root = DATA / "nuclei" / "crchisto"
     model, meta = load_checkpoint(args.model)
@@ -86,14 +101,15 @@ def main(argv=None) -> int:
     val_names = [n for n in names if n in CRCHISTO_VAL_TILES]
     t0 = time.time()
     fitting = args.fit or args.curve or model.type_head is None
-    groups = DEFAULT_GROUPS if fitting else model.type_head.groups
+    groups = ((tuple(args.groups.split(",")) if args.groups else DEFAULT_GROUPS) if fitting
+              else model.type_head.groups)
     val = crchisto_examples(seg, root, vocab, val_names, groups=groups)
     result = {"model": Path(args.model).name, "val_tiles": val_names, "radius_um": 3.3, "feature_groups": list(groups)}
     result["detection"] = summary(score_tiles(None, val, len(vocab), None), vocab.names)
     if fitting:
         train = crchisto_examples(seg, root, vocab, train_names, groups=groups)
         print(f"features of {len(train) + len(val)} tiles in {time.time() - t0:.0f} s", flush=True)
-        head = fit_head(train, vocab.names, reject=True, colors=vocab.colors)
+        head = fit_head(train, vocab.names, reject=True, colors=vocab.colors, groups=groups)
         head.cfg["reject_threshold"] = args.reject_threshold
         model = with_type_head(model, head)
         if args.write:
@@ -103,7 +119,7 @@ def main(argv=None) -> int:
         if args.curve:
             curve = {}
             for n in (1, 2, 5, 10, 40, len(train)):
-                h = fit_head(train[:n], vocab.names, reject=True)
+                h = fit_head(train[:n], vocab.names, reject=True, groups=groups)
                 r = score_tiles(h, val, len(vocab), None)
                 curve[n] = {"weighted_type_f1": round(r["weighted_f1"], 4), "type_accuracy": round(r["type_accuracy"], 4)}
                 print("curve", n, curve[n], flush=True)

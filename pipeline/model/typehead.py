@@ -11,8 +11,10 @@ For every instance of a label image the head sees one feature vector (:func:`ins
 * colour: mean and standard deviation of the optical density ``-log10((I + 1) / 256)`` per RGB
   channel, and the instance's detection score.
 
-All of it is a handful of ``np.bincount`` passes over the label image and one sparse product with
-the embedding: a few per cent of a lite forward (docs/model.md, "Type head").
+Everything is a pass over the labelled pixels only (``np.bincount``, per-instance histograms of the
+256 colour values times an optical-density table, the boundary test at labelled pixels), sparse
+products with the embedding and summed-area tables: about 20 ms for 1,500 nuclei in a 1216² window,
+under 10 % of a lite window (docs/model.md, "Type head").
 
 :class:`TypeHead` standardises the vector (stored mean/std), runs a 2-layer MLP and returns
 ``C`` class logits plus, when trained with one, a last "not a nucleus" (reject) logit. The head's
@@ -31,6 +33,7 @@ from torch import nn
 
 EMBED_STRIDE = 16
 _OD_LUT = -np.log10((np.arange(256, dtype=np.float64) + 1) / 256)  # optical density of a uint8 value
+_OD_TABLES = np.stack([_OD_LUT, _OD_LUT ** 2], 1)  # (256, 2): OD and OD^2 of a uint8 value
 N_MORPH = 6  # log area µm², log major µm, log minor µm, eccentricity, circularity, (reserved: 1.0)
 N_COLOUR = 7  # OD mean x3, OD std x3, detection score
 
@@ -101,16 +104,19 @@ def _surround(img8: np.ndarray, fg: np.ndarray, sr: np.ndarray, sc: np.ndarray, 
     sub = img8[::step, ::step]
     bg = ~fg[::step, ::step]
     h, w = bg.shape
-    chans = np.concatenate([_OD_LUT[sub] * bg[..., None], bg[..., None]], 2)  # (h, w, 4)
-    sat = np.zeros((h + 1, w + 1, 4))
-    sat[1:, 1:] = chans.cumsum(0).cumsum(1)
+    sat = np.zeros((4, h + 1, w + 1))  # channel-first: each cumulative sum runs over contiguous planes
+    for j in range(3):
+        sat[j, 1:, 1:] = _OD_LUT.take(sub[..., j]) * bg
+    sat[3, 1:, 1:] = bg
+    np.cumsum(sat, 1, out=sat)
+    np.cumsum(sat, 2, out=sat)
     cr, cc = np.round(sr / step).astype(np.int64), np.round(sc / step).astype(np.int64)
     out = []
     for size_um in (8.0, 24.0):
         half = max(1, int(round(size_um / mpp / 2 / step)))
         r0, r1 = np.clip(cr - half, 0, h), np.clip(cr + half + 1, 0, h)
         c0, c1 = np.clip(cc - half, 0, w), np.clip(cc + half + 1, 0, w)
-        tot = sat[r1, c1] - sat[r0, c1] - sat[r1, c0] + sat[r0, c0]  # (K, 4)
+        tot = (sat[:, r1, c1] - sat[:, r0, c1] - sat[:, r1, c0] + sat[:, r0, c0]).T  # (K, 4)
         n_box = np.maximum((r1 - r0) * (c1 - c0), 1).astype(np.float64)
         n_bg = np.maximum(tot[:, 3], 1.0)
         out += [tot[:, :3] / n_bg[:, None], (1.0 - tot[:, 3] / n_box)[:, None]]
@@ -148,6 +154,8 @@ def instance_features(labels: np.ndarray, scores: np.ndarray, image: np.ndarray,
     groups = tuple(g for g in GROUPS if g in groups)
     use_embed = needs_embed(groups)
     if use_embed:
+        if embed is None:
+            raise ValueError(f"feature groups {groups} need the network's embedding, none was given")
         if isinstance(embed, torch.Tensor):
             embed = embed.detach().float().cpu().numpy()
         embed = np.asarray(embed, dtype=np.float32)
@@ -162,10 +170,12 @@ def instance_features(labels: np.ndarray, scores: np.ndarray, image: np.ndarray,
     lab = labels.astype(np.int32, copy=False)
     h, w = lab.shape
     fg = lab > 0
-    rr, cc = np.nonzero(fg)
-    ll = lab[rr, cc] - 1
-    n = np.bincount(ll, minlength=k).astype(np.float64)
-    n = np.maximum(n, 1)
+    flat_lab = lab.ravel()
+    idx = np.flatnonzero(fg)  # labelled pixels in raster order
+    ll = flat_lab.take(idx).astype(np.int64) - 1
+    rr = idx // w
+    cc = idx - rr * w
+    n = np.maximum(np.bincount(ll, minlength=k).astype(np.float64), 1)
     sr = np.bincount(ll, rr, minlength=k) / n
     sc = np.bincount(ll, cc, minlength=k) / n
     area = n * mpp * mpp
@@ -173,7 +183,7 @@ def instance_features(labels: np.ndarray, scores: np.ndarray, image: np.ndarray,
     if use_embed:
         # --- embedding pooled over the mask (stride-16 cells weighted by pixel counts) ---
         step = EMBED_STRIDE / float(embed_scale)
-        flat = embed.reshape(d, -1).T  # (h*w, D)
+        flat = embed.reshape(d, -1).T  # (h*w, D) view
         if "embed" in groups:
             er = np.minimum((rr / step).astype(np.int64), eh - 1)
             ec = np.minimum((cc / step).astype(np.int64), ew - 1)
@@ -181,43 +191,53 @@ def instance_features(labels: np.ndarray, scores: np.ndarray, image: np.ndarray,
             counts = sparse.csr_matrix((np.ones(len(ll), np.float32), (ll, er * ew + ec)), shape=(k, eh * ew))
             parts["embed"] = np.asarray(counts @ flat, np.float64) / n[:, None]
         if "context" in groups:
-            # --- context: embedding over the 3x3 cells around the centroid cell ---
+            # --- context: embedding averaged over the (in-grid) 3x3 cells around the centroid cell:
+            # one sparse (K, h*w) product ---
             cr = np.clip((sr / step).astype(np.int64), 0, eh - 1)
             ccn = np.clip((sc / step).astype(np.int64), 0, ew - 1)
-            ctx = np.zeros((k, d), np.float64)
-            cnum = np.zeros(k, np.float64)
+            rows, cols = [], []
             for oy in (-1, 0, 1):
                 for ox in (-1, 0, 1):
                     yy, xx = cr + oy, ccn + ox
                     ok = (yy >= 0) & (yy < eh) & (xx >= 0) & (xx < ew)
-                    ctx[ok] += flat[yy[ok] * ew + xx[ok]]
-                    cnum += ok
-            parts["context"] = ctx / np.maximum(cnum, 1)[:, None]
+                    rows.append(np.flatnonzero(ok))
+                    cols.append(yy[ok] * ew + xx[ok])
+            rows = np.concatenate(rows)
+            cells = sparse.csr_matrix((np.ones(len(rows), np.float32), (rows, np.concatenate(cols))),
+                                      shape=(k, eh * ew))
+            cnum = np.bincount(rows, minlength=k).astype(np.float64)
+            parts["context"] = np.asarray(cells @ flat, np.float64) / cnum[:, None]
     if "morph" in groups:
-        # --- moments ---
-        dr, dc = rr - sr[ll], cc - sc[ll]
-        mrr = np.bincount(ll, dr * dr, minlength=k) / n + 1 / 12
-        mcc = np.bincount(ll, dc * dc, minlength=k) / n + 1 / 12
-        mrc = np.bincount(ll, dr * dc, minlength=k) / n
+        # --- second moments (raw sums: exact integers in float64) ---
+        mrr = np.bincount(ll, rr * rr, minlength=k) / n - sr * sr + 1 / 12
+        mcc = np.bincount(ll, cc * cc, minlength=k) / n - sc * sc + 1 / 12
+        mrc = np.bincount(ll, rr * cc, minlength=k) / n - sr * sc
         tr, det = mrr + mcc, mrr * mcc - mrc * mrc
         disc = np.sqrt(np.maximum(tr * tr / 4 - det, 0))
         l1, l2 = tr / 2 + disc, np.maximum(tr / 2 - disc, 1e-6)
         major, minor = 4 * np.sqrt(l1) * mpp, 4 * np.sqrt(l2) * mpp
         ecc = np.sqrt(np.clip(1 - l2 / l1, 0, 1))
-        # --- boundary pixels (4-neighbourhood) for the circularity ---
-        pad = np.pad(lab, 1)
-        centre = pad[1:-1, 1:-1]
-        edge = ((pad[:-2, 1:-1] != centre) | (pad[2:, 1:-1] != centre) | (pad[1:-1, :-2] != centre)
-                | (pad[1:-1, 2:] != centre)) & fg
-        per = np.bincount(lab[edge] - 1, minlength=k).astype(np.float64) * mpp
+        # --- boundary pixels (4-neighbourhood, outside = 0) for the circularity, at labelled pixels only ---
+        # a labelled pixel is on the boundary when a 4-neighbour has another label or lies outside
+        own = flat_lab.take(idx)
+        edge = (cc == 0) | (flat_lab.take(idx - 1, mode="clip") != own)
+        edge |= (cc == w - 1) | (flat_lab.take(idx + 1, mode="clip") != own)
+        edge |= (rr == 0) | (flat_lab.take(idx - w, mode="clip") != own)
+        edge |= (rr == h - 1) | (flat_lab.take(idx + w, mode="clip") != own)
+        per = np.bincount(ll[edge], minlength=k).astype(np.float64) * mpp
         circ = np.clip(4 * np.pi * area / np.maximum(per, mpp) ** 2, 0, 2)
         parts["morph"] = np.stack([np.log(area), np.log(major), np.log(minor), ecc, circ, np.ones(k)], 1)
     img8 = image if image.dtype == np.uint8 else np.clip(np.round(image), 0, 255).astype(np.uint8)
     if "colour" in groups:
-        # --- colour (optical density) ---
-        od = _OD_LUT[img8[rr, cc]]
-        od_mean = np.stack([np.bincount(ll, od[:, j], minlength=k) / n for j in range(3)], 1)
-        od_sq = np.stack([np.bincount(ll, od[:, j] ** 2, minlength=k) / n for j in range(3)], 1)
+        # --- colour (optical density): sums of OD and OD^2 from lookup tables, one product ---
+        # per-instance histograms of the 256 values of each channel, times the OD and OD^2 tables
+        px = np.take(img8.reshape(-1, 3), idx, axis=0)
+        key = ll * 256
+        od_mean, od_sq = np.empty((k, 3)), np.empty((k, 3))
+        for j in range(3):
+            hist = np.bincount(key + px[:, j], minlength=k * 256).reshape(k, 256)
+            s_od = hist @ _OD_TABLES
+            od_mean[:, j], od_sq[:, j] = s_od[:, 0] / n, s_od[:, 1] / n
         od_std = np.sqrt(np.maximum(od_sq - od_mean ** 2, 0))
         sco = np.asarray(scores, np.float64).reshape(-1)[:k, None]
         parts["colour"] = np.concatenate([od_mean, od_std, sco], 1)
