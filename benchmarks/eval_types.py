@@ -29,6 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 DATA = ROOT.parent / "shared" / "data"
 
+from pipeline.metrics import matched_classification  # noqa: E402
 from pipeline.data.classes import ClassVocabulary  # noqa: E402
 from pipeline.model.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
 from pipeline.model.segmenter import Segmenter  # noqa: E402
@@ -139,6 +140,8 @@ def main(argv=None) -> int:
                 cen, cls = apply_head(head, ex, args.reject_threshold)
                 rows.append(point_counts(ex.points_xy, cen, 3.3 / 0.55, ex.points_class, cls, len(vocab)))
             result["confusion"] = np.asarray(aggregate_point_counts(rows)["confusion"]).tolist()
+    if result.get("confusion") is not None:
+        result["matched_classification"] = matched_classification(result["confusion"])
     if args.cost and head is not None:
         import openslide
 
@@ -157,6 +160,10 @@ def main(argv=None) -> int:
         lines.append(f"| typed (reject {args.reject_threshold}) | {t['precision']} | {t['recall']} | {t['f1']} | "
                      f"{t['weighted_type_f1']} | {t['type_accuracy']} |")
         lines += ["", "Per-class F1: " + ", ".join(f"{c} {v}" for c, v in t["class_f1"].items())]
+    if "matched_classification" in result:
+        mc = result["matched_classification"]
+        lines += ["", f"Classification alone on the {mc['pairs']} detected typed points (SC-CNN's setting): "
+                      f"weighted F1 {mc['weighted_f1']}"]
     if "cost" in result:
         c = result["cost"]
         lines += ["", f"Cost ({c['engine']}/{c['precision']}, 1216² window): {c['bare_s']} s -> {c['head_s']} s "

@@ -693,3 +693,31 @@ def aggregate_point_counts(rows: Sequence[Mapping]) -> dict:
         for key in ("confusion", "unmatched_true", "unmatched_pred"):
             out[key] = np.sum([np.asarray(r[key], dtype=np.int64) for r in rows], axis=0)
     return out
+
+
+def matched_classification(confusion) -> dict:
+    """Classification alone, on the detected nuclei, from a point confusion matrix.
+
+    Per-class and support-weighted F1 over the matched pairs whose point is typed: rows/columns
+    ``0..C-1`` of the ``(C + 1, C + 1)`` matrix of :func:`point_counts` (the last row/column,
+    unlabelled point / unclassified prediction, is left out). This is the setting of Sirinukunwattana
+    et al. 2016's classification F1 (patches classified at the true nuclei), unlike
+    :func:`point_scores`' end-to-end weighted F1, where a prediction counts only when it is matched
+    to a point of its class.
+
+    Returns
+    -------
+    dict with ``weighted_f1`` (float), ``class_f1`` (list of C floats), ``pairs`` (int)
+    """
+    m = np.asarray(confusion, np.float64)
+    if m.ndim != 2 or m.shape[0] != m.shape[1] or m.shape[0] < 2:
+        raise ValueError(f"confusion must be a square (C + 1, C + 1) matrix, got shape {m.shape}")
+    c = m.shape[0] - 1
+    m = m[:c, :c]
+    tp = np.diag(m)
+    prec = tp / np.maximum(m.sum(0), 1)
+    rec = tp / np.maximum(m.sum(1), 1)
+    f1 = 2 * prec * rec / np.maximum(prec + rec, 1e-12)
+    support = m.sum(1)
+    return {"weighted_f1": round(float((f1 * support).sum() / max(support.sum(), 1)), 4),
+            "class_f1": [round(float(v), 4) for v in f1], "pairs": int(support.sum())}

@@ -375,3 +375,15 @@ def test_predict_then_evaluate_points_on_crchisto(tmp_path, capsys):
     right = metrics.point_scores(metrics.point_counts(gt, xy, 6.0))["f1"]
     swapped = metrics.point_scores(metrics.point_counts(gt, xy[:, ::-1], 6.0))["f1"]
     assert right > 0.65 > 0.3 > swapped
+
+
+def test_matched_classification_hand_case():
+    # 2 classes + the unlabelled/unclassified row and column, which are left out
+    conf = [[2, 1, 7], [0, 3, 0], [5, 5, 0]]
+    r = metrics.matched_classification(conf)
+    # class 0: P = 2/2, R = 2/3 -> F1 0.8; class 1: P = 3/4, R = 3/3 -> F1 6/7; support 3 and 3
+    assert r["pairs"] == 6
+    np.testing.assert_allclose(r["class_f1"], [0.8, 0.8571], atol=1e-4)
+    np.testing.assert_allclose(r["weighted_f1"], (0.8 + 6 / 7) / 2, atol=1e-4)
+    with pytest.raises(ValueError, match="square"):
+        metrics.matched_classification([[1, 2, 3]])
