@@ -273,8 +273,12 @@ def test_cli_points_with_predicted_classes(tmp_path, capsys):
     assert (pc["Fibroblast"]["fp"], pc["Fibroblast"]["fn"], pc["Fibroblast"]["f1"]) == (1, 1, 0.0)
     assert o["weighted_f1"] == pytest.approx(0.5)  # supports 1,1,1,1: (1 + 0 + 0 + 1) / 4
     assert o["confusion"]["counts"][1] == [0, 0, 1, 0, 0]  # inflammatory point matched as Fibroblast
+    # classification alone on the 3 matched typed pairs (E->E, I->F, O->O): (1 + 0 + 1) / 3
+    mc = o["matched_classification"]
+    assert mc["pairs"] == 3 and mc["weighted_f1"] == pytest.approx(2 / 3, abs=1e-4)
     text = capsys.readouterr().out
     assert "confusion" in text and "weighted F1 0.5000" in text
+    assert "classification alone on the 3 matched typed pairs: weighted F1 0.6667" in text
     # a fixed vocabulary without Other: the file and the class are named
     rc = main([*argv, "--classes", "Epithelial,Inflammatory,Fibroblast"])
     err = capsys.readouterr().err.strip()
