@@ -29,9 +29,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 DATA = ROOT.parent / "shared" / "data"
 
-from pipeline.metrics import matched_classification  # noqa: E402
 from pipeline.data.classes import ClassVocabulary  # noqa: E402
+from pipeline.metrics import matched_classification  # noqa: E402
 from pipeline.model.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
+from pipeline.model.postprocess import instances_from_maps  # noqa: E402
 from pipeline.model.segmenter import Segmenter  # noqa: E402
 from pipeline.training.typehead import (CRCHISTO_VAL_TILES, DEFAULT_GROUPS, crchisto_examples, fit_head,  # noqa: E402
                                         score_tiles, with_type_head)
@@ -62,8 +63,6 @@ def cost(model, meta, image, reps: int = 15) -> dict:
     for seg in (with_head, bare):
         seg.segment_batch(image[None])  # warm-up (static-shape compile)
     out = with_head.forward(image[None])
-    from pipeline.model.postprocess import instances_from_maps
-
     lab, sc = instances_from_maps(out["prob"][0], out["hv"][0], with_head.mpp, with_head.params)
     for _ in range(reps):
         for name, seg in (("bare", bare), ("head", with_head)):
@@ -71,7 +70,7 @@ def cost(model, meta, image, reps: int = 15) -> dict:
             seg.segment_batch(image[None])
             t[name].append(time.perf_counter() - t0)
         t0 = time.perf_counter()
-        with_head.classify(image, lab, sc, out["embed"][0] if out["embed"] is not None else None, with_head.mpp)
+        with_head.classify(image, lab, sc, out["embed"], with_head.mpp)
         t["classify"].append(time.perf_counter() - t0)
     b, h, c = (float(np.median(t[k])) for k in ("bare", "head", "classify"))
     pair = float(np.median(np.asarray(t["head"]) / np.asarray(t["bare"]))) - 1

@@ -241,7 +241,7 @@ class Segmenter:
             image = _check_batch(image)[0]
             prob, hv, embed, scale = self.predict_maps(image, mpp, return_embed=True)
             lab, sc = instances_from_maps(prob, hv, mpp, self.params)
-            return self.classify(image, lab, sc, embed[0] if embed is not None else None, mpp, scale)
+            return self.classify(image, lab, sc, embed, mpp, scale)  # (1, D, h, w) or None
         prob, hv = self.predict_maps(image, mpp)
         return instances_from_maps(prob, hv, mpp, self.params)
 

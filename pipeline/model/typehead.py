@@ -172,7 +172,8 @@ def instance_features(labels: np.ndarray, scores: np.ndarray, image: np.ndarray,
     fg = lab > 0
     flat_lab = lab.ravel()
     idx = np.flatnonzero(fg)  # labelled pixels in raster order
-    ll = flat_lab.take(idx).astype(np.int64) - 1
+    own = flat_lab.take(idx)  # label of each labelled pixel
+    ll = own.astype(np.int64) - 1
     rr = idx // w
     cc = idx - rr * w
     n = np.maximum(np.bincount(ll, minlength=k).astype(np.float64), 1)
@@ -219,7 +220,6 @@ def instance_features(labels: np.ndarray, scores: np.ndarray, image: np.ndarray,
         ecc = np.sqrt(np.clip(1 - l2 / l1, 0, 1))
         # --- boundary pixels (4-neighbourhood, outside = 0) for the circularity, at labelled pixels only ---
         # a labelled pixel is on the boundary when a 4-neighbour has another label or lies outside
-        own = flat_lab.take(idx)
         edge = (cc == 0) | (flat_lab.take(idx - 1, mode="clip") != own)
         edge |= (cc == w - 1) | (flat_lab.take(idx + 1, mode="clip") != own)
         edge |= (rr == 0) | (flat_lab.take(idx - w, mode="clip") != own)
@@ -229,8 +229,7 @@ def instance_features(labels: np.ndarray, scores: np.ndarray, image: np.ndarray,
         parts["morph"] = np.stack([np.log(area), np.log(major), np.log(minor), ecc, circ, np.ones(k)], 1)
     img8 = image if image.dtype == np.uint8 else np.clip(np.round(image), 0, 255).astype(np.uint8)
     if "colour" in groups:
-        # --- colour (optical density): sums of OD and OD^2 from lookup tables, one product ---
-        # per-instance histograms of the 256 values of each channel, times the OD and OD^2 tables
+        # --- colour (optical density): per-instance histograms of the 256 values of each channel, times the OD and OD^2 tables
         px = np.take(img8.reshape(-1, 3), idx, axis=0)
         key = ll * 256
         od_mean, od_sq = np.empty((k, 3)), np.empty((k, 3))

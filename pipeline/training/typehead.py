@@ -91,10 +91,11 @@ def match_targets(labels: np.ndarray, points_xy: np.ndarray, points_class: np.nd
 
 
 def segment_raw(seg, image: np.ndarray, mpp: float):
-    """The frozen network's instances without the type head: ``labels, scores, embed, scale``."""
+    """The frozen network's instances without the type head: ``labels, scores, embed, scale``
+    (``embed`` (1, D, h, w) as :func:`~pipeline.model.typehead.instance_features` takes it, or None)."""
     prob, hv, embed, scale = seg.predict_maps(image, mpp, return_embed=True)
     lab, sc = instances_from_maps(prob, hv, mpp, seg.params)
-    return lab, sc, (embed[0] if embed is not None else None), scale
+    return lab, sc, embed, scale
 
 
 def tile_examples(seg, name: str, image: np.ndarray, points_xy: np.ndarray, points_class: np.ndarray,
