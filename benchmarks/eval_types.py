@@ -35,7 +35,7 @@ from pipeline.model.checkpoint import load_checkpoint, save_checkpoint  # noqa: 
 from pipeline.model.postprocess import instances_from_maps  # noqa: E402
 from pipeline.model.segmenter import Segmenter  # noqa: E402
 from pipeline.training.typehead import (CRCHISTO_VAL_TILES, DEFAULT_GROUPS, crchisto_examples, fit_head,  # noqa: E402
-                                        score_tiles, with_type_head)
+                                        score_tiles, stage2_radii_for, with_type_head)
 
 
 def tile_names(root: Path) -> list[str]:
@@ -91,6 +91,9 @@ def main(argv=None) -> int:
     ap.add_argument("--tag", default="")
     ap.add_argument("--groups", default=None,
                     help="feature groups of a fitted head, comma-separated (default: the training default)")
+    ap.add_argument("--stage2", default=None,
+                    help="box half-sides (µm, comma-separated) of a fitted head's second stage; 'none' = one stage "
+                         "(default: the training default)")
     args = ap.parse_args(argv)
     root = DATA / "nuclei" / "crchisto"
     model, meta = load_checkpoint(args.model)
@@ -103,13 +106,17 @@ def main(argv=None) -> int:
     fitting = args.fit or args.curve or model.type_head is None
     groups = ((tuple(args.groups.split(",")) if args.groups else DEFAULT_GROUPS) if fitting
               else model.type_head.groups)
+    radii = (None if args.stage2 is None else  # None: the training rule (stage2_radii_for)
+             () if args.stage2 == "none" else tuple(float(r) for r in args.stage2.split(",")))
     val = crchisto_examples(seg, root, vocab, val_names, groups=groups)
     result = {"model": Path(args.model).name, "val_tiles": val_names, "radius_um": 3.3, "feature_groups": list(groups)}
     result["detection"] = summary(score_tiles(None, val, len(vocab), None), vocab.names)
     if fitting:
         train = crchisto_examples(seg, root, vocab, train_names, groups=groups)
         print(f"features of {len(train) + len(val)} tiles in {time.time() - t0:.0f} s", flush=True)
-        head = fit_head(train, vocab.names, reject=True, colors=vocab.colors, groups=groups)
+        head = fit_head(train, vocab.names, reject=True, colors=vocab.colors, groups=groups,
+                        stage2_radii_um=stage2_radii_for(train) if radii is None else radii)
+        result["stage2_radii_um"] = head.radii_um
         head.cfg["reject_threshold"] = args.reject_threshold
         model = with_type_head(model, head)
         if args.write:
@@ -118,8 +125,9 @@ def main(argv=None) -> int:
             save_checkpoint(args.write, model, meta)
         if args.curve:
             curve = {}
-            for n in (1, 2, 5, 10, 40, len(train)):
-                h = fit_head(train[:n], vocab.names, reject=True, groups=groups)
+            for n in (1, 2, 5, 10, 20, 40, len(train)):
+                h = fit_head(train[:n], vocab.names, reject=True, groups=groups,
+                             stage2_radii_um=stage2_radii_for(train[:n]) if radii is None else radii if n >= 2 else ())
                 r = score_tiles(h, val, len(vocab), None)
                 curve[n] = {"weighted_type_f1": round(r["weighted_f1"], 4), "type_accuracy": round(r["type_accuracy"], 4)}
                 print("curve", n, curve[n], flush=True)

@@ -30,6 +30,9 @@ def register(sub):
                    help="with --points: hand-drawn regions without nuclei on slides (level-0 polygons with "
                         "properties.slide relative to --negatives-root), e.g. "
                         "pipeline/data/negatives/cmu1_negatives.geojson")
+    p.add_argument("--point-crops", type=int, default=None, metavar="N",
+                   help="with --points: point-tile crops per batch (default 3; 0 = the point tiles only "
+                        "validate detection)")
     p.add_argument("--negatives-root", metavar="DIR", default=None,
                    help="folder the negative regions' slide paths are relative to (default: the parent of --data)")
     p.add_argument("--no-tune", action="store_true", help="skip the post-processing threshold search")
@@ -72,12 +75,13 @@ def run(args):
     init = DEFAULT_WEIGHTS if args.init == "default" else args.init
     if args.points:
         from ..errors import ConfigError
-        from ..training.joint import train_joint
+        from ..training.joint import JointConfig, train_joint
 
         if init is None:
             raise ConfigError("--points (joint training) needs --init (a checkpoint with a distance head, e.g. default)")
+        jcfg = JointConfig() if args.point_crops is None else JointConfig(point_crops=args.point_crops)
         meta = train_joint(args.data, args.points, args.output, init=init, regions=args.negatives,
-                           regions_root=args.negatives_root, cfg=cfg, resume_state=args.resume_state,
+                           regions_root=args.negatives_root, cfg=cfg, jcfg=jcfg, resume_state=args.resume_state,
                            tune=not args.no_tune)
     elif args.negatives:
         from ..errors import ConfigError

@@ -99,8 +99,9 @@ class Segmenter:
         """
         from .typehead import drop_instances, instance_features
 
-        feats = instance_features(labels, scores, image, embed, mpp, embed_scale, self.type_head.groups)
-        probs, rej = self.type_head.predict(feats)
+        feats, cen = instance_features(labels, scores, image, embed, mpp, embed_scale, self.type_head.groups,
+                                       with_centroids=True)
+        probs, rej = self.type_head.predict(feats, cen, mpp)
         thr = self.type_head.cfg.get("reject_threshold")
         if thr is not None and len(rej):
             keep = rej <= float(thr)

@@ -124,7 +124,7 @@ def _surround(img8: np.ndarray, fg: np.ndarray, sr: np.ndarray, sc: np.ndarray, 
 
 
 def instance_features(labels: np.ndarray, scores: np.ndarray, image: np.ndarray, embed, mpp: float,
-                      embed_scale: float = 1.0, groups=V1_GROUPS) -> np.ndarray:
+                      embed_scale: float = 1.0, groups=V1_GROUPS, with_centroids: bool = False):
     """Per-instance feature vectors.
 
     Parameters
@@ -146,10 +146,13 @@ def instance_features(labels: np.ndarray, scores: np.ndarray, image: np.ndarray,
     groups : sequence of str
         Feature groups to compute (:data:`GROUPS`; concatenated in that fixed order). ``embed`` may
         be None when neither ``embed`` nor ``context`` is asked for.
+    with_centroids : bool
+        Also return the instances' (x, y) pixel centroids (what a two-stage head needs).
 
     Returns
     -------
     ndarray of shape (K, n_features(D, groups)), float32
+        With ``with_centroids``: ``(features, centroids_xy float64 (K, 2))``.
     """
     groups = tuple(g for g in GROUPS if g in groups)
     use_embed = needs_embed(groups)
@@ -166,7 +169,8 @@ def instance_features(labels: np.ndarray, scores: np.ndarray, image: np.ndarray,
         d = 256
     k = int(labels.max()) if labels.size else 0
     if k == 0:
-        return np.zeros((0, n_features(d, groups)), np.float32)
+        empty = np.zeros((0, n_features(d, groups)), np.float32)
+        return (empty, np.zeros((0, 2))) if with_centroids else empty
     lab = labels.astype(np.int32, copy=False)
     h, w = lab.shape
     fg = lab > 0
@@ -244,12 +248,75 @@ def instance_features(labels: np.ndarray, scores: np.ndarray, image: np.ndarray,
         parts["neighbours"] = _neighbours(np.stack([sc, sr], 1), area, mpp)
     if "surround" in groups:
         parts["surround"] = _surround(img8, fg, sr, sc, mpp)
-    out = np.concatenate([parts[g] for g in groups], 1)
-    return out.astype(np.float32)
+    out = np.concatenate([parts[g] for g in groups], 1).astype(np.float32)
+    return (out, np.stack([sc, sr], 1)) if with_centroids else out
+
+
+def neighbour_outputs(centroids_xy: np.ndarray, outputs: np.ndarray, mpp: float, radii_um,
+                      cell_um: float = 4.0) -> np.ndarray:
+    """Mean output of the *other* nuclei around each nucleus, in square boxes.
+
+    For each radius ``r`` the box is the centroid's grid cell +- ``round(r / cell_um)`` cells of a
+    ``cell_um`` grid (a square of side ~2r): the outputs of the nuclei whose centroids fall in it
+    are summed with one summed-area table (the nucleus itself subtracted) and divided by their
+    number (0 when there is none). Cost: one splat and one table per call, independent of ``r``.
+
+    Parameters
+    ----------
+    centroids_xy : ndarray of shape (K, 2), float
+        (x, y) centroids in px.
+    outputs : ndarray of shape (K, M), float
+        Per-nucleus values to average (e.g. first-stage class probabilities).
+    mpp : float
+        µm/px of the centroids.
+    radii_um : sequence of float
+        Half-sides of the boxes, µm.
+
+    Returns
+    -------
+    ndarray of shape (K, M * len(radii_um)), float32
+        The means for each radius, concatenated in the order of ``radii_um``.
+    """
+    k, m = outputs.shape
+    if k == 0:
+        return np.zeros((0, m * len(radii_um)), np.float32)
+    cell = cell_um / mpp
+    cr = np.floor(centroids_xy[:, 1] / cell).astype(np.int64)
+    cc = np.floor(centroids_xy[:, 0] / cell).astype(np.int64)
+    cr -= cr.min()
+    cc -= cc.min()
+    h, w = int(cr.max()) + 1, int(cc.max()) + 1
+    vals = np.concatenate([np.asarray(outputs, np.float64), np.ones((k, 1))], 1)  # last column: count
+    sat = np.zeros((m + 1, h + 1, w + 1))
+    flat = cr * w + cc
+    for j in range(m + 1):
+        sat[j, 1:, 1:] = np.bincount(flat, vals[:, j], minlength=h * w).reshape(h, w)
+    np.cumsum(sat, 1, out=sat)
+    np.cumsum(sat, 2, out=sat)
+    out = []
+    for r_um in radii_um:
+        half = max(0, int(round(r_um / cell_um)))
+        r0, r1 = np.clip(cr - half, 0, h), np.clip(cr + half + 1, 0, h)
+        c0, c1 = np.clip(cc - half, 0, w), np.clip(cc + half + 1, 0, w)
+        tot = (sat[:, r1, c1] - sat[:, r0, c1] - sat[:, r1, c0] + sat[:, r0, c0]).T - vals  # (K, M+1), self out
+        cnt = np.rint(tot[:, m])
+        out.append(np.where(cnt[:, None] > 0, tot[:, :m] / np.maximum(cnt, 1)[:, None], 0.0))
+    return np.concatenate(out, 1).astype(np.float32)
+
+
+def _mlp(nf: int, hid: int, n_out: int, dropout: float) -> nn.Sequential:
+    return nn.Sequential(nn.Linear(nf, hid), nn.ReLU(), nn.Dropout(dropout), nn.Linear(hid, n_out))
 
 
 class TypeHead(nn.Module):
-    """Standardise -> Linear -> ReLU -> Linear: ``C`` class logits (+ 1 reject logit)."""
+    """Standardise -> Linear -> ReLU -> Linear: ``C`` class logits (+ 1 reject logit).
+
+    With ``cfg["stage2"] = {"radii_um": [r1, r2, ...]}`` a second MLP refines the first one's
+    answer from the neighbourhood's: it reads the same features plus, for each radius, the mean
+    first-stage output (``p_class * (1 - p_reject)`` and ``p_reject``; ``p_class`` alone without a
+    reject output) of the other nuclei around (:func:`neighbour_outputs`). Cell types cluster in
+    tissue (glands, lymphoid aggregates, stroma), which one nucleus' features cannot see.
+    """
 
     def __init__(self, cfg: dict) -> None:
         super().__init__()
@@ -260,18 +327,57 @@ class TypeHead(nn.Module):
         nf, hid = int(cfg["n_features"]), int(cfg.get("hidden", 128))
         self.reject = bool(cfg.get("reject", False))
         n_out = len(self.classes) + (1 if self.reject else 0)
+        drop = float(cfg.get("dropout", 0.0))
         self.register_buffer("feat_mean", torch.zeros(nf))
         self.register_buffer("feat_std", torch.ones(nf))
-        self.mlp = nn.Sequential(nn.Linear(nf, hid), nn.ReLU(), nn.Dropout(float(cfg.get("dropout", 0.0))),
-                                 nn.Linear(hid, n_out))
+        self.mlp = _mlp(nf, hid, n_out, drop)
+        st2 = cfg.get("stage2")
+        #: half-sides (µm) of the neighbourhood boxes of the second stage; () without one
+        self.radii_um = tuple(float(r) for r in st2["radii_um"]) if st2 else ()
+        self.stage2 = None
+        if st2:
+            nf2 = nf + n_out * len(self.radii_um)
+            self.stage2 = nn.ModuleDict({"mlp": _mlp(nf2, hid, n_out, drop)})
+            self.register_buffer("feat2_mean", torch.zeros(nf2))
+            self.register_buffer("feat2_std", torch.ones(nf2))
 
     def forward(self, feats: torch.Tensor) -> torch.Tensor:
-        """``float32 (K, F)`` -> logits ``(K, C [+ 1])``."""
+        """First stage: ``float32 (K, F)`` -> logits ``(K, C [+ 1])``."""
         return self.mlp((feats - self.feat_mean) / self.feat_std)
 
+    def forward2(self, feats2: torch.Tensor) -> torch.Tensor:
+        """Second stage: features + neighbour outputs ``(K, F + n_out * R)`` -> logits."""
+        return self.stage2["mlp"]((feats2 - self.feat2_mean) / self.feat2_std)
+
+    def outputs(self, logits: torch.Tensor) -> np.ndarray:
+        """The first-stage output the second stage averages over neighbours: ``(K, n_out)``."""
+        c = len(self.classes)
+        p = torch.softmax(logits, 1).numpy().astype(np.float64)
+        if not self.reject:
+            return p
+        rej = p[:, c:]
+        pc = torch.softmax(logits[:, :c], 1).numpy().astype(np.float64)
+        return np.concatenate([pc * (1 - rej), rej], 1)
+
+    def stage2_features(self, feats: np.ndarray, stage1_out: np.ndarray, centroids_xy, mpp) -> np.ndarray:
+        """Second-stage input: ``feats`` with the neighbours' mean ``stage1_out`` appended."""
+        if centroids_xy is None or mpp is None:
+            raise ValueError("a two-stage type head needs the nuclei's centroids and µm/px")
+        nb = neighbour_outputs(np.asarray(centroids_xy, np.float64), stage1_out, float(mpp), self.radii_um)
+        return np.concatenate([np.asarray(feats, np.float32), nb], 1)
+
     @torch.inference_mode()
-    def predict(self, feats: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def predict(self, feats: np.ndarray, centroids_xy: np.ndarray | None = None,
+                mpp: float | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Class probabilities and reject probabilities of feature rows.
+
+        Parameters
+        ----------
+        feats : ndarray of shape (K, F), float32
+        centroids_xy : ndarray of shape (K, 2), optional
+            (x, y) centroids in px; needed by a two-stage head (``cfg["stage2"]``).
+        mpp : float, optional
+            µm/px of the centroids; needed by a two-stage head.
 
         Returns
         -------
@@ -284,6 +390,9 @@ class TypeHead(nn.Module):
         if len(feats) == 0:
             return np.zeros((0, c), np.float32), np.zeros(0, np.float32)
         logits = self(torch.from_numpy(np.ascontiguousarray(feats, np.float32)))
+        if self.stage2 is not None:
+            f2 = self.stage2_features(feats, self.outputs(logits), centroids_xy, mpp)
+            logits = self.forward2(torch.from_numpy(f2))
         probs = torch.softmax(logits[:, :c], 1).numpy().astype(np.float32)
         if self.reject:
             rej = torch.softmax(logits, 1)[:, c].numpy().astype(np.float32)

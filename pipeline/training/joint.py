@@ -503,11 +503,12 @@ def train_joint(data: str, points: str, out, *, init, regions=None, regions_root
         final_meta["postprocess"] = best_p.to_dict()
         final_meta["validation"] = {k: round(float(v), 4) for k, v in res.items() if isinstance(v, float)}
     if fit_types:
-        from .typehead import crchisto_examples, fit_head, with_type_head
+        from .typehead import crchisto_examples, fit_head, stage2_radii_for, with_type_head
 
         seg = Segmenter(model, final_meta, device="cpu", engine="torch")
         examples = crchisto_examples(seg, proot, vocab, tr_names)
-        head = fit_head(examples, vocab.names, reject=True, colors=vocab.colors)
+        head = fit_head(examples, vocab.names, reject=True, colors=vocab.colors,
+                        stage2_radii_um=stage2_radii_for(examples))
         head.cfg["reject_threshold"] = None  # rejection off: it costs segmentation quality elsewhere
         model = with_type_head(model, head)
         final_meta["type_head_training"] = {"data": proot.name, "tiles": len(tr_names), "val_tiles": va_names}

@@ -245,7 +245,7 @@ def train_types(data, out, mpp: float, init=None, classes=None, reject: bool = F
     from ..data.readers import read_image
     from ..model.checkpoint import DEFAULT_WEIGHTS, init_identity, load_checkpoint, save_checkpoint
     from ..model.segmenter import load_model
-    from .typehead import fit_head, tile_examples, with_type_head
+    from .typehead import fit_head, stage2_radii_for, tile_examples, with_type_head
 
     if mpp is None or not mpp > 0:
         raise InputError(f"--mpp must be > 0, got {mpp}")
@@ -271,12 +271,14 @@ def train_types(data, out, mpp: float, init=None, classes=None, reject: bool = F
     for n, c in counts.items():
         if c == 0:
             log.warning("class %r: no annotation matched a segmented nucleus; the head cannot learn it", n)
-    head = fit_head(examples, vocab.names, reject=reject, epochs=epochs, seed=seed, colors=vocab.colors)
+    head = fit_head(examples, vocab.names, reject=reject, epochs=epochs, seed=seed, colors=vocab.colors,
+                    stage2_radii_um=stage2_radii_for(examples))
     model, meta = load_checkpoint(init)
     new = with_type_head(model, head)
     summary = {"classes": list(vocab.names), "colors": [list(c) for c in vocab.colors],
                "trained_on": {"images": [a.image.name for a in annotated], "mpp": float(mpp),
-                              "matched_instances": counts, "reject": bool(reject)}}
+                              "matched_instances": counts, "reject": bool(reject)},
+               "stage2_radii_um": list(head.radii_um)}
     metadata = {**meta, "classes": list(vocab.names), "type_head": summary, **init_identity(init)}
     metadata.pop("metrics", None)  # the inherited head's scores do not describe the new head
     save_checkpoint(out, new, metadata)
