@@ -1,4 +1,4 @@
-"""Experiment (not in the product): a second-stage type head that also reads its neighbours' classes.
+"""Experiment behind the second stage of the type head (built since: `TypeHead` `stage2`): radii of the neighbours' classes.
 
 Usage::
 
