@@ -76,9 +76,9 @@ def _accuracy(head, tiles):
 
 def test_second_stage_reads_the_neighbourhood(tmp_path):
     rng = np.random.default_rng(0)
-    train, test = _clustered_tiles(8, rng), _clustered_tiles(4, rng)
-    one = fit_head(train, ["A", "B"], reject=True, epochs=150, stage2_radii_um=())
-    two = fit_head(train, ["A", "B"], reject=True, epochs=150, stage2_radii_um=(25.0, 100.0))
+    train, test = _clustered_tiles(6, rng), _clustered_tiles(3, rng)
+    one = fit_head(train, ["A", "B"], reject=True, epochs=100, stage2_radii_um=())
+    two = fit_head(train, ["A", "B"], reject=True, epochs=100, stage2_radii_um=(25.0, 100.0))
     assert one.stage2 is None and two.cfg["stage2"] == {"radii_um": [25.0, 100.0], "folds": 4}
     a1, a2 = _accuracy(one, test), _accuracy(two, test)
     assert a1 < 0.75 and a2 > 0.9, (a1, a2)
