@@ -99,3 +99,27 @@ def test_second_stage_reads_the_neighbourhood(tmp_path):
         two.predict(e.features)
     with pytest.raises(ValueError, match="at least 2"):
         fit_head(train[:1], ["A", "B"], epochs=5, stage2_radii_um=(25.0,))
+
+
+def test_instance_targets_hand_computed():
+    from pipeline.training.typehead import NUCLEUS, instance_targets
+
+    truth = np.zeros((10, 10), np.int32)
+    truth[0:4, 0:4] = 1  # 16 px
+    truth[6:10, 6:10] = 2
+    pred = np.zeros((10, 10), np.uint32)
+    pred[0:4, 0:3] = 1  # 12 px inside truth 1: IoU 0.75 -> nucleus
+    pred[0:2, 6:10] = 2  # on background only -> false detection
+    pred[5:8, 5:8] = 3  # 9 px, 4 on truth 2 (44 %, IoU 4/21) -> ignored
+    pred[9, 0] = 4  # 1 px on background -> false detection
+    np.testing.assert_array_equal(instance_targets(pred, truth), [NUCLEUS, REJECT, IGNORE, REJECT])
+
+
+def test_nucleus_rows_train_not_rejected_only():
+    from pipeline.training.typehead import NUCLEUS, head_loss
+
+    logits = torch.tensor([[2.0, 0.0, -1.0], [0.0, 3.0, 1.0], [0.5, 0.5, 4.0]])
+    y = torch.tensor([0, NUCLEUS, 2])
+    p = torch.softmax(logits, 1)
+    want = (-torch.log(p[0, 0]) - torch.log(p[1, 0] + p[1, 1]) - torch.log(p[2, 2])) / 3
+    torch.testing.assert_close(head_loss(logits, y, 2), want)

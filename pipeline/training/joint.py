@@ -35,7 +35,6 @@ split.
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from dataclasses import asdict, dataclass
@@ -223,36 +222,12 @@ def load_negative_regions(path, data_root, mpp: float, teacher: Segmenter | None
     list of dict, one per slide: ``image`` uint8 (h, w, 3), ``fg``, ``dist``, ``weight`` float32
     (h, w), ``mask`` bool (h, w) (inside a polygon).
     """
-    from skimage.draw import polygon as draw_polygon
-
     from ..data.datasets import resample_pair
-    from ..slide import open_slide
+    from ..data.regions import read_negative_regions
 
-    path = Path(path)
-    gj = json.loads(path.read_text())
-    by_slide: dict[str, list] = {}
-    for k, feat in enumerate(gj["features"]):
-        rel = feat.get("properties", {}).get("slide")
-        if not rel:
-            raise InputError(f"{path}: region {feat.get('id', k)} has no properties.slide")
-        by_slide.setdefault(rel, []).append(np.asarray(feat["geometry"]["coordinates"][0], np.float64))
     out = []
-    for rel, rings in sorted(by_slide.items()):
-        slide_path = Path(data_root) / rel
-        if not slide_path.exists():
-            raise InputError(f"{path}: slide {slide_path} not found")
-        with open_slide(slide_path) as sl:
-            pad = margin_um / sl.mpp_x
-            allp = np.concatenate(rings)
-            x0, y0 = np.maximum(np.floor(allp.min(0) - pad), 0).astype(int)
-            x1, y1 = np.ceil(allp.max(0) + pad).astype(int)
-            x1, y1 = min(x1, sl.dimensions_l0[0]), min(y1, sl.dimensions_l0[1])
-            img = np.ascontiguousarray(sl.read_region_l0(int(x0), int(y0), int(x1 - x0), int(y1 - y0), 0)[..., :3])
-            m = np.zeros(img.shape[:2], bool)
-            for ring in rings:
-                rr, cc = draw_polygon(ring[:, 1] - y0, ring[:, 0] - x0, m.shape)
-                m[rr, cc] = True
-            img, m2 = resample_pair(img, m.astype(np.uint32), sl.mpp_x / mpp)
+    for r in read_negative_regions(path, data_root, margin_um):
+        img, m2 = resample_pair(r["image"], r["mask"].astype(np.uint32), r["mpp"] / mpp)
         mask = m2 > 0
         if teacher is not None:
             fg, dist = teacher_maps(teacher, img)
@@ -261,7 +236,7 @@ def load_negative_regions(path, data_root, mpp: float, teacher: Segmenter | None
             fg, dist = np.zeros(mask.shape, np.float32), np.zeros(mask.shape, np.float32)
             weight = np.zeros(mask.shape, np.float32)
         fg[mask], dist[mask], weight[mask] = 0.0, 0.0, neg_weight
-        out.append({"name": slide_path.stem, "image": img, "fg": fg, "dist": dist, "weight": weight, "mask": mask})
+        out.append({"name": r["name"], "image": img, "fg": fg, "dist": dist, "weight": weight, "mask": mask})
     return out
 
 

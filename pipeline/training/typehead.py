@@ -27,7 +27,7 @@ CRCHISTO_MPP = 0.55
 POINT_RADIUS_UM = 3.3
 #: held-out validation tiles of crchisto (by tile: every 5th of the 80 shared tiles in numeric order)
 CRCHISTO_VAL_TILES = tuple(f"img{i}" for i in (1, 7, 13, 19, 25, 31, 39, 46, 52, 57, 64, 70, 75, 82, 87, 94))
-IGNORE, REJECT = -1, -2
+IGNORE, REJECT, NUCLEUS = -1, -2, -3  # NUCLEUS: a nucleus of unknown class (trains "not rejected" only)
 #: feature groups of newly fitted heads (measured on held-out CRCHisto: docs/model_card.md, "Nucleus
 #: types"): the pooled embedding overfits on 64 tiles; its 3x3 context adds nothing measurable (0.502
 #: with it, 0.502 without) and costs an embedding output of the engine, the neighbourhood helps
@@ -53,8 +53,10 @@ def stage2_radii_for(examples) -> tuple[float, ...]:
 class TileExamples:
     """One tile's predicted instances with their features and targets.
 
-    ``features`` float32 (K, F); ``target`` int64 (K,): class index, ``IGNORE`` (touched by an
-    unlabelled point only) or ``REJECT`` (no point touches it); ``labels`` uint32 (H, W);
+    ``features`` float32 (K, F); ``target`` int64 (K,): class index, ``NUCLEUS`` (a nucleus of
+    unknown class: touched by an unlabelled point only, or matched to an untyped ground-truth
+    instance), ``REJECT`` (not a nucleus: no point touches it, or no ground-truth nucleus under it)
+    or ``IGNORE``; ``labels`` uint32 (H, W);
     ``scores`` float32 (K,); ``centroids`` float64 (K, 2) (x, y) px; ``mpp`` their µm/px."""
 
     name: str
@@ -80,7 +82,7 @@ def centroids_xy(labels: np.ndarray) -> np.ndarray:
 def match_targets(labels: np.ndarray, points_xy: np.ndarray, points_class: np.ndarray, radius_px: float) -> np.ndarray:
     """Instance targets from points: the class of the typed point inside (else nearest within
     ``radius_px`` of the centroid); when several typed points hit one instance, the one nearest
-    its centroid wins. Returns int64 (K,) with ``IGNORE`` / ``REJECT`` as in :class:`TileExamples`."""
+    its centroid wins. Returns int64 (K,) with ``NUCLEUS`` / ``REJECT`` as in :class:`TileExamples`."""
     k = int(labels.max())
     target = np.full(k, REJECT, np.int64)
     if k == 0 or len(points_xy) == 0:
@@ -102,7 +104,7 @@ def match_targets(labels: np.ndarray, points_xy: np.ndarray, points_class: np.nd
             if target[i] < 0 or d < best[i]:
                 target[i], best[i] = int(c), d
         elif target[i] == REJECT:
-            target[i] = IGNORE
+            target[i] = NUCLEUS
     return target
 
 
@@ -125,6 +127,74 @@ def tile_examples(seg, name: str, image: np.ndarray, points_xy: np.ndarray, poin
                         np.asarray(points_xy, np.float64), np.asarray(points_class, np.int64), float(mpp))
 
 
+def instance_targets(labels: np.ndarray, truth: np.ndarray, match_iou: float = 0.5,
+                     fp_overlap: float = 0.2) -> np.ndarray:
+    """Targets of predicted instances on a *fully annotated* tile (every nucleus outlined).
+
+    An instance whose best ground-truth IoU is at least ``match_iou`` is a ``NUCLEUS`` (of unknown
+    class); one with at most ``fp_overlap`` of its pixels on any ground-truth nucleus is a false
+    detection, ``REJECT``; the rest (partial overlaps, merges, splits) ``IGNORE``.
+
+    Parameters
+    ----------
+    labels, truth : ndarray of shape (H, W), integer
+        Predicted instances 1..K and ground-truth instances (0 = background).
+
+    Returns
+    -------
+    ndarray of shape (K,), int64
+    """
+    k = int(labels.max())
+    lab = labels.astype(np.int64).ravel()
+    gt = truth.astype(np.int64).ravel()
+    g1 = int(gt.max()) + 1
+    px = np.bincount(lab, minlength=k + 1).astype(np.float64)
+    on_gt = np.bincount(lab, weights=(gt > 0).astype(np.float64), minlength=k + 1)
+    both = (lab > 0) & (gt > 0)
+    pairs, inter = np.unique(lab[both] * g1 + gt[both], return_counts=True)
+    pl, gl = pairs // g1, pairs % g1
+    gsz = np.bincount(gt, minlength=g1).astype(np.float64)
+    best = np.zeros(k + 1)
+    np.maximum.at(best, pl, inter / (px[pl] + gsz[gl] - inter))
+    target = np.full(k, IGNORE, np.int64)
+    target[best[1:] >= match_iou] = NUCLEUS
+    target[on_gt[1:] <= fp_overlap * px[1:]] = REJECT
+    return target
+
+
+def instance_tile_examples(seg, samples, groups=DEFAULT_GROUPS) -> list[TileExamples]:
+    """Examples of fully annotated instance tiles (:class:`pipeline.data.datasets.Sample`, segmented
+    at their own µm/px) for the "not a nucleus" output: :func:`instance_targets`; no classes."""
+    out = []
+    for smp in samples:
+        img, truth = smp.load()
+        lab, sc, embed, scale = segment_raw(seg, img, smp.mpp)
+        feats = instance_features(lab, sc, img, embed, smp.mpp, scale, groups)
+        out.append(TileExamples(smp.name, feats, instance_targets(lab, truth), lab, np.asarray(sc, np.float32),
+                                centroids_xy(lab), np.zeros((0, 2)), np.zeros(0, np.int64), float(smp.mpp)))
+    return out
+
+
+def negative_region_examples(seg, path, data_root, groups=DEFAULT_GROUPS, margin_um: float = 64.0,
+                             inside: float = 0.5) -> list[TileExamples]:
+    """Examples from hand-drawn negative regions (:func:`pipeline.data.regions.read_negative_regions`):
+    the slide around the polygons is segmented at level 0; instances with more than ``inside`` of
+    their pixels inside a polygon are ``REJECT``, the others ``IGNORE`` (unannotated tissue)."""
+    from ..data.regions import read_negative_regions
+
+    out = []
+    for r in read_negative_regions(path, data_root, margin_um):
+        lab, sc, embed, scale = segment_raw(seg, r["image"], r["mpp"])
+        feats = instance_features(lab, sc, r["image"], embed, r["mpp"], scale, groups)
+        k = int(lab.max())
+        px = np.bincount(lab.ravel(), minlength=k + 1)[1:]
+        ins = np.bincount(lab.ravel(), weights=r["mask"].ravel(), minlength=k + 1)[1:]
+        target = np.where(ins > inside * px, REJECT, IGNORE).astype(np.int64)
+        out.append(TileExamples(r["name"], feats, target, lab, np.asarray(sc, np.float32), centroids_xy(lab),
+                                np.zeros((0, 2)), np.zeros(0, np.int64), float(r["mpp"])))
+    return out
+
+
 def crchisto_examples(seg, root, vocab, tiles=None, groups=DEFAULT_GROUPS) -> list[TileExamples]:
     """Examples of crchisto tiles (``root/images/<tile>.png``, ``root/points/<tile>.csv``)."""
     from ..data.classes import read_point_csv
@@ -140,7 +210,18 @@ def crchisto_examples(seg, root, vocab, tiles=None, groups=DEFAULT_GROUPS) -> li
     return out
 
 
-def _fit_mlp(forward, params, mean, std, x: np.ndarray, y: np.ndarray, epochs: int, lr: float,
+def head_loss(logits: torch.Tensor, y: torch.Tensor, c: int) -> torch.Tensor:
+    """Mean loss over rows: cross-entropy for a class (or the reject output, index ``c``), and for
+    ``NUCLEUS`` rows ``-log(1 - p_reject)`` (any class, not rejected)."""
+    lse = torch.logsumexp(logits, 1)
+    nuc = y == NUCLEUS
+    safe = torch.where(nuc, torch.zeros_like(y), y)
+    ce = lse - logits.gather(1, safe[:, None])[:, 0]
+    not_rej = lse - torch.logsumexp(logits[:, :c], 1)
+    return torch.where(nuc, not_rej, ce).mean()
+
+
+def _fit_mlp(forward, params, mean, std, x: np.ndarray, y: np.ndarray, c: int, epochs: int, lr: float,
              weight_decay: float, train_mode) -> None:
     """Standardise with the stored ``mean``/``std`` buffers and fit ``forward`` full batch (AdamW)."""
     xt, yt = torch.from_numpy(x.astype(np.float32)), torch.from_numpy(y)
@@ -151,15 +232,19 @@ def _fit_mlp(forward, params, mean, std, x: np.ndarray, y: np.ndarray, epochs: i
     train_mode()
     for _ in range(epochs):
         opt.zero_grad()
-        loss = torch.nn.functional.cross_entropy(forward(xt), yt)
+        loss = head_loss(forward(xt), yt, c)
         loss.backward()
         opt.step()
 
 
 def _targets(examples, c: int, reject: bool) -> np.ndarray:
+    """Training targets of the rows: class index, ``c`` (reject), ``NUCLEUS`` or ``IGNORE``; without a
+    reject output both REJECT and NUCLEUS rows are ignored."""
     target = np.concatenate([e.target for e in examples]) if examples else np.zeros(0, np.int64)
     y = target.copy()
     y[y == REJECT] = c if reject else IGNORE
+    if not reject:
+        y[y == NUCLEUS] = IGNORE
     return y
 
 
@@ -184,13 +269,13 @@ def fit_head(examples, classes, reject: bool = True, hidden: int = 128, epochs: 
     feats = np.concatenate([e.features for e in examples]) if examples else np.zeros((0, n_features(groups=groups)))
     c = len(classes)
     y = _targets(examples, c, reject)
-    use = y >= 0
+    use = (y >= 0) | (y == NUCLEUS)
     cfg = {"classes": list(classes), "n_features": int(feats.shape[1]), "hidden": int(hidden),
            "reject": bool(reject), "reject_threshold": 0.5 if reject else None, "dropout": float(dropout),
            "feature_groups": list(groups)}
     if colors is not None:
         cfg["colors"] = [list(map(int, rgb)) for rgb in colors]
-    if not use.any():
+    if not (y >= 0).any():
         raise ValueError("no typed instance to train the type head on")
     kw = dict(hidden=hidden, epochs=epochs, lr=lr, weight_decay=weight_decay, dropout=dropout, seed=seed,
               colors=colors, groups=groups)
@@ -205,7 +290,7 @@ def fit_head(examples, classes, reject: bool = True, hidden: int = 128, epochs: 
                 oof[i] = _stage1_outputs(h, examples[i])
     torch.manual_seed(seed)
     head = TypeHead(cfg)
-    _fit_mlp(head, head.mlp.parameters(), head.feat_mean, head.feat_std, feats[use], y[use], epochs, lr,
+    _fit_mlp(head, head.mlp.parameters(), head.feat_mean, head.feat_std, feats[use], y[use], c, epochs, lr,
              weight_decay, head.train)
     if stage2_radii_um:  # the same first stage, then the second one (seeded on its own)
         torch.manual_seed(seed + 1)
@@ -213,7 +298,7 @@ def fit_head(examples, classes, reject: bool = True, hidden: int = 128, epochs: 
                                                         "folds": int(nf)}})
         head.load_state_dict(first.state_dict(), strict=False)
         f2 = np.concatenate([head.stage2_features(e.features, o, e.centroids, e.mpp) for e, o in zip(examples, oof)])
-        _fit_mlp(head.forward2, head.stage2.parameters(), head.feat2_mean, head.feat2_std, f2[use], y[use],
+        _fit_mlp(head.forward2, head.stage2.parameters(), head.feat2_mean, head.feat2_std, f2[use], y[use], c,
                  epochs, lr, weight_decay, head.train)
     return head.eval()
 
