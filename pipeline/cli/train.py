@@ -35,6 +35,10 @@ def register(sub):
                         "validate detection)")
     p.add_argument("--negatives-root", metavar="DIR", default=None,
                    help="folder the negative regions' slide paths are relative to (default: the parent of --data)")
+    p.add_argument("--fg-gate", action="store_true",
+                   help="with --init and --negatives: add a foreground gate to the checkpoint and train only it "
+                        "(the network stays frozen; pipeline/training/gate.py)")
+    p.add_argument("--gate-iters", type=int, default=None, metavar="N", help="gate training steps (default 400)")
     p.add_argument("--no-tune", action="store_true", help="skip the post-processing threshold search")
     p.add_argument("--no-types", action="store_true",
                    help="do not fit a type head for the classes found in a user folder's annotations "
@@ -65,6 +69,28 @@ def _fit_user_classes(data, out) -> None:
     print(f"classes: {', '.join(summary['classes'])}")
 
 
+def _train_gate(args, cfg, init) -> int:
+    """``--fg-gate``: gate ``init`` with the negative regions (pipeline/training/gate.py)."""
+    from pathlib import Path
+
+    from ..errors import ConfigError
+    from ..model.checkpoint import load_checkpoint
+    from ..model.segmenter import Segmenter
+    from ..training.gate import GateConfig, train_gate
+    from ..training.joint import load_negative_regions
+
+    if init is None or not args.negatives:
+        raise ConfigError("--fg-gate needs --init (the checkpoint to gate) and --negatives (the regions)")
+    gcfg = GateConfig() if args.gate_iters is None else GateConfig(iters=args.gate_iters)
+    teacher = Segmenter(*load_checkpoint(init), device="cpu", engine="torch")
+    regions = load_negative_regions(args.negatives, args.negatives_root or Path(args.data).parent, cfg.mpp,
+                                    teacher, gcfg.neg_weight)
+    meta = train_gate(args.data, regions, args.output, init=init, cfg=cfg, gcfg=gcfg)
+    info = meta["fg_gate_training"]
+    print(f"gate trained: validation {info['validation_before']} -> {info['validation_after']}")
+    return 0
+
+
 def run(args):
     from ..config import with_overrides
     from ..model.checkpoint import DEFAULT_WEIGHTS
@@ -73,6 +99,8 @@ def run(args):
 
     cfg = with_overrides(TrainConfig(), **{f.name: getattr(args, f.name) for f in fields(TrainConfig)})
     init = DEFAULT_WEIGHTS if args.init == "default" else args.init
+    if args.fg_gate:
+        return _train_gate(args, cfg, init)
     if args.points:
         from ..errors import ConfigError
         from ..training.joint import JointConfig, train_joint

@@ -45,6 +45,29 @@ class GatedFusion(nn.Module):
         return s + g * (t - s)
 
 
+class ForegroundGate(nn.Module):
+    """"Not a nucleus" suppression of the nucleus logit from the stride-16 embedding (``arch["fg_gate"]``).
+
+    ``g = -softplus(conv1x1(relu(conv3x3(embed))))`` (3x3 cells = 48 µm of context at 0.5 µm/px),
+    upsampled bilinearly to the maps and added to the nucleus logit: it can only lower it. The last
+    convolution starts at zero weights and bias ``init_bias`` (softplus(-6) = 0.0025: no effect),
+    so a gated checkpoint computes the ungated function until the gate is trained
+    (:mod:`pipeline.training.gate`). The gate reads the embedding the decoder reads, so it costs
+    two small convolutions at stride 16."""
+
+    def __init__(self, dim: int = 256, hidden: int = 32, init_bias: float = -6.0) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(dim, hidden, 3, padding=1)
+        self.out = nn.Conv2d(hidden, 1, 1)
+        nn.init.zeros_(self.out.weight)
+        nn.init.constant_(self.out.bias, init_bias)
+
+    def forward(self, embed: torch.Tensor, size) -> torch.Tensor:
+        """``(N, 1, H, W)`` logit offset (<= 0) for maps of spatial ``size``."""
+        g = -F.softplus(self.out(F.relu(self.conv(embed))))
+        return F.interpolate(g, size=size, mode="bilinear", align_corners=False)
+
+
 class CellSAM(nn.Module):
     """Input ``float32 (N, 3, H, W)`` RGB 0..255 (H, W multiples of 16). ``forward`` returns a dict:
     ``maps`` (N, C, H, W) [nucleus logit, h, v(, distance logit)], ``embed`` (N, 256, H/16, W/16) used by the decoders,
@@ -59,6 +82,8 @@ class CellSAM(nn.Module):
         self.decoder = DenseDecoder(tuple(st["widths"]), tuple(arch["decoder"]["dec"]),
                                     int(arch["decoder"].get("out", 3)), int(arch["decoder"].get("refine2", 0)))
         self.fusion = GatedFusion() if arch.get("fusion") else None
+        gate = arch.get("fg_gate")
+        self.fg_gate = ForegroundGate(hidden=int(gate.get("hidden", 32))) if gate else None
         self.teacher = None  # frozen SAM image encoder, attached at run time (never saved)
         self.prompt_encoder = None
         self.mask_decoder = None
@@ -91,6 +116,8 @@ class CellSAM(nn.Module):
             t_emb = self.teacher(xn)
             embed = self.fusion(s_emb, t_emb)
         maps = self.decoder(xn, feats, embed)
+        if self.fg_gate is not None:
+            maps = torch.cat([maps[:, :1] + self.fg_gate(embed, maps.shape[-2:]), maps[:, 1:]], 1)
         return {"maps": maps, "embed": embed, "student_embed": s_emb, "teacher_embed": t_emb}
 
     def trainable_state_dict(self) -> dict:
