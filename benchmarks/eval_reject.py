@@ -61,6 +61,7 @@ def main(argv=None) -> int:
     ap.add_argument("--no-cmu", action="store_true", help="do not train on the CMU-1 negative regions")
     ap.add_argument("--write", help="write the shipped network with this head here")
     ap.add_argument("--threshold", type=float, default=None, help="reject threshold stored with --write")
+    ap.add_argument("--one-stage", action="store_true", help="fit without the second stage (ablation)")
     ap.add_argument("--tag", default="")
     args = ap.parse_args(argv)
     t0 = time.time()
@@ -82,7 +83,8 @@ def main(argv=None) -> int:
     train = crc_tr + inst_tr + ([] if args.no_cmu else cmu)
     n_rej = sum(int((e.target == REJECT).sum()) for e in train)
     print(f"examples in {time.time() - t0:.0f} s: {len(train)} tiles, {n_rej} reject examples", flush=True)
-    head = fit_head(train, vocab.names, reject=True, colors=vocab.colors, stage2_radii_um=stage2_radii_for(train))
+    head = fit_head(train, vocab.names, reject=True, colors=vocab.colors,
+                    stage2_radii_um=() if args.one_stage else stage2_radii_for(train))
     rows = []
     for thr in THRESHOLDS:
         a, p = [], []
