@@ -433,8 +433,6 @@ def label_centroids(labels):
 
 def _read_pred_points(pred_path: Path):
     """(TypedPoints of the predicted centres, whether they carry classes, source file)."""
-    import numpy as np
-
     from ..data.classes import TypedPoints, read_point_csv
     from ..data.readers import read_labels
 

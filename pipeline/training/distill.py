@@ -31,9 +31,7 @@ atomically after every epoch and ``OUT.run/log.csv`` gets one row per epoch.
 from __future__ import annotations
 
 import logging
-import os
 import re
-import shutil
 import time
 from dataclasses import asdict
 from pathlib import Path
