@@ -21,19 +21,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 DATA = ROOT.parent / "shared" / "data"
 
+from pipeline.data.regions import read_negative_regions  # noqa: E402
 from pipeline.model.segmenter import load_model  # noqa: E402
-from pipeline.slide import open_slide  # noqa: E402
 
-
-def negative_mask(path: Path, shape) -> np.ndarray:
-    from skimage.draw import polygon as draw_polygon
-
-    m = np.zeros(shape, bool)
-    for f in json.loads(path.read_text())["features"]:
-        ring = np.asarray(f["geometry"]["coordinates"][0], np.float64)
-        rr, cc = draw_polygon(ring[:, 1], ring[:, 0], shape)
-        m[rr, cc] = True
-    return m
+NEGATIVES = ROOT / "pipeline" / "data" / "negatives" / "cmu1_negatives.geojson"
 
 
 def main(argv=None) -> int:
@@ -42,12 +33,10 @@ def main(argv=None) -> int:
     ap.add_argument("--tag", default="")
     args = ap.parse_args(argv)
     seg = load_model(args.model, device="cpu")
-    with open_slide(DATA / "slides" / "CMU-1-Small-Region.svs") as sl:
-        w, h = sl.dimensions_l0
-        img = np.ascontiguousarray(sl.read_region_l0(0, 0, w, h, 0)[..., :3])
-        mpp = sl.mpp_x
-    lab = seg.segment(img, mpp)[0]
-    neg = negative_mask(ROOT / "pipeline" / "data" / "negatives" / "cmu1_negatives.geojson", lab.shape)
+    # a margin larger than the slide: the whole of level 0, with the polygons' mask
+    (r,) = read_negative_regions(NEGATIVES, DATA, margin_um=1e6)
+    neg, mpp = r["mask"], r["mpp"]
+    lab = seg.segment(r["image"], mpp)[0]
     k = int(lab.max())
     px = np.bincount(lab.ravel(), minlength=k + 1)[1:]
     inside_px = np.bincount(lab.ravel(), weights=neg.ravel(), minlength=k + 1)[1:]

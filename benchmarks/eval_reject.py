@@ -48,12 +48,13 @@ NEGATIVES = ROOT / "pipeline" / "data" / "negatives" / "cmu1_negatives.geojson"
 THRESHOLDS = (None, 0.95, 0.9, 0.8, 0.7, 0.5)
 
 
-def kept(head, ex, thr):
-    """Boolean (K,) of the instances kept at reject threshold ``thr`` (None = all)."""
-    if thr is None or len(ex.features) == 0:
-        return np.ones(len(ex.features), bool)
-    _, rej = head.predict(ex.features, ex.centroids, ex.mpp)
-    return rej <= thr
+def kept(rej: np.ndarray, thr) -> np.ndarray:
+    """Boolean (K,) of the instances kept at reject threshold ``thr`` (None = all) given p_reject."""
+    return np.ones(len(rej), bool) if thr is None else rej <= thr
+
+
+def p_reject(head, ex) -> np.ndarray:
+    return head.predict(ex.features, ex.centroids, ex.mpp)[1]
 
 
 def main(argv=None) -> int:
@@ -78,24 +79,25 @@ def main(argv=None) -> int:
     inst_tr = instance_tile_examples(seg, tr_s)
     inst_va = instance_tile_examples(seg, va_s)
     truth_va = [s.load()[1] for s in va_s]
-    cmu = negative_region_examples(seg, NEGATIVES, DATA)
-    cmu_all = negative_region_examples(seg, NEGATIVES, DATA, margin_um=1e6)  # the whole slide
-    train = crc_tr + inst_tr + ([] if args.no_cmu else cmu)
+    cmu = [] if args.no_cmu else negative_region_examples(seg, NEGATIVES, DATA)
+    (cmu_all,) = negative_region_examples(seg, NEGATIVES, DATA, margin_um=1e6)  # the whole slide
+    train = crc_tr + inst_tr + cmu
     n_rej = sum(int((e.target == REJECT).sum()) for e in train)
     print(f"examples in {time.time() - t0:.0f} s: {len(train)} tiles, {n_rej} reject examples", flush=True)
     head = fit_head(train, vocab.names, reject=True, colors=vocab.colors,
                     stage2_radii_um=() if args.one_stage else stage2_radii_for(train))
+    rej_va = [p_reject(head, ex) for ex in inst_va]
+    rej_cmu = p_reject(head, cmu_all)
+    inside = cmu_all.target == REJECT
     rows = []
     for thr in THRESHOLDS:
         a, p = [], []
-        for ex, gt in zip(inst_va, truth_va):
-            lab = drop_instances(ex.labels, kept(head, ex, thr))
+        for ex, rej, gt in zip(inst_va, rej_va, truth_va):
+            lab = drop_instances(ex.labels, kept(rej, thr))
             a.append(aji(gt, lab))
             p.append(panoptic_quality(gt, lab)["pq"])
         crc = score_tiles(head, crc_va, len(vocab), thr)
-        ex = cmu_all[0]
-        k = kept(head, ex, thr)
-        inside = ex.target == REJECT
+        k = kept(rej_cmu, thr)
         rows.append({"threshold": thr, "val_aji": round(float(np.mean(a)), 4), "val_pq": round(float(np.mean(p)), 4),
                      "crc_det_precision": round(crc["precision"], 4), "crc_det_recall": round(crc["recall"], 4),
                      "crc_det_f1": round(crc["f1"], 4), "crc_weighted_type_f1": round(crc["weighted_f1"], 4),
