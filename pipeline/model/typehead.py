@@ -71,6 +71,16 @@ def needs_embed(groups) -> bool:
     return "embed" in groups or "context" in groups
 
 
+def _sat_boxes(sat: np.ndarray, cr: np.ndarray, cc: np.ndarray, half: int) -> tuple[np.ndarray, np.ndarray]:
+    """Totals of a channel-first summed-area table ``sat`` (C, h + 1, w + 1) over the boxes of cells
+    ``[cr - half, cr + half] x [cc - half, cc + half]`` clipped to the grid: ``(K, C)`` float64, and
+    the number of grid cells in each clipped box ``(K,)``."""
+    h, w = sat.shape[1] - 1, sat.shape[2] - 1
+    r0, r1 = np.clip(cr - half, 0, h), np.clip(cr + half + 1, 0, h)
+    c0, c1 = np.clip(cc - half, 0, w), np.clip(cc + half + 1, 0, w)
+    return (sat[:, r1, c1] - sat[:, r0, c1] - sat[:, r1, c0] + sat[:, r0, c0]).T, (r1 - r0) * (c1 - c0)
+
+
 def _box_sums(centroids_xy: np.ndarray, vals: np.ndarray, mpp: float, radii_um, cell_um: float) -> list:
     """Sums of ``vals`` (K, M) over the *other* nuclei whose centroids fall in the box of each
     nucleus: its cell of a ``cell_um`` grid +- ``round(r / cell_um)`` cells, for each radius ``r``.
@@ -92,10 +102,8 @@ def _box_sums(centroids_xy: np.ndarray, vals: np.ndarray, mpp: float, radii_um, 
     np.cumsum(sat, 2, out=sat)
     out = []
     for r_um in radii_um:
-        half = max(0, int(round(r_um / cell_um)))
-        r0, r1 = np.clip(cr - half, 0, h), np.clip(cr + half + 1, 0, h)
-        c0, c1 = np.clip(cc - half, 0, w), np.clip(cc + half + 1, 0, w)
-        out.append((sat[:, r1, c1] - sat[:, r0, c1] - sat[:, r1, c0] + sat[:, r0, c0]).T - v)  # self out
+        tot, _ = _sat_boxes(sat, cr, cc, max(0, int(round(r_um / cell_um))))
+        out.append(tot - v)  # self out
     return out
 
 
@@ -136,11 +144,8 @@ def _surround(img8: np.ndarray, fg: np.ndarray, sr: np.ndarray, sc: np.ndarray, 
     cr, cc = np.round(sr / step).astype(np.int64), np.round(sc / step).astype(np.int64)
     out = []
     for size_um in (8.0, 24.0):
-        half = max(1, int(round(size_um / mpp / 2 / step)))
-        r0, r1 = np.clip(cr - half, 0, h), np.clip(cr + half + 1, 0, h)
-        c0, c1 = np.clip(cc - half, 0, w), np.clip(cc + half + 1, 0, w)
-        tot = (sat[:, r1, c1] - sat[:, r0, c1] - sat[:, r1, c0] + sat[:, r0, c0]).T  # (K, 4)
-        n_box = np.maximum((r1 - r0) * (c1 - c0), 1).astype(np.float64)
+        tot, cells = _sat_boxes(sat, cr, cc, max(1, int(round(size_um / mpp / 2 / step))))  # (K, 4)
+        n_box = np.maximum(cells, 1).astype(np.float64)
         n_bg = np.maximum(tot[:, 3], 1.0)
         out += [tot[:, :3] / n_bg[:, None], (1.0 - tot[:, 3] / n_box)[:, None]]
     return np.concatenate(out, 1)
