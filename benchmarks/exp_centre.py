@@ -49,19 +49,15 @@ def inner_points(lab: np.ndarray) -> np.ndarray:
     return np.array(pos, np.int64).reshape(-1, 2)
 
 
-def decode_with_markers(prob, dist, mpp, params, points_rc):
-    """Foreground as shipped; markers = the given points (inside the foreground), flooding -dist;
-    foreground components without a point keep their own label."""
+def decode_marker_image(prob, dist, mpp, params, mk):
+    """Watershed of -dist from the marker image ``mk`` inside the shipped foreground; foreground
+    components without a marker keep their own label."""
     px_area = mpp * mpp
     fg = prob >= params.fg_threshold
     comp, _ = ndi.label(fg)
     comp = _relabel_by_size(comp, max(1, int(round(params.min_area_um2 / px_area))))
     fg = comp > 0
-    mk = np.zeros(prob.shape, np.int32)
-    if len(points_rc):
-        r, c = points_rc[:, 0], points_rc[:, 1]
-        ok = fg[r, c]
-        mk[r[ok], c[ok]] = np.arange(1, int(ok.sum()) + 1)
+    mk = np.where(fg, mk, 0)
     has = np.zeros(int(comp.max()) + 1, bool)
     has[comp[mk > 0]] = True
     orphan = fg & ~has[comp]
@@ -70,6 +66,15 @@ def decode_with_markers(prob, dist, mpp, params, points_rc):
         mk = np.where(orphan, oc + mk.max(), mk)
     lab = watershed(-dist, markers=mk, mask=fg)
     return _relabel_by_size(lab, max(1, int(round(params.min_area_um2 / px_area))))
+
+
+def decode_with_markers(prob, dist, mpp, params, points_rc):
+    """Foreground as shipped; markers = the given points (inside the foreground), flooding -dist;
+    foreground components without a point keep their own label."""
+    mk = np.zeros(prob.shape, np.int32)
+    if len(points_rc):
+        mk[points_rc[:, 0], points_rc[:, 1]] = np.arange(1, len(points_rc) + 1)
+    return decode_marker_image(prob, dist, mpp, params, mk)
 
 
 def peaks(cmap: np.ndarray, thr: float, radius_px: int) -> np.ndarray:
@@ -214,23 +219,6 @@ def hybrid_markers(prob, dist, cen, mpp, params, thr, radius_px):
     sel = pts[split[blob]] if len(pts) else pts
     mk[sel[:, 0], sel[:, 1]] = mk.max() + 1 + np.arange(len(sel))
     return mk
-
-
-def decode_marker_image(prob, dist, mpp, params, mk):
-    px_area = mpp * mpp
-    fg = prob >= params.fg_threshold
-    comp, _ = ndi.label(fg)
-    comp = _relabel_by_size(comp, max(1, int(round(params.min_area_um2 / px_area))))
-    fg = comp > 0
-    mk = np.where(fg, mk, 0)
-    has = np.zeros(int(comp.max()) + 1, bool)
-    has[comp[mk > 0]] = True
-    orphan = fg & ~has[comp]
-    if orphan.any():
-        oc, _ = ndi.label(orphan)
-        mk = np.where(orphan, oc + mk.max(), mk)
-    lab = watershed(-dist, markers=mk, mask=fg)
-    return _relabel_by_size(lab, max(1, int(round(params.min_area_um2 / px_area))))
 
 
 def eval_head(args, seg):
