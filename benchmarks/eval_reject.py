@@ -40,7 +40,7 @@ from pipeline.metrics import aji, panoptic_quality  # noqa: E402
 from pipeline.model.checkpoint import DEFAULT_WEIGHTS, load_checkpoint, save_checkpoint  # noqa: E402
 from pipeline.model.segmenter import Segmenter  # noqa: E402
 from pipeline.model.typehead import drop_instances  # noqa: E402
-from pipeline.training.typehead import (CRCHISTO_VAL_TILES, DEFAULT_GROUPS, IGNORE, REJECT, crchisto_examples, fit_head,  # noqa: E402
+from pipeline.training.typehead import (CRCHISTO_VAL_TILES, IGNORE, REJECT, crchisto_examples, fit_head,  # noqa: E402
                                         instance_tile_examples, negative_region_examples, score_tiles,
                                         stage2_radii_for, with_type_head)
 
@@ -63,30 +63,28 @@ def main(argv=None) -> int:
     ap.add_argument("--write", help="write the shipped network with this head here")
     ap.add_argument("--threshold", type=float, default=None, help="reject threshold stored with --write")
     ap.add_argument("--one-stage", action="store_true", help="fit without the second stage (ablation)")
-    ap.add_argument("--texture", action="store_true", help="the head also reads the chromatin-texture features")
     ap.add_argument("--tag", default="")
     args = ap.parse_args(argv)
     t0 = time.time()
-    groups = DEFAULT_GROUPS + (("texture",) if args.texture else ())
     model, meta = load_checkpoint(DEFAULT_WEIGHTS)
     seg = Segmenter(model, meta, device="cpu", engine="torch")
     vocab = ClassVocabulary.crchisto()
     root = DATA / "nuclei" / "crchisto"
     names = sorted((p.stem for p in (root / "images").glob("*.png")), key=lambda s: (len(s), s))
-    crc_tr = crchisto_examples(seg, root, vocab, [n for n in names if n not in CRCHISTO_VAL_TILES], groups=groups)
+    crc_tr = crchisto_examples(seg, root, vocab, [n for n in names if n not in CRCHISTO_VAL_TILES])
     for e in crc_tr:
         e.target[e.target == REJECT] = IGNORE  # sampled points: untouched instances are not negatives
-    crc_va = crchisto_examples(seg, root, vocab, [n for n in names if n in CRCHISTO_VAL_TILES], groups=groups)
+    crc_va = crchisto_examples(seg, root, vocab, [n for n in names if n in CRCHISTO_VAL_TILES])
     tr_s, va_s = split_samples(builtin_samples(DATA / "nuclei"))
-    inst_tr = instance_tile_examples(seg, tr_s, groups=groups)
-    inst_va = instance_tile_examples(seg, va_s, groups=groups)
+    inst_tr = instance_tile_examples(seg, tr_s)
+    inst_va = instance_tile_examples(seg, va_s)
     truth_va = [s.load()[1] for s in va_s]
-    cmu = [] if args.no_cmu else negative_region_examples(seg, NEGATIVES, DATA, groups=groups)
-    (cmu_all,) = negative_region_examples(seg, NEGATIVES, DATA, groups=groups, margin_um=1e6)  # the whole slide
+    cmu = [] if args.no_cmu else negative_region_examples(seg, NEGATIVES, DATA)
+    (cmu_all,) = negative_region_examples(seg, NEGATIVES, DATA, margin_um=1e6)  # the whole slide
     train = crc_tr + inst_tr + cmu
     n_rej = sum(int((e.target == REJECT).sum()) for e in train)
     print(f"examples in {time.time() - t0:.0f} s: {len(train)} tiles, {n_rej} reject examples", flush=True)
-    head = fit_head(train, vocab.names, reject=True, colors=vocab.colors, groups=groups,
+    head = fit_head(train, vocab.names, reject=True, colors=vocab.colors,
                     stage2_radii_um=() if args.one_stage else stage2_radii_for(train))
     rej_va = [p_reject(head, ex) for ex in inst_va]
     rej_cmu = p_reject(head, cmu_all)

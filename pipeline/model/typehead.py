@@ -40,16 +40,15 @@ N_COLOUR = 7  # OD mean x3, OD std x3, detection score
 
 N_NEIGH = 6  # log count in 10 / 25 µm boxes, log mean area in them, log distance to the 1st / 4th nearest
 N_SURROUND = 8  # OD of the non-nucleus pixels (x3) + nucleus fraction, in 8 µm and 24 µm boxes
-N_TEXTURE = 3  # red-channel OD gradient inside the mask: mean |d|, RMS d (per px), fraction of |d| > 0.15
 SURROUND_STEP = 6  # the surround boxes are estimated on every 6th pixel (3 µm at 0.5 µm/px)
 #: feature groups in their fixed order; a head's ``cfg["feature_groups"]`` picks some (default V1)
-GROUPS = ("embed", "context", "morph", "colour", "neighbours", "surround", "texture")
+GROUPS = ("embed", "context", "morph", "colour", "neighbours", "surround")
 V1_GROUPS = ("embed", "context", "morph", "colour")
 
 
 def group_sizes(embed_dim: int = 256) -> dict[str, int]:
     return {"embed": embed_dim, "context": embed_dim, "morph": N_MORPH, "colour": N_COLOUR,
-            "neighbours": N_NEIGH, "surround": N_SURROUND, "texture": N_TEXTURE}
+            "neighbours": N_NEIGH, "surround": N_SURROUND}
 
 
 def n_features(embed_dim: int = 256, groups=V1_GROUPS) -> int:
@@ -278,32 +277,8 @@ def instance_features(labels: np.ndarray, scores: np.ndarray, image: np.ndarray,
         parts["neighbours"] = _neighbours(np.stack([sc, sr], 1), area, mpp)
     if "surround" in groups:
         parts["surround"] = _surround(img8, fg, sr, sc, mpp, step=SURROUND_STEP)
-    if "texture" in groups:
-        parts["texture"] = _texture(img8, flat_lab, idx, own, ll, cc, w, k)
     out = np.concatenate([parts[g] for g in groups], 1).astype(np.float32)
     return (out, np.stack([sc, sr], 1)) if with_centroids else out
-
-
-def _texture(img8, flat_lab, idx, own, ll, cc, w, k) -> np.ndarray:
-    """(K, 3) chromatin texture: the red-channel optical-density differences between each labelled
-    pixel and its right / lower neighbour of the same instance: mean |d|, RMS d, fraction > 0.15."""
-    red = _OD_LUT[img8[..., 0].ravel()]
-    od0 = red.take(idx)
-    tot = np.zeros(k)
-    sq = np.zeros(k)
-    big = np.zeros(k)
-    cnt = np.zeros(k)
-    for off, ok in ((1, cc < w - 1), (w, idx + w < red.size)):
-        nb = np.minimum(idx + off, red.size - 1)
-        same = ok & (flat_lab.take(nb) == own)
-        d = np.abs(red.take(nb[same]) - od0[same])
-        li = ll[same]
-        tot += np.bincount(li, d, minlength=k)
-        sq += np.bincount(li, d * d, minlength=k)
-        big += np.bincount(li, (d > 0.15).astype(np.float64), minlength=k)
-        cnt += np.bincount(li, minlength=k)
-    cnt = np.maximum(cnt, 1)
-    return np.stack([tot / cnt, np.sqrt(sq / cnt), big / cnt], 1)
 
 
 def neighbour_outputs(centroids_xy: np.ndarray, outputs: np.ndarray, mpp: float, radii_um,
