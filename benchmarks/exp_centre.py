@@ -268,7 +268,7 @@ def main():
         return
     val = split_samples(builtin_samples(args.data))[1]
     rows = {}
-    per = {"shipped": {}, "oracle_points": {}, "dist_peaks": {}}
+    per = {"shipped": {}, "oracle_points": {}, "dist_peaks": {}, "true_foreground": {}}
     t0 = time.perf_counter()
     for s in val:
         img, lab = s.load()
@@ -279,6 +279,9 @@ def main():
         r = max(1, int(round(2.0 / s.mpp)))
         per["dist_peaks"][s.name] = evaluate_pair(lab, decode_with_markers(
             prob, hv[2], s.mpp, seg.params, peaks(ndi.gaussian_filter(hv[2], 1.0 / s.mpp), 0.3, r)))
+        # true foreground (as a probability map), the shipped distance markers and flooding
+        per["true_foreground"][s.name] = evaluate_pair(
+            lab, instances_from_maps((lab > 0).astype(np.float32), hv, s.mpp, seg.params)[0])
         print(s.name, {k: round(v[s.name]["aji"], 3) for k, v in per.items()}, flush=True)
     for k, v in per.items():
         agg = aggregate(v)
