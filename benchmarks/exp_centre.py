@@ -140,60 +140,66 @@ def focal(logit, t, alpha=2.0, beta=4.0):
     return (lpos + lneg) / pos.sum().clamp(min=1)
 
 
-def train_head(args, seg):
+def train_frozen_head(args, seg, head, name: str, lr: float, seed: int, loss_fn):
+    """Train ``head`` on the frozen network's features of augmented 256-px training crops (batch 8);
+    ``loss_fn(head, s2, full, maps, labels)`` gives the loss. Resumable: ``runs/<name>.pt`` every 50
+    iterations; iteration ``it`` draws its crops from ``default_rng([seed, it])``."""
     from pipeline.data.augment import augment
     from pipeline.training.loop import sampling_weights
     from pipeline.training.train import load_data
 
     torch.manual_seed(0)
-    model = seg.model if hasattr(seg, "model") else None
-    model.eval()
+    seg.model.eval()
     tiles, _ = load_data(args.data, seg.mpp, validation=True)
     w = sampling_weights(tiles)
-    head = CentreHead()
-    opt = torch.optim.AdamW(head.parameters(), lr=2e-3, weight_decay=1e-4)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=2e-3, total_steps=args.iters, pct_start=0.05)
-    ck = REPO / "runs" / f"centre_{args.tag}.pt"
+    opt = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=1e-4)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=args.iters,
+                                                pct_start=max(0.05, 4 / args.iters))
+    ck = REPO / "runs" / f"{name}.pt"
     ck.parent.mkdir(exist_ok=True)
     start = 0
     if ck.exists():
         st = torch.load(ck, weights_only=True)
-        head.load_state_dict(st["head"]); opt.load_state_dict(st["opt"]); sched.load_state_dict(st["sched"])
+        head.load_state_dict(st["head"])
+        opt.load_state_dict(st["opt"])
+        sched.load_state_dict(st["sched"])
         start = int(st["it"])
-    t0 = time.perf_counter()
-    run = 0.0
+    t0, run = time.perf_counter(), 0.0
     for it in range(start, args.iters):
-        rng = np.random.default_rng([0, it])
-        imgs, tgts = [], []
+        rng = np.random.default_rng([seed, it])
+        imgs, labs = [], []
         for _ in range(8):
             d = tiles[int(rng.choice(len(tiles), p=w))]
             img, lab, _ = augment(rng, d["image"], d["labels"], d["hv"], 256, 1.0)
             imgs.append(img)
-            tgts.append(centre_target(lab))
+            labs.append(lab)
         x = torch.from_numpy(np.stack(imgs)).permute(0, 3, 1, 2).float()
-        maps, s2, full = frozen_features(model, x)
+        maps, s2, full = frozen_features(seg.model, x)
         head.train()
-        loss = focal(head(s2, full, maps)[:, 0], torch.from_numpy(np.stack(tgts)))
-        opt.zero_grad(); loss.backward(); opt.step(); sched.step()
+        loss = loss_fn(head, s2, full, maps, labs)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        sched.step()
         run = 0.98 * run + 0.02 * float(loss.detach()) if it > start else float(loss.detach())
         if (it + 1) % 50 == 0 or it + 1 == args.iters:
             torch.save({"head": head.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
                         "it": it + 1}, ck)
-            print(f"it {it + 1} loss {run:.3f} {time.perf_counter() - t0:.0f}s", flush=True)
+            print(f"it {it + 1} loss {run:.4f} {time.perf_counter() - t0:.0f}s", flush=True)
     return head
+
+
+def train_head(args, seg):
+    def loss_fn(head, s2, full, maps, labs):
+        return focal(head(s2, full, maps)[:, 0], torch.from_numpy(np.stack([centre_target(lab) for lab in labs])))
+
+    return train_frozen_head(args, seg, CentreHead(), f"centre_{args.tag}", 2e-3, 0, loss_fn)
 
 
 def centre_maps(seg, head, img, mpp):
     """prob, hv (3, H, W) and the centre probability (H, W), all at the image's own size."""
     h, w = img.shape[:2]
-    factor = mpp / seg.mpp
-    x = torch.from_numpy(np.array(img, copy=True)).permute(2, 0, 1)[None].float()
-    size = (max(16, int(round(h * factor))), max(16, int(round(w * factor))))
-    if abs(factor - 1) > 0.01:
-        x = F.interpolate(x, size=size, mode="bilinear", antialias=factor < 1, align_corners=False).round().clamp(0, 255)
-    ph, pw = (-size[0]) % 16, (-size[1]) % 16
-    x = F.pad(x, (0, pw, 0, ph), mode="reflect")
-    maps, s2, full = frozen_features(seg.model, x)
+    maps, s2, full, size = frozen_features_of(seg, img, mpp)
     with torch.no_grad():
         c = F.interpolate(head(s2, full, maps), scale_factor=2, mode="bilinear", align_corners=False)
     t = torch.cat([torch.sigmoid(maps[:, :1]), maps[:, 1:3], torch.sigmoid(maps[:, 3:4]), torch.sigmoid(c)], 1)
@@ -221,14 +227,23 @@ def hybrid_markers(prob, dist, cen, mpp, params, thr, radius_px):
     return mk
 
 
-def eval_head(args, seg):
-    head = CentreHead()
-    head.load_state_dict(torch.load(REPO / "runs" / f"centre_{args.tag}.pt", weights_only=True)["head"])
-    head.eval()
-    val = split_samples(builtin_samples(args.data))[1]
-    per = {}
-    for s in val:
+def load_head(head: torch.nn.Module, name: str) -> torch.nn.Module:
+    """``head`` with the weights of ``runs/<name>.pt``, in eval mode."""
+    head.load_state_dict(torch.load(REPO / "runs" / f"{name}.pt", weights_only=True)["head"])
+    return head.eval()
+
+
+def validation_tiles(data):
+    """(sample, image, true labels) of the fixed validation split, in its order."""
+    for s in split_samples(builtin_samples(data))[1]:
         img, lab = s.load()
+        yield s, img, lab
+
+
+def eval_head(args, seg):
+    head = load_head(CentreHead(), f"centre_{args.tag}")
+    per = {}
+    for s, img, lab in validation_tiles(args.data):
         prob, hv, cen = centre_maps(seg, head, img, s.mpp)
         r = max(1, int(round(args.radius_um / s.mpp)))
         per.setdefault("shipped", {})[s.name] = evaluate_pair(lab, instances_from_maps(prob, hv, s.mpp, seg.params)[0])
@@ -239,14 +254,32 @@ def eval_head(args, seg):
                 lab, decode_marker_image(prob, hv[2], s.mpp, seg.params,
                                          hybrid_markers(prob, hv[2], cen, s.mpp, seg.params, thr, r)))
         print(s.name, {k: round(v[s.name]["aji"], 3) for k, v in per.items()}, flush=True)
+    write_rows(per, REPO / "benchmarks" / "results" / f"centre_{args.tag}_eval_r{args.radius_um}.json")
+
+
+def frozen_features_of(seg, img, mpp):
+    """:func:`frozen_features` of an RGB image at ``mpp``, resampled to the model's µm/px and
+    padded as ``Segmenter.predict_maps`` does; also returns the unpadded network size."""
+    h, w = img.shape[:2]
+    factor = mpp / seg.mpp
+    x = torch.from_numpy(np.array(img, copy=True)).permute(2, 0, 1)[None].float()
+    size = (max(16, int(round(h * factor))), max(16, int(round(w * factor))))
+    if abs(factor - 1) > 0.01:
+        x = F.interpolate(x, size=size, mode="bilinear", antialias=factor < 1, align_corners=False).round().clamp(0, 255)
+    ph, pw = (-size[0]) % 16, (-size[1]) % 16
+    return (*frozen_features(seg.model, F.pad(x, (0, pw, 0, ph), mode="reflect")), size)
+
+
+def write_rows(per: dict, out: Path) -> dict:
+    """Aggregate per-variant, per-tile metrics, print them and write ``out`` (JSON)."""
     rows = {}
     for k, v in per.items():
         agg = aggregate(v)
         rows[k] = {m: round(agg[m], 4) for m in KEYS}
         print(k, rows[k])
-    out = REPO / "benchmarks" / "results" / f"centre_{args.tag}_eval_r{args.radius_um}.json"
     out.write_text(json.dumps({"rows": rows, "per_image": {k: {n: round(x["aji"], 4) for n, x in v.items()}
                                                            for k, v in per.items()}}, indent=1))
+    return rows
 
 
 def main():

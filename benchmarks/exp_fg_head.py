@@ -16,9 +16,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import json
 import sys
-import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -30,9 +28,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-from exp_centre import KEYS, frozen_features  # noqa: E402
-from pipeline.data.datasets import builtin_samples, split_samples  # noqa: E402
-from pipeline.metrics import aggregate, evaluate_pair  # noqa: E402
+from exp_centre import frozen_features_of, load_head, train_frozen_head, validation_tiles, write_rows  # noqa: E402
+from pipeline.metrics import evaluate_pair  # noqa: E402
 from pipeline.model import load_model  # noqa: E402
 from pipeline.model.postprocess import instances_from_maps  # noqa: E402
 
@@ -60,61 +57,17 @@ def soft_dice(logit, t):
 
 
 def train(args, seg):
-    from pipeline.data.augment import augment
-    from pipeline.training.loop import sampling_weights
-    from pipeline.training.train import load_data
-
-    torch.manual_seed(0)
-    tiles, _ = load_data(args.data, seg.mpp, validation=True)
-    w = sampling_weights(tiles)
-    head = FgHead()
-    opt = torch.optim.AdamW(head.parameters(), lr=1e-3, weight_decay=1e-4)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=1e-3, total_steps=args.iters, pct_start=max(0.05, 4 / args.iters))
-    ck = REPO / "runs" / f"fghead_{args.tag}.pt"
-    ck.parent.mkdir(exist_ok=True)
-    start = 0
-    if ck.exists():
-        st = torch.load(ck, weights_only=True)
-        head.load_state_dict(st["head"])
-        opt.load_state_dict(st["opt"])
-        sched.load_state_dict(st["sched"])
-        start = int(st["it"])
-    t0, run = time.perf_counter(), 0.0
-    for it in range(start, args.iters):
-        rng = np.random.default_rng([1, it])
-        imgs, fgs = [], []
-        for _ in range(8):
-            d = tiles[int(rng.choice(len(tiles), p=w))]
-            img, lab, _ = augment(rng, d["image"], d["labels"], d["hv"], 256, 1.0)
-            imgs.append(img)
-            fgs.append(lab > 0)
-        x = torch.from_numpy(np.stack(imgs)).permute(0, 3, 1, 2).float()
-        maps, s2, full = frozen_features(seg.model, x)
-        head.train()
+    def loss_fn(head, s2, full, maps, labs):
         logit = head(s2, full, maps)[:, 0]
-        t = torch.from_numpy(np.stack(fgs)).float()
-        loss = F.binary_cross_entropy_with_logits(logit, t) + soft_dice(logit, t)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        sched.step()
-        run = 0.98 * run + 0.02 * float(loss.detach()) if it > start else float(loss.detach())
-        if (it + 1) % 50 == 0 or it + 1 == args.iters:
-            torch.save({"head": head.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
-                        "it": it + 1}, ck)
-            print(f"it {it + 1} loss {run:.4f} {time.perf_counter() - t0:.0f}s", flush=True)
+        t = torch.from_numpy(np.stack([lab > 0 for lab in labs])).float()
+        return F.binary_cross_entropy_with_logits(logit, t) + soft_dice(logit, t)
+
+    return train_frozen_head(args, seg, FgHead(), f"fghead_{args.tag}", 1e-3, 1, loss_fn)
 
 
 def corrected_maps(seg, head, img, mpp):
     h, w = img.shape[:2]
-    factor = mpp / seg.mpp
-    x = torch.from_numpy(np.array(img, copy=True)).permute(2, 0, 1)[None].float()
-    size = (max(16, int(round(h * factor))), max(16, int(round(w * factor))))
-    if abs(factor - 1) > 0.01:
-        x = F.interpolate(x, size=size, mode="bilinear", antialias=factor < 1, align_corners=False).round().clamp(0, 255)
-    ph, pw = (-size[0]) % 16, (-size[1]) % 16
-    x = F.pad(x, (0, pw, 0, ph), mode="reflect")
-    maps, s2, full = frozen_features(seg.model, x)
+    maps, s2, full, size = frozen_features_of(seg, img, mpp)
     with torch.no_grad():
         logit = head(s2, full, maps)
     t = torch.cat([torch.sigmoid(logit), torch.sigmoid(maps[:, :1]), maps[:, 1:3], torch.sigmoid(maps[:, 3:4])], 1)
@@ -123,27 +76,16 @@ def corrected_maps(seg, head, img, mpp):
 
 
 def evaluate(args, seg):
-    head = FgHead()
-    head.load_state_dict(torch.load(REPO / "runs" / f"fghead_{args.tag}.pt", weights_only=True)["head"])
-    head.eval()
-    val = split_samples(builtin_samples(args.data))[1]
+    head = load_head(FgHead(), f"fghead_{args.tag}")
     per = {}
-    for s in val:
-        img, lab = s.load()
+    for s, img, lab in validation_tiles(args.data):
         prob_new, prob, hv = corrected_maps(seg, head, img, s.mpp)
         per.setdefault("shipped", {})[s.name] = evaluate_pair(lab, instances_from_maps(prob, hv, s.mpp, seg.params)[0])
         for fgt in (0.5, 0.6, 0.7):
             p = replace(seg.params, fg_threshold=fgt)
             per.setdefault(f"fghead_{fgt}", {})[s.name] = evaluate_pair(lab, instances_from_maps(prob_new, hv, s.mpp, p)[0])
         print(s.name, {k: round(v[s.name]["aji"], 3) for k, v in per.items()}, flush=True)
-    rows = {}
-    for k, v in per.items():
-        agg = aggregate(v)
-        rows[k] = {m: round(agg[m], 4) for m in KEYS}
-        print(k, rows[k])
-    out = REPO / "benchmarks" / "results" / f"fghead_{args.tag}.json"
-    out.write_text(json.dumps({"rows": rows, "per_image": {k: {n: round(x["aji"], 4) for n, x in v.items()}
-                                                           for k, v in per.items()}}, indent=1))
+    write_rows(per, REPO / "benchmarks" / "results" / f"fghead_{args.tag}.json")
 
 
 def main():
