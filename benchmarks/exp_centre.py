@@ -12,7 +12,7 @@ Usage::
     python benchmarks/exp_centre.py --eval --tag a                # -> results/centre_a_eval_r2.0.json
 
 Measured (docs/model_card.md, Ablation): perfect centre markers 0.656 AJI; the trained head's peaks
-as markers 0.606; hybrid (peaks split the shipped distance markers) 0.620 vs 0.617: not shipped.
+as markers 0.606; hybrid (peaks split the shipped distance markers) 0.619 vs 0.617: not shipped.
 """
 
 from __future__ import annotations
@@ -27,7 +27,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from scipy import ndimage as ndi
-from skimage.segmentation import watershed
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -35,7 +34,8 @@ sys.path.insert(0, str(REPO))
 from pipeline.data.datasets import builtin_samples, split_samples  # noqa: E402
 from pipeline.metrics import aggregate, evaluate_pair  # noqa: E402
 from pipeline.model import load_model  # noqa: E402
-from pipeline.model.postprocess import _relabel_by_size, instances_from_maps  # noqa: E402
+from pipeline.model.postprocess import (flood_from_markers, foreground_components, instances_from_maps,  # noqa: E402
+                                        label_markers)
 
 KEYS = ("aji", "pq", "dice", "pixel_precision", "pixel_recall")
 
@@ -50,22 +50,12 @@ def inner_points(lab: np.ndarray) -> np.ndarray:
 
 
 def decode_marker_image(prob, dist, mpp, params, mk):
-    """Watershed of -dist from the marker image ``mk`` inside the shipped foreground; foreground
-    components without a marker keep their own label."""
-    px_area = mpp * mpp
-    fg = prob >= params.fg_threshold
-    comp, _ = ndi.label(fg)
-    comp = _relabel_by_size(comp, max(1, int(round(params.min_area_um2 / px_area))))
-    fg = comp > 0
-    mk = np.where(fg, mk, 0)
-    has = np.zeros(int(comp.max()) + 1, bool)
-    has[comp[mk > 0]] = True
-    orphan = fg & ~has[comp]
-    if orphan.any():
-        oc, _ = ndi.label(orphan)
-        mk = np.where(orphan, oc + mk.max(), mk)
-    lab = watershed(-dist, markers=mk, mask=fg)
-    return _relabel_by_size(lab, max(1, int(round(params.min_area_um2 / px_area))))
+    """The shipped decoder's foreground and flooding (``pipeline.model.postprocess``) from the
+    marker image ``mk`` instead of its distance-threshold markers: watershed of -dist inside the
+    foreground; markers outside it dropped; components without a marker keep their own label."""
+    comp = foreground_components(prob, mpp, params)
+    mk = np.where(comp > 0, mk, 0).astype(np.uint32)
+    return flood_from_markers(-dist.astype(np.float32), mk, comp, mpp, params)
 
 
 def decode_with_markers(prob, dist, mpp, params, points_rc):
@@ -78,6 +68,7 @@ def decode_with_markers(prob, dist, mpp, params, points_rc):
 
 
 def peaks(cmap: np.ndarray, thr: float, radius_px: int) -> np.ndarray:
+    """(K, 2) row, col of the local maxima of ``cmap`` (within ``radius_px``) that reach ``thr``."""
     mx = ndi.maximum_filter(cmap, size=2 * radius_px + 1)
     r, c = np.nonzero((cmap >= mx) & (cmap >= thr))
     return np.stack([r, c], 1)
@@ -196,34 +187,36 @@ def train_head(args, seg):
     return train_frozen_head(args, seg, CentreHead(), f"centre_{args.tag}", 2e-3, 0, loss_fn)
 
 
+def at_image_size(maps, extra, size, hw) -> np.ndarray:
+    """[prob, h, v, dist] of the network ``maps`` (N=1) followed by the ``extra`` channels (same
+    grid), cropped to the unpadded network ``size`` and resampled to the image's ``hw``:
+    float32 (4 + E, H, W)."""
+    t = torch.cat([torch.sigmoid(maps[:, :1]), maps[:, 1:3], torch.sigmoid(maps[:, 3:4]), extra], 1)
+    return F.interpolate(t[:, :, :size[0], :size[1]], size=hw, mode="bilinear", align_corners=False)[0].numpy()
+
+
 def centre_maps(seg, head, img, mpp):
     """prob, hv (3, H, W) and the centre probability (H, W), all at the image's own size."""
-    h, w = img.shape[:2]
     maps, s2, full, size = frozen_features_of(seg, img, mpp)
     with torch.no_grad():
         c = F.interpolate(head(s2, full, maps), scale_factor=2, mode="bilinear", align_corners=False)
-    t = torch.cat([torch.sigmoid(maps[:, :1]), maps[:, 1:3], torch.sigmoid(maps[:, 3:4]), torch.sigmoid(c)], 1)
-    t = t[:, :, :size[0], :size[1]]
-    t = F.interpolate(t, size=(h, w), mode="bilinear", align_corners=False)[0].numpy()
+    t = at_image_size(maps, torch.sigmoid(c), size, img.shape[:2])
     return t[0], t[1:4], t[4]
 
 
 def hybrid_markers(prob, dist, cen, mpp, params, thr, radius_px):
-    """Distance-threshold markers, except that a marker blob holding >= 2 centre peaks is replaced
-    by those peaks; returns (K, 2) points + blob labels as a combined marker image."""
-    fg = prob >= params.fg_threshold
-    from pipeline.model.postprocess import _binary_opening_3x3
-
-    mk = _binary_opening_3x3(fg & (dist >= params.dist_threshold))
-    mk, n = ndi.label(mk)
+    """The shipped distance-threshold markers (``label_markers``), except that a marker blob holding
+    >= 2 centre peaks is replaced by those peaks (one 1-px marker each); a uint32 marker image."""
+    mk = label_markers((foreground_components(prob, mpp, params) > 0) & (dist >= params.dist_threshold),
+                       mpp, params)
+    n = int(mk.max())
     pts = peaks(cen, thr, radius_px)
-    blob = mk[pts[:, 0], pts[:, 1]] if len(pts) else np.zeros(0, int)
-    cnt = np.bincount(blob, minlength=n + 1)
-    split = cnt >= 2
+    blob = mk[pts[:, 0], pts[:, 1]] if len(pts) else np.zeros(0, np.int64)
+    split = np.bincount(blob, minlength=n + 1) >= 2
     split[0] = False
     mk = np.where(split[mk], 0, mk)
     sel = pts[split[blob]] if len(pts) else pts
-    mk[sel[:, 0], sel[:, 1]] = mk.max() + 1 + np.arange(len(sel))
+    mk[sel[:, 0], sel[:, 1]] = n + 1 + np.arange(len(sel), dtype=np.uint32)
     return mk
 
 
@@ -299,12 +292,8 @@ def main():
     if args.eval:
         eval_head(args, seg)
         return
-    val = split_samples(builtin_samples(args.data))[1]
-    rows = {}
     per = {"shipped": {}, "oracle_points": {}, "dist_peaks": {}, "true_foreground": {}}
-    t0 = time.perf_counter()
-    for s in val:
-        img, lab = s.load()
+    for s, img, lab in validation_tiles(args.data):
         prob, hv = seg.predict_maps(img, s.mpp)
         per["shipped"][s.name] = evaluate_pair(lab, instances_from_maps(prob, hv, s.mpp, seg.params)[0])
         per["oracle_points"][s.name] = evaluate_pair(lab, decode_with_markers(prob, hv[2], s.mpp, seg.params,
@@ -316,13 +305,7 @@ def main():
         per["true_foreground"][s.name] = evaluate_pair(
             lab, instances_from_maps((lab > 0).astype(np.float32), hv, s.mpp, seg.params)[0])
         print(s.name, {k: round(v[s.name]["aji"], 3) for k, v in per.items()}, flush=True)
-    for k, v in per.items():
-        agg = aggregate(v)
-        rows[k] = {m: round(agg[m], 4) for m in KEYS}
-        print(k, rows[k])
-    out = REPO / "benchmarks" / "results" / f"centre_{args.tag}.json"
-    out.write_text(json.dumps({"rows": rows, "seconds": round(time.perf_counter() - t0, 1)}, indent=1))
-
+    write_rows(per, REPO / "benchmarks" / "results" / f"centre_{args.tag}.json")
 
 if __name__ == "__main__":
     main()

@@ -28,7 +28,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-from exp_centre import frozen_features_of, load_head, train_frozen_head, validation_tiles, write_rows  # noqa: E402
+from exp_centre import at_image_size, frozen_features_of, load_head, train_frozen_head, validation_tiles, write_rows  # noqa: E402
 from pipeline.metrics import evaluate_pair  # noqa: E402
 from pipeline.model import load_model  # noqa: E402
 from pipeline.model.postprocess import instances_from_maps  # noqa: E402
@@ -66,13 +66,12 @@ def train(args, seg):
 
 
 def corrected_maps(seg, head, img, mpp):
-    h, w = img.shape[:2]
+    """Corrected probability, shipped probability (H, W) and hv (3, H, W) at the image's size."""
     maps, s2, full, size = frozen_features_of(seg, img, mpp)
     with torch.no_grad():
         logit = head(s2, full, maps)
-    t = torch.cat([torch.sigmoid(logit), torch.sigmoid(maps[:, :1]), maps[:, 1:3], torch.sigmoid(maps[:, 3:4])], 1)
-    t = F.interpolate(t[:, :, :size[0], :size[1]], size=(h, w), mode="bilinear", align_corners=False)[0].numpy()
-    return t[0], t[1], t[2:5]
+    t = at_image_size(maps, torch.sigmoid(logit), size, img.shape[:2])
+    return t[4], t[0], t[1:4]
 
 
 def evaluate(args, seg):

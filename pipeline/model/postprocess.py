@@ -72,6 +72,42 @@ def _binary_opening_3x3(mask: np.ndarray) -> np.ndarray:
     return rows[:-2] | rows[1:-1] | rows[2:]
 
 
+def foreground_components(prob: np.ndarray, mpp: float, params: PostprocessParams) -> np.ndarray:
+    """Step 1: connected components of ``prob >= fg_threshold`` of at least ``min_area_um2``,
+    numbered 1..C (uint32 (H, W); all 0 when there is none)."""
+    fg = prob >= params.fg_threshold
+    if not fg.any():
+        return np.zeros(prob.shape, np.uint32)
+    comp, _ = ndi.label(fg)
+    return _relabel_by_size(comp, max(1, int(round(params.min_area_um2 / (mpp * mpp)))))
+
+
+def label_markers(marker: np.ndarray, mpp: float, params: PostprocessParams) -> np.ndarray:
+    """Step 3: a boolean marker mask opened (3x3), labelled, markers under ``min_marker_um2``
+    dropped; uint32 (H, W)."""
+    mk, _ = ndi.label(_binary_opening_3x3(marker))
+    return _relabel_by_size(mk, max(1, int(round(params.min_marker_um2 / (mpp * mpp)))))
+
+
+def flood_from_markers(edge: np.ndarray, mk: np.ndarray, comp: np.ndarray, mpp: float,
+                       params: PostprocessParams) -> np.ndarray:
+    """Step 4: watershed of ``edge`` from the labelled markers ``mk`` (uint32, inside ``comp``)
+    within the foreground components ``comp``; a component without any marker keeps a label of its
+    own (never lose a detected nucleus); pieces under ``min_area_um2`` dropped. uint32 (H, W),
+    labels not yet in raster order."""
+    fg = comp > 0
+    has = np.zeros(int(comp.max()) + 1, bool)
+    has[comp[mk > 0]] = True
+    orphan = fg & ~has[comp]
+    if orphan.any():
+        oc, _ = ndi.label(orphan)
+        oc = oc.astype(np.uint32)
+        oc[oc > 0] += np.uint32(mk.max())
+        mk = np.where(orphan, oc, mk)
+    lab = watershed(edge, markers=mk, mask=fg).astype(np.uint32)
+    return _relabel_by_size(lab, max(1, int(round(params.min_area_um2 / (mpp * mpp)))))
+
+
 def instances_from_maps(prob: np.ndarray, hv: np.ndarray, mpp: float,
                         params: PostprocessParams = PostprocessParams()) -> tuple[np.ndarray, np.ndarray]:
     """Decode instances.
@@ -93,12 +129,7 @@ def instances_from_maps(prob: np.ndarray, hv: np.ndarray, mpp: float,
     scores : ndarray of shape (K,), float32
         Mean probability of each instance (``scores[i]`` belongs to label ``i + 1``).
     """
-    px_area = mpp * mpp
-    fg = prob >= params.fg_threshold
-    if not fg.any():
-        return np.zeros(prob.shape, np.uint32), np.zeros(0, np.float32)
-    comp, _ = ndi.label(fg)
-    comp = _relabel_by_size(comp, max(1, int(round(params.min_area_um2 / px_area))))
+    comp = foreground_components(prob, mpp, params)
     fg = comp > 0
     if not fg.any():
         return np.zeros(prob.shape, np.uint32), np.zeros(0, np.float32)
@@ -111,20 +142,7 @@ def instances_from_maps(prob: np.ndarray, hv: np.ndarray, mpp: float,
         gv = np.abs(ndi.gaussian_filter(hv[1].astype(np.float32), sigma, order=(1, 0)))
         edge = np.maximum(gh, gv) / mpp  # per µm
         marker = fg & (edge < params.marker_threshold)
-    marker = _binary_opening_3x3(marker)
-    mk, _ = ndi.label(marker)
-    mk = _relabel_by_size(mk, max(1, int(round(params.min_marker_um2 / px_area))))
-    # foreground components without any marker get one (their own component)
-    has = np.zeros(int(comp.max()) + 1, bool)
-    has[comp[mk > 0]] = True
-    orphan = fg & ~has[comp]
-    if orphan.any():
-        oc, _ = ndi.label(orphan)
-        oc = oc.astype(np.uint32)
-        oc[oc > 0] += np.uint32(mk.max())
-        mk = np.where(orphan, oc, mk)
-    lab = watershed(edge, markers=mk, mask=fg).astype(np.uint32)
-    lab = _relabel_by_size(lab, max(1, int(round(params.min_area_um2 / px_area))))
+    lab = flood_from_markers(edge, label_markers(marker, mpp, params), comp, mpp, params)
     # number in raster order of first pixel (deterministic, tile-position independent order)
     flat = lab.ravel()
     n = int(flat.max())
