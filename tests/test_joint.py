@@ -105,3 +105,26 @@ def test_short_joint_run_resumes_and_ships_a_type_head(tmp_path):
     assert model.type_head.cfg["reject_threshold"] is None
     assert meta2["joint_config"]["neg_weight"] == JointConfig().neg_weight
     assert meta["type_head_training"]["tiles"] == 2
+
+
+def test_feature_distillation_anchors_the_starting_embedding():
+    import torch
+
+    from pipeline.model.checkpoint import DEFAULT_WEIGHTS, load_checkpoint
+    from pipeline.training.joint import feature_loss, feature_teacher
+
+    model, _ = load_checkpoint(DEFAULT_WEIGHTS)
+    model.eval()
+    teacher = feature_teacher(model)
+    x = torch.from_numpy(np.random.default_rng(0).integers(0, 256, (2, 3, 64, 64)).astype(np.float32))
+    same = feature_loss(model(x)["embed"], teacher, x)
+    assert float(same) < 1e-10
+    with torch.no_grad():  # move the student: the teacher must not follow, and the loss must see it
+        for p in model.parameters():
+            p.mul_(1.1)
+    moved = feature_loss(model(x)["embed"], teacher, x)
+    assert float(moved) > 1e-3
+    assert not any(p.requires_grad for p in teacher.parameters())
+    moved.backward()  # gradients reach the student only
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters())
+    assert all(p.grad is None for p in teacher.parameters())

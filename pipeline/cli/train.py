@@ -33,6 +33,9 @@ def register(sub):
     p.add_argument("--point-crops", type=int, default=None, metavar="N",
                    help="with --points: point-tile crops per batch (default 3; 0 = the point tiles only "
                         "validate detection)")
+    p.add_argument("--feature-distill", type=float, default=None, metavar="W",
+                   help="with --points: weight of feature distillation, the starting model's stride-16 "
+                        "embedding on every crop (default 0 = off)")
     p.add_argument("--negatives-root", metavar="DIR", default=None,
                    help="folder the negative regions' slide paths are relative to (default: the parent of --data)")
     p.add_argument("--fg-gate", action="store_true",
@@ -107,7 +110,9 @@ def run(args):
 
         if init is None:
             raise ConfigError("--points (joint training) needs --init (a checkpoint with a distance head, e.g. default)")
-        jcfg = JointConfig() if args.point_crops is None else JointConfig(point_crops=args.point_crops)
+        jover = {k: v for k, v in (("point_crops", args.point_crops), ("feature_weight", args.feature_distill))
+                 if v is not None}
+        jcfg = JointConfig(**jover)
         meta = train_joint(args.data, args.points, args.output, init=init, regions=args.negatives,
                            regions_root=args.negatives_root, cfg=cfg, jcfg=jcfg, resume_state=args.resume_state,
                            tune=not args.no_tune)

@@ -72,6 +72,7 @@ class JointConfig:
     pos_weight: float = 2.0
     type_weight: float = 0.3
     n_types: int = 4
+    feature_weight: float = 0.0  # feature distillation: the starting model's stride-16 embedding, every crop
 
 
 # --------------------------------------------------------------------------------------------------
@@ -327,6 +328,26 @@ def weak_losses(out: dict, fg, dist, weight, types, type_clf, jcfg: JointConfig)
     return res
 
 
+def feature_teacher(model) -> torch.nn.Module:
+    """A frozen copy of the starting model (eval mode, no gradients): the teacher of feature
+    distillation."""
+    import copy
+
+    t = copy.deepcopy(model).eval()
+    for p in t.parameters():
+        p.requires_grad_(False)
+    return t
+
+
+def feature_loss(embed: torch.Tensor, teacher: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Feature distillation: squared error between the student's stride-16 embedding ``embed``
+    (N, D, h, w) and the teacher's on the same crops ``x``, relative to the teacher's mean square
+    (a scale-free number: 1.0 = as far as a zero embedding)."""
+    with torch.no_grad():
+        t = teacher(x)["embed"]
+    return (embed - t).pow(2).mean() / t.pow(2).mean().clamp_min(1e-8)
+
+
 # --------------------------------------------------------------------------------------------------
 # validation
 
@@ -412,6 +433,7 @@ def train_joint(data: str, points: str, out, *, init, regions=None, regions_root
     model.arch.pop("type_head", None)
     model.type_head = None
     model = model.to(memory_format=torch.channels_last)
+    anchor = feature_teacher(model) if jcfg.feature_weight > 0 else None
     _train_mode(model)
     type_clf = torch.nn.Linear(model.arch.get("embed_dim", 256), jcfg.n_types)
     torch.manual_seed(cfg.seed)
@@ -447,6 +469,9 @@ def train_joint(data: str, points: str, out, *, init, regions=None, regions_root
                 wo = {"maps": o["maps"][n_full:], "embed": o["embed"][n_full:]}
                 wl = weak_losses(wo, *wb[1:], type_clf, jcfg)
                 ls = {**ls, **wl, "loss": ls["loss"] + wl["weak"]}
+            if anchor is not None:
+                fd = feature_loss(o["embed"], anchor, xs)
+                ls = {**ls, "feat": fd, "loss": ls["loss"] + jcfg.feature_weight * fd}
             optimizer_step(ls, opt, sched, params, sums)
             if ema is not None:
                 ema.update(model)
