@@ -1,8 +1,8 @@
 """The type head's "not a nucleus" output trained on fully annotated tiles and hand-drawn negatives.
 
-    python benchmarks/eval_reject.py [--no-cmu] [--write OUT.pt] [--tag NAME]
+    python benchmarks/eval_reject.py [--no-cmu] [--model CKPT] [--write OUT.pt] [--tag NAME]
 
-The shipped network stays frozen. A type head is fitted (shipped recipe: stage 1 + stage 2,
+The network (``--model``, default the shipped one) stays frozen. A type head is fitted (shipped recipe: stage 1 + stage 2,
 ``fit_head``) on three kinds of examples:
 
 * the 64 CRCHisto training tiles: typed points give the class; instances touched only by an
@@ -64,9 +64,10 @@ def main(argv=None) -> int:
     ap.add_argument("--threshold", type=float, default=None, help="reject threshold stored with --write")
     ap.add_argument("--one-stage", action="store_true", help="fit without the second stage (ablation)")
     ap.add_argument("--tag", default="")
+    ap.add_argument("--model", default=str(DEFAULT_WEIGHTS), help="the frozen network (default: the shipped weights)")
     args = ap.parse_args(argv)
     t0 = time.time()
-    model, meta = load_checkpoint(DEFAULT_WEIGHTS)
+    model, meta = load_checkpoint(args.model)
     seg = Segmenter(model, meta, device="cpu", engine="torch")
     vocab = ClassVocabulary.crchisto()
     root = DATA / "nuclei" / "crchisto"

@@ -58,6 +58,24 @@ def test_distance_decoding_splits_touching_nuclei():
     assert merged.max() == 1
 
 
+
+def test_min_score_drops_weak_instances_and_renumbers():
+    lab = _two_touching_disks()
+    lab[5:15, 5:15] = 3  # a third, separate square
+    prob = np.where(lab == 1, 0.95, np.where(lab == 2, 0.7, np.where(lab == 3, 0.9, 0.0))).astype(np.float32)
+    hv = np.concatenate([hv_targets(lab), distance_targets(lab)[None]], 0)
+    p = PostprocessParams(dist_threshold=0.5)
+    full, s_full = instances_from_maps(prob, hv, 0.5, p)
+    assert full.max() == 3 and np.allclose(sorted(s_full), [0.7, 0.9, 0.95], atol=1e-6)
+    kept, s_kept = instances_from_maps(prob, hv, 0.5, PostprocessParams(dist_threshold=0.5, min_score=0.8))
+    # the 0.7 disk is gone; the others keep their pixels, renumbered 1..2 in raster order
+    assert kept.max() == 2 and np.allclose(s_kept, [0.9, 0.95], atol=1e-6)
+    assert not kept[lab == 2].any()
+    for i in (1, 3):
+        assert len(np.unique(kept[lab == i])) == 1 and kept[lab == i][0] > 0
+    assert kept[lab == 3][0] == 1  # the square comes first in raster order
+
+
 def test_with_distance_head_keeps_hv_outputs():
     torch.manual_seed(0)
     arch = {"student": {"widths": [8, 8, 16, 16], "depths": [1, 1, 1, 1], "expand": 2},

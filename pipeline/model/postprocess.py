@@ -35,6 +35,7 @@ class PostprocessParams:
     min_area_um2: float = 3.0
     min_marker_um2: float = 1.0
     dist_threshold: float = 0.5  # distance-head models: marker level of the normalised distance
+    min_score: float = 0.0  # instances whose mean nucleus probability is below this are dropped
 
     @classmethod
     def from_dict(cls, d: dict | None) -> "PostprocessParams":
@@ -127,7 +128,8 @@ def instances_from_maps(prob: np.ndarray, hv: np.ndarray, mpp: float,
     labels : ndarray of shape (H, W), uint32
         Instances numbered 1..K in raster order of their first pixel; 0 = background.
     scores : ndarray of shape (K,), float32
-        Mean probability of each instance (``scores[i]`` belongs to label ``i + 1``).
+        Mean probability of each instance (``scores[i]`` belongs to label ``i + 1``); instances
+        whose score is below ``params.min_score`` are dropped (:func:`drop_low_scores`).
     """
     comp = foreground_components(prob, mpp, params)
     fg = comp > 0
@@ -163,4 +165,30 @@ def instances_from_maps(prob: np.ndarray, hv: np.ndarray, mpp: float,
     sums = np.bincount(new_px, weights=prob.ravel()[idx].astype(np.float64), minlength=n + 1)
     cnts = np.bincount(new_px, minlength=n + 1)
     scores = (sums[1:] / np.maximum(cnts[1:], 1)).astype(np.float32)
+    if params.min_score > 0:
+        lab, scores = drop_low_scores(lab, scores, params.min_score)
     return lab, scores
+
+
+def drop_low_scores(lab: np.ndarray, scores: np.ndarray, min_score: float) -> tuple[np.ndarray, np.ndarray]:
+    """Instances with ``scores < min_score`` removed, the rest renumbered 1..K' in their order.
+
+    Parameters
+    ----------
+    lab : ndarray of shape (H, W), uint32
+        Instances 1..K (raster order of first pixel), 0 = background.
+    scores : ndarray of shape (K,), float32
+        ``scores[i]`` belongs to label ``i + 1``.
+    min_score : float
+
+    Returns
+    -------
+    labels : ndarray of shape (H, W), uint32
+    scores : ndarray of shape (K',), float32
+    """
+    keep = scores >= np.float32(min_score)
+    if keep.all():
+        return lab, scores
+    lut = np.zeros(len(scores) + 1, np.uint32)
+    lut[1:][keep] = np.arange(1, int(keep.sum()) + 1, dtype=np.uint32)
+    return lut[lab], scores[keep]

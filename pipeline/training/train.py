@@ -22,7 +22,7 @@ from __future__ import annotations
 import itertools
 import logging
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import numpy as np
@@ -134,6 +134,9 @@ def evaluate_model(model, metadata, val_samples, params: PostprocessParams | Non
     return aggregate(per)
 
 
+MIN_SCORE_GRID = (0.0, 0.75, 0.78, 0.8, 0.82, 0.84)
+
+
 def tune_postprocess(model, metadata, val_samples) -> tuple[PostprocessParams, dict]:
     """Grid-search the decoding thresholds on the validation split (maps computed once)."""
     from ..metrics import aggregate, evaluate_pair
@@ -152,13 +155,22 @@ def tune_postprocess(model, metadata, val_samples) -> tuple[PostprocessParams, d
     else:
         grid = [{"fg_threshold": f, "marker_threshold": m, "sigma_um": g}
                 for f, m, g in itertools.product((0.4, 0.5, 0.6), (0.3, 0.45, 0.6, 0.8, 1.0, 1.3), (0.35, 0.6, 1.0, 2.0))]
-    for kw in grid:
-        p = PostprocessParams(**kw)
+    def score(p):
         per = {s.name: evaluate_pair(lab, instances_from_maps(prob, hv, s.mpp, p)[0]) for s, lab, prob, hv in cache}
         res = aggregate(per)
-        score = res["aji"] + res["pq"]
-        if score > best_score:
-            best, best_score, best_res = p, score, res
+        return res["aji"] + res["pq"], res
+
+    for kw in grid:
+        p = PostprocessParams(**kw)
+        sc, res = score(p)
+        if sc > best_score:
+            best, best_score, best_res = p, sc, res
+    # then the minimum instance score at the best thresholds (0 = keep every instance)
+    for ms in MIN_SCORE_GRID[1:]:
+        p = replace(best, min_score=ms)
+        sc, res = score(p)
+        if sc > best_score:
+            best, best_score, best_res = p, sc, res
     model.train()
     return best, best_res
 

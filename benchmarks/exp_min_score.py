@@ -1,0 +1,83 @@
+"""Experiment: drop instances whose mean nucleus probability (their score) is low.
+
+    python benchmarks/exp_min_score.py [--model CKPT]   # -> benchmarks/results/min_score.json
+
+For each minimum score of ``MIN_SCORE_GRID`` (``PostprocessParams.min_score``; the checkpoint's other
+thresholds unchanged), with the default engine:
+
+* validation AJI / PQ / Dice / pixel precision / recall on the fixed 6-tile split;
+* detection precision / recall / F1 on the 16 held-out CRCHisto tiles (3.3 µm matching);
+* detections of ``CMU-1-Small-Region.svs`` more than half inside the hand-drawn negative regions
+  (keratin, hair-shaft layers, debris) and outside them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+from scipy import ndimage as ndi
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "benchmarks"))
+DATA = REPO.parent / "shared" / "data"
+
+from exp_centre import validation_tiles  # noqa: E402
+from pipeline.data.classes import read_point_csv  # noqa: E402
+from pipeline.data.readers import read_image  # noqa: E402
+from pipeline.data.regions import read_negative_regions  # noqa: E402
+from pipeline.metrics import aggregate, aggregate_point_counts, evaluate_pair, point_counts, point_scores  # noqa: E402
+from pipeline.model import load_model  # noqa: E402
+from pipeline.model.postprocess import drop_low_scores  # noqa: E402
+from pipeline.training.train import MIN_SCORE_GRID  # noqa: E402
+from pipeline.training.typehead import CRCHISTO_MPP, CRCHISTO_VAL_TILES, POINT_RADIUS_UM  # noqa: E402
+
+NEGATIVES = REPO / "pipeline" / "data" / "negatives" / "cmu1_negatives.geojson"
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default=None)
+    ap.add_argument("--tag", default="")
+    args = ap.parse_args(argv)
+    seg = load_model(args.model, device="cpu")
+    seg.params = replace(seg.params, min_score=0.0)  # decode everything once, filter per threshold
+    grid = MIN_SCORE_GRID
+    val = {t: {} for t in grid}
+    for s, img, lab in validation_tiles(DATA / "nuclei"):
+        pred, sc = seg.segment(img, s.mpp)[:2]
+        for t in grid:
+            val[t][s.name] = evaluate_pair(lab, drop_low_scores(pred, sc, t)[0])
+    det = {t: [] for t in grid}
+    root = DATA / "nuclei" / "crchisto"
+    for name in CRCHISTO_VAL_TILES:
+        img = read_image(root / "images" / f"{name}.png")
+        pts = read_point_csv(root / "points" / f"{name}.csv").xy_px
+        pred, sc = seg.segment(img, CRCHISTO_MPP)[:2]
+        cen = np.array(ndi.center_of_mass(np.ones_like(pred), pred, np.arange(1, int(pred.max()) + 1)))[:, ::-1]
+        for t in grid:
+            det[t].append(point_counts(pts, cen[sc >= t], POINT_RADIUS_UM / CRCHISTO_MPP))
+    (r,) = read_negative_regions(NEGATIVES, DATA, margin_um=1e6)
+    pred, sc = seg.segment(r["image"], r["mpp"])[:2]
+    inside = ndi.mean(r["mask"], pred, np.arange(1, int(pred.max()) + 1)) > 0.5
+    rows = {}
+    for t in grid:
+        a, d = aggregate(val[t]), point_scores(aggregate_point_counts(det[t]))
+        keep = sc >= t
+        rows[str(t)] = {**{k: round(float(a[k]), 4) for k in ("aji", "pq", "dice", "pixel_precision", "pixel_recall")},
+                        "aji_plus_pq": round(float(a["aji"] + a["pq"]), 4),
+                        **{f"crchisto_det_{k}": round(float(d[k]), 4) for k in ("precision", "recall", "f1")},
+                        "cmu1_inside_negatives": int((keep & inside).sum()), "cmu1_outside": int((keep & ~inside).sum())}
+        print(t, rows[str(t)], flush=True)
+    out = REPO / "benchmarks" / "results" / f"min_score{'_' + args.tag if args.tag else ''}.json"
+    out.write_text(json.dumps({"model": args.model or "shipped", "rows": rows}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
