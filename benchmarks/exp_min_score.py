@@ -1,6 +1,7 @@
 """Experiment: drop instances whose mean nucleus probability (their score) is low.
 
     python benchmarks/exp_min_score.py [--model CKPT]   # -> benchmarks/results/min_score.json
+    python benchmarks/exp_min_score.py --joint          # -> benchmarks/results/min_score_joint.json
 
 For each minimum score of ``MIN_SCORE_GRID`` (``PostprocessParams.min_score``; the checkpoint's other
 thresholds unchanged), with the default engine:
@@ -9,6 +10,11 @@ thresholds unchanged), with the default engine:
 * detection precision / recall / F1 on the 16 held-out CRCHisto tiles (3.3 µm matching);
 * detections of ``CMU-1-Small-Region.svs`` more than half inside the hand-drawn negative regions
   (keratin, hair-shaft layers, debris) and outside them.
+
+``--joint``: validation only, the minimum score searched jointly with the foreground and distance
+thresholds (4 x 3 x 6 grid, minimum area 6 µm²), rows sorted by AJI + PQ: does the sequential
+search of ``tune_postprocess`` miss a better pair (e.g. a lower foreground threshold, fatter masks,
+with a higher minimum score)?
 """
 
 from __future__ import annotations
@@ -33,7 +39,7 @@ from pipeline.data.readers import read_image  # noqa: E402
 from pipeline.data.regions import read_negative_regions  # noqa: E402
 from pipeline.metrics import aggregate, aggregate_point_counts, evaluate_pair, point_counts, point_scores  # noqa: E402
 from pipeline.model import load_model  # noqa: E402
-from pipeline.model.postprocess import drop_low_scores  # noqa: E402
+from pipeline.model.postprocess import drop_low_scores, instances_from_maps  # noqa: E402
 from pipeline.training.train import MIN_SCORE_GRID  # noqa: E402
 from pipeline.training.typehead import CRCHISTO_MPP, CRCHISTO_VAL_TILES, POINT_RADIUS_UM  # noqa: E402
 
@@ -44,8 +50,11 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default=None)
     ap.add_argument("--tag", default="")
+    ap.add_argument("--joint", action="store_true", help="validation grid fg x dist x min score")
     args = ap.parse_args(argv)
     seg = load_model(args.model, device="cpu")
+    if args.joint:
+        return joint_grid(seg, args)
     seg.params = replace(seg.params, min_score=0.0)  # decode everything once, filter per threshold
     grid = MIN_SCORE_GRID
     val = {t: {} for t in grid}
@@ -75,6 +84,26 @@ def main(argv=None) -> int:
                         "cmu1_inside_negatives": int((keep & inside).sum()), "cmu1_outside": int((keep & ~inside).sum())}
         print(t, rows[str(t)], flush=True)
     out = REPO / "benchmarks" / "results" / f"min_score{'_' + args.tag if args.tag else ''}.json"
+    out.write_text(json.dumps({"model": args.model or "shipped", "rows": rows}, indent=1))
+    return 0
+
+
+def joint_grid(seg, args) -> int:
+    import itertools
+
+    cache = [(s, lab, *seg.predict_maps(img, s.mpp)) for s, img, lab in validation_tiles(DATA / "nuclei")]
+    rows = []
+    for f, d, ms in itertools.product((0.5, 0.55, 0.6, 0.65), (0.4, 0.45, 0.5), (0.0, 0.78, 0.8, 0.82, 0.84, 0.86)):
+        p = replace(seg.params, fg_threshold=f, dist_threshold=d, min_area_um2=6.0, min_score=ms)
+        a = aggregate({s.name: evaluate_pair(lab, instances_from_maps(prob, hv, s.mpp, p)[0])
+                       for s, lab, prob, hv in cache})
+        rows.append({"fg_threshold": f, "dist_threshold": d, "min_score": ms,
+                     **{k: round(float(a[k]), 4) for k in ("aji", "pq", "dice", "pixel_precision", "pixel_recall")},
+                     "aji_plus_pq": round(float(a["aji"] + a["pq"]), 4)})
+    rows.sort(key=lambda r: (-r["aji_plus_pq"], r["fg_threshold"], r["dist_threshold"], r["min_score"]))
+    for r in rows[:10]:
+        print(r)
+    out = REPO / "benchmarks" / "results" / f"min_score_joint{'_' + args.tag if args.tag else ''}.json"
     out.write_text(json.dumps({"model": args.model or "shipped", "rows": rows}, indent=1))
     return 0
 

@@ -52,6 +52,9 @@ class SegmentConfig:
     teacher: str | None = None
     dedup_iou: float = 0.5  # IoU at/above which the lower-ranked duplicate is dropped
     min_area_um2: float = 3.0  # nuclei smaller than this are discarded
+    # instances whose score (mean nucleus probability) is below this are dropped by the model's
+    # decoding; None = the checkpoint's metadata.postprocess.min_score (shipped 0.82), 0 = keep all
+    min_score: float | None = None
     # implausible objects (far outside nucleus size/shape: tissue folds, keratin, merged clumps) are
     # discarded per window, before dedup, and counted (summary "nuclei_dropped_implausible")
     max_area_um2: float = 200.0  # objects larger than this are not nuclei
@@ -198,5 +201,7 @@ def with_overrides(cfg, **overrides):
                     raise ConfigError(f"{key} must be > 0, got {value}")
             if key == "cell_expansion_um" and not 0 <= value <= 100:
                 raise ConfigError(f"{key} must be between 0 (off) and 100 µm, got {value}")
+            if key == "min_score" and not 0 <= value <= 1:
+                raise ConfigError(f"{key} must be between 0 (keep all) and 1, got {value}")
         clean[key] = value
     return replace(cfg, **clean)

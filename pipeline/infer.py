@@ -285,7 +285,8 @@ def classical_segment_batch(mpp: float) -> Callable:
 
 @functools.lru_cache(maxsize=4)
 def _load_model_cached(spec: str | None, device: str, refine: bool, classical_mpp: float | None,
-                       engine: str = "auto", precision: str = "auto", teacher: str | None = None) -> Model:
+                       engine: str = "auto", precision: str = "auto", teacher: str | None = None,
+                       min_score: float | None = None) -> Model:
     """Load a model once per process (dask workers reuse it across tasks)."""
     if spec == CLASSICAL:
         return Model(
@@ -298,7 +299,12 @@ def _load_model_cached(spec: str | None, device: str, refine: bool, classical_mp
     from .model.checkpoint import DEFAULT_WEIGHTS
 
     seg = load_model(spec, device=device, refine=refine, engine=engine, precision=precision, teacher=teacher)
+    if min_score is not None:  # SegmentConfig.min_score overrides the checkpoint's decoding threshold
+        from dataclasses import replace as _replace
+
+        seg.params = _replace(seg.params, min_score=float(min_score))
     model = _wrap_segmenter(seg)
+    model.info["min_score"] = float(seg.params.min_score)  # in the chunk meta: a change recomputes
     weights = Path(spec) if spec else DEFAULT_WEIGHTS
     model.info["weights_file"] = weights.name
     model.info["weights_sha256"] = _sha256(weights)
@@ -336,7 +342,7 @@ def _wrap_segmenter(seg: Any) -> Model:
 
 
 def resolve_model(model: Any, *, device: str, refine: bool, store_mpp: float, engine: str = "auto",
-                  precision: str = "auto", teacher: Any = None) -> Model:
+                  precision: str = "auto", teacher: Any = None, min_score: float | None = None) -> Model:
     """Turn a model spec into a :class:`Model`.
 
     Parameters
@@ -352,6 +358,10 @@ def resolve_model(model: Any, *, device: str, refine: bool, store_mpp: float, en
     teacher : path, optional
         SAM ViT checkpoint for a dual checkpoint (:func:`pipeline.model.load_model`); its file name
         and sha256 go into ``Model.info`` (``teacher_file``, ``teacher_sha256``).
+    min_score : float, optional
+        Minimum instance score of a checkpoint's decoding (``PostprocessParams.min_score``);
+        ``None`` = the checkpoint's own (shipped: 0.82), 0 = keep every instance. Recorded as
+        ``Model.info["min_score"]``. Ignored for the classical model and for model objects.
     """
     if isinstance(model, Model):
         return model
@@ -362,7 +372,8 @@ def resolve_model(model: Any, *, device: str, refine: bool, store_mpp: float, en
         if teacher is not None and spec == CLASSICAL:
             raise ModelError("--teacher applies to a dual CellSAM checkpoint, not to the classical model")
         return _load_model_cached(spec, device, bool(refine), float(store_mpp) if spec == CLASSICAL else None,
-                                  str(engine), str(precision), None if teacher is None else str(teacher))
+                                  str(engine), str(precision), None if teacher is None else str(teacher),
+                                  None if min_score is None or spec == CLASSICAL else float(min_score))
     if hasattr(model, "segment_batch"):
         return _wrap_segmenter(model)
     if callable(model):
@@ -419,7 +430,7 @@ def process_batch(
     group, attrs = _open_store_cached(str(store_path))
     mpp = float(attrs["mpp"])
     model = resolve_model(model_spec, device=cfg.device, refine=cfg.refine, store_mpp=mpp, engine=cfg.engine,
-                          precision=cfg.precision, teacher=cfg.teacher)
+                          precision=cfg.precision, teacher=cfg.teacher, min_score=cfg.min_score)
     timings = dict.fromkeys(TIMING_KEYS, 0.0)
 
     t0 = time.perf_counter()
@@ -686,7 +697,7 @@ def run_infer(
     if cfg.teacher:  # workers may run in another working directory (the path is never recorded)
         cfg = replace(cfg, teacher=os.path.abspath(cfg.teacher))
     resolved = resolve_model(model, device=cfg.device, refine=cfg.refine, store_mpp=store_mpp, engine=cfg.engine,
-                             precision=cfg.precision, teacher=cfg.teacher)
+                             precision=cfg.precision, teacher=cfg.teacher, min_score=cfg.min_score)
     if resolved.mpp is not None and abs(resolved.mpp - store_mpp) > 1e-3 * resolved.mpp:
         raise StoreError(
             f"{store_path}: store is at {store_mpp:g} µm/px but the model expects {resolved.mpp:g} µm/px; "

@@ -55,3 +55,38 @@ def test_shipped_min_score_drops_only_weak_instances(seg, val):
     # the survivors keep exactly their pixels
     weak = np.flatnonzero(s_full < 0.82) + 1
     assert np.array_equal(kept > 0, (full > 0) & ~np.isin(full, weak))
+
+
+def test_min_score_override_from_the_cli_and_config(tmp_path):
+    """``--min-score 0`` keeps the weak instances the shipped 0.82 drops; the setting is part of the
+    model identity that chunk resume compares, and an out-of-range value is one config error."""
+    import csv
+    import subprocess
+    import sys
+
+    from pipeline.config import SegmentConfig, with_overrides
+    from pipeline.errors import ConfigError
+    from pipeline.infer import resolve_model
+
+    img = shared_file("nuclei/crchisto/images/img1.png")
+    counts = {}
+    for tag, extra in (("default", []), ("all", ["--min-score", "0"])):
+        out = tmp_path / f"{tag}.tif"
+        r = subprocess.run([sys.executable, "-m", "pipeline.cli", "predict", str(img), "--mpp", "0.55", "-o", str(out),
+                            *extra], capture_output=True, text=True)
+        assert r.returncode == 0, r.stderr
+        with open(tmp_path / f"{tag}.nuclei.csv") as fh:
+            rows = list(csv.DictReader(fh))
+        counts[tag] = len(rows)
+        scores = [float(row["score"]) for row in rows]
+        if tag == "default":
+            assert min(scores) >= 0.82
+        else:
+            assert min(scores) < 0.82
+    assert counts["default"] < counts["all"] <= 1.3 * counts["default"], counts
+    shipped = resolve_model(None, device="cpu", refine=False, store_mpp=0.5)
+    keep_all = resolve_model(None, device="cpu", refine=False, store_mpp=0.5, min_score=0.0)
+    assert shipped.info["min_score"] == pytest.approx(0.82) and keep_all.info["min_score"] == 0.0
+    assert with_overrides(SegmentConfig(), min_score=0.5).min_score == 0.5
+    with pytest.raises(ConfigError, match="min_score"):
+        with_overrides(SegmentConfig(), min_score=1.5)

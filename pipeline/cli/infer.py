@@ -28,6 +28,9 @@ def add_model_args(p) -> None:
     p.add_argument("--no-tissue-crop", dest="crop_to_tissue", action="store_false", default=None,
                    help="run the model on whole windows, background included")
     p.add_argument("--refine", action="store_true", default=None, help="SAM-decoder refinement (slower)")
+    p.add_argument("--min-score", type=float, default=None, metavar="P",
+                   help="drop nuclei whose score (mean nucleus probability) is below P; 0 keeps all "
+                   "(default: the checkpoint's, 0.82 for the shipped model)")
     p.add_argument("--teacher", metavar="SAM.pth", default=None,
                    help="official SAM ViT checkpoint: runs a dual --model (teacher + student fused; GPU recommended)")
     p.add_argument("--scheduler", metavar="ADDRESS", default=None, help="dask.distributed scheduler address (default: local threads)")
@@ -45,6 +48,7 @@ def segment_overrides(args) -> dict:
         "crop_to_tissue": args.crop_to_tissue,
         "refine": args.refine,
         "teacher": args.teacher,
+        "min_score": args.min_score,
     }
 
 

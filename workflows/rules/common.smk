@@ -117,6 +117,8 @@ def infer_flags():
         flags.append("--refine")
     if cfg["teacher"] is not None:
         flags.append(f"--teacher {shlex.quote(cfg['teacher'])}")
+    if cfg.get("min_score") is not None:
+        flags.append(f"--min-score {float(cfg['min_score'])!r}")
     if cfg["scheduler"] is not None:
         flags.append(f"--scheduler {shlex.quote(cfg['scheduler'])}")
     return " ".join(flags)
