@@ -2,6 +2,7 @@
 
     python benchmarks/exp_min_score.py [--model CKPT]   # -> benchmarks/results/min_score.json
     python benchmarks/exp_min_score.py --joint          # -> benchmarks/results/min_score_joint.json
+    python benchmarks/exp_min_score.py --variants       # -> benchmarks/results/min_score_variants.json
 
 For each minimum score of ``MIN_SCORE_GRID`` (``PostprocessParams.min_score``; the checkpoint's other
 thresholds unchanged), with the default engine:
@@ -15,6 +16,10 @@ thresholds unchanged), with the default engine:
 thresholds (4 x 3 x 6 grid, minimum area 6 µm²), rows sorted by AJI + PQ: does the sequential
 search of ``tune_postprocess`` miss a better pair (e.g. a lower foreground threshold, fatter masks,
 with a higher minimum score)?
+
+``--variants``: validation only, other per-instance scores as the filter, alone and together with
+the shipped mean-probability score >= 0.82: the maximum and mean of the distance map, the maximum
+and the 75th percentile of the nucleus probability over the mask.
 """
 
 from __future__ import annotations
@@ -51,10 +56,13 @@ def main(argv=None) -> int:
     ap.add_argument("--model", default=None)
     ap.add_argument("--tag", default="")
     ap.add_argument("--joint", action="store_true", help="validation grid fg x dist x min score")
+    ap.add_argument("--variants", action="store_true", help="other per-instance scores as the filter")
     args = ap.parse_args(argv)
     seg = load_model(args.model, device="cpu")
     if args.joint:
         return joint_grid(seg, args)
+    if args.variants:
+        return score_variants(seg, args)
     seg.params = replace(seg.params, min_score=0.0)  # decode everything once, filter per threshold
     grid = MIN_SCORE_GRID
     val = {t: {} for t in grid}
@@ -104,6 +112,44 @@ def joint_grid(seg, args) -> int:
     for r in rows[:10]:
         print(r)
     out = REPO / "benchmarks" / "results" / f"min_score_joint{'_' + args.tag if args.tag else ''}.json"
+    out.write_text(json.dumps({"model": args.model or "shipped", "rows": rows}, indent=1))
+    return 0
+
+
+def score_variants(seg, args) -> int:
+    shipped = seg.params.min_score
+    p0 = replace(seg.params, min_score=0.0)
+    cache = []
+    for s, img, lab in validation_tiles(DATA / "nuclei"):
+        prob, hv = seg.predict_maps(img, s.mpp)
+        pred, sc = instances_from_maps(prob, hv, s.mpp, p0)
+        idx = np.arange(1, int(pred.max()) + 1)
+        f = {"mean_p": sc, "max_d": ndi.maximum(hv[2], pred, idx), "mean_d": ndi.mean(hv[2], pred, idx),
+             "max_p": ndi.maximum(prob, pred, idx),
+             "p75_p": ndi.labeled_comprehension(prob, pred, idx, lambda v: np.percentile(v, 75), float, 0)}
+        cache.append((s, lab, pred, {k: np.asarray(v, np.float64) for k, v in f.items()}))
+
+    def run(keepfn):
+        per = {}
+        for s, lab, pred, f in cache:
+            keep = keepfn(f)
+            lut = np.zeros(len(keep) + 1, np.uint32)
+            lut[1:][keep] = np.arange(1, int(keep.sum()) + 1, dtype=np.uint32)
+            per[s.name] = evaluate_pair(lab, lut[pred])
+        a = aggregate(per)
+        return {"aji": round(float(a["aji"]), 4), "pq": round(float(a["pq"]), 4),
+                "aji_plus_pq": round(float(a["aji"] + a["pq"]), 4)}
+
+    rows = [{"score": "mean_p", "min": shipped, "with_shipped": False, **run(lambda f: f["mean_p"] >= shipped)}]
+    grids = {"max_d": (0.3, 0.4, 0.5, 0.6, 0.7), "mean_d": (0.15, 0.2, 0.25, 0.3),
+             "max_p": (0.85, 0.9, 0.93, 0.95), "p75_p": (0.85, 0.9, 0.93)}
+    for key, grid in grids.items():
+        for t in grid:
+            for both in (False, True):
+                rows.append({"score": key, "min": t, "with_shipped": both,
+                             **run(lambda f: (f[key] >= t) & ((f["mean_p"] >= shipped) if both else True))})
+                print(rows[-1], flush=True)
+    out = REPO / "benchmarks" / "results" / f"min_score_variants{'_' + args.tag if args.tag else ''}.json"
     out.write_text(json.dumps({"model": args.model or "shipped", "rows": rows}, indent=1))
     return 0
 
