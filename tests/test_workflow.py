@@ -36,6 +36,7 @@ PIPELINE_DEFAULTS = {
     ("infer", "workers"): (pconfig.SegmentConfig, "workers"),
     ("infer", "halo_px"): (pconfig.SegmentConfig, "halo_px"),
     ("infer", "refine"): (pconfig.SegmentConfig, "refine"),
+    ("infer", "min_score"): (pconfig.SegmentConfig, "min_score"),
     ("infer", "teacher"): (pconfig.SegmentConfig, "teacher"),
     ("infer", "crop_to_tissue"): (pconfig.SegmentConfig, "crop_to_tissue"),
     ("infer", "tissue_margin_px"): (pconfig.SegmentConfig, "tissue_margin_px"),
@@ -196,7 +197,7 @@ def test_slurm_profile_dry_run_gives_infer_a_gpu(tmp_path):
 def test_cpu_device_requests_no_gpu(tmp_path):
     slides = _fake_slides(tmp_path, "a.svs")
     cfg = {"samples": _sheet(tmp_path, [("a", slides[0], None)]), "keep_stores": True,
-           "infer": {"device": "cpu", "teacher": "sam weights/sam_vit_b.pth"}}
+           "infer": {"device": "cpu", "teacher": "sam weights/sam_vit_b.pth", "min_score": 0.5}}
     layout = CohortLayout(tmp_path / "results")
     layout.status_dir.mkdir(parents=True)
     layout.status("a").write_text(json.dumps({"slide": "a", "ok": True, "error": None}))
@@ -205,6 +206,7 @@ def test_cpu_device_requests_no_gpu(tmp_path):
     infer = [j for j in _jobs(proc.stdout) if j["rule"] == "infer"]
     assert len(infer) == 1 and infer[0]["resources"].get("gpu", "0") == "0"
     assert "--teacher 'sam weights/sam_vit_b.pth'" in infer[0]["shell"]  # dual mode: the teacher flows to infer
+    assert "--min-score 0.5" in infer[0]["shell"]
     assert "Would remove temporary output" not in proc.stdout  # keep_stores: stores are not temp()
 
 
