@@ -12,7 +12,7 @@ import torch
 from conftest import shared_file
 from pipeline.data.classes import ClassVocabulary, read_point_csv
 from pipeline.data.readers import read_image
-from pipeline.model.checkpoint import DEFAULT_WEIGHTS, read_checkpoint, save_checkpoint
+from pipeline.model.checkpoint import DEFAULT_WEIGHTS, read_checkpoint
 from pipeline.training.typehead import CRCHISTO_MPP, CRCHISTO_VAL_TILES, score_tiles, tile_examples
 
 CLASSES = ["Epithelial", "Inflammatory", "Fibroblast", "Other"]

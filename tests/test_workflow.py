@@ -164,7 +164,7 @@ def test_dry_run_plans_check_then_cohort_only(tmp_path):
     rules = sorted(j["rule"] for j in _jobs(proc.stdout))
     assert rules == ["all", "check", "check", "cohort"]  # the rest is planned once the checks ran
     checks = [j["shell"] for j in _jobs(proc.stdout) if j["rule"] == "check"]
-    assert any(f"slides/b.svs --slide-mpp 0.25 -o results/status/b.check.json" in c for c in checks)
+    assert any("slides/b.svs --slide-mpp 0.25 -o results/status/b.check.json" in c for c in checks)
 
 
 def test_slurm_profile_dry_run_gives_infer_a_gpu(tmp_path):
