@@ -44,7 +44,7 @@ from pipeline.data.readers import read_image  # noqa: E402
 from pipeline.data.regions import read_negative_regions  # noqa: E402
 from pipeline.metrics import aggregate, aggregate_point_counts, evaluate_pair, point_counts, point_scores  # noqa: E402
 from pipeline.model import load_model  # noqa: E402
-from pipeline.model.postprocess import drop_low_scores, instances_from_maps  # noqa: E402
+from pipeline.model.postprocess import drop_low_scores, instances_from_maps, keep_instances  # noqa: E402
 from pipeline.training.train import MIN_SCORE_GRID  # noqa: E402
 from pipeline.training.typehead import CRCHISTO_MPP, CRCHISTO_VAL_TILES, POINT_RADIUS_UM  # noqa: E402
 
@@ -132,10 +132,7 @@ def score_variants(seg, args) -> int:
     def run(keepfn):
         per = {}
         for s, lab, pred, f in cache:
-            keep = keepfn(f)
-            lut = np.zeros(len(keep) + 1, np.uint32)
-            lut[1:][keep] = np.arange(1, int(keep.sum()) + 1, dtype=np.uint32)
-            per[s.name] = evaluate_pair(lab, lut[pred])
+            per[s.name] = evaluate_pair(lab, keep_instances(pred, keepfn(f)))
         a = aggregate(per)
         return {"aji": round(float(a["aji"]), 4), "pq": round(float(a["pq"]), 4),
                 "aji_plus_pq": round(float(a["aji"] + a["pq"]), 4)}

@@ -298,11 +298,8 @@ def _load_model_cached(spec: str | None, device: str, refine: bool, classical_mp
     from .model import load_model  # heavy import (torch) only when needed
     from .model.checkpoint import DEFAULT_WEIGHTS
 
-    seg = load_model(spec, device=device, refine=refine, engine=engine, precision=precision, teacher=teacher)
-    if min_score is not None:  # SegmentConfig.min_score overrides the checkpoint's decoding threshold
-        from dataclasses import replace as _replace
-
-        seg.params = _replace(seg.params, min_score=float(min_score))
+    seg = load_model(spec, device=device, refine=refine, engine=engine, precision=precision, teacher=teacher,
+                     min_score=min_score)
     model = _wrap_segmenter(seg)
     model.info["min_score"] = float(seg.params.min_score)  # in the chunk meta: a change recomputes
     weights = Path(spec) if spec else DEFAULT_WEIGHTS

@@ -52,15 +52,12 @@ def run(args):
     else:
         from ..model import load_model
 
-        kwargs = {"teacher": args.teacher} if args.teacher else {}
-        model = load_model(args.model, device=args.device, refine=args.refine, engine=args.engine,
-                           precision=args.precision, **kwargs)
-        if args.min_score is not None:
-            if not 0 <= args.min_score <= 1:
-                raise InputError(f"--min-score must be between 0 (keep all) and 1, got {args.min_score}")
-            from dataclasses import replace
+        from ..config import SegmentConfig, with_overrides
 
-            model.params = replace(model.params, min_score=float(args.min_score))
+        kwargs = {"teacher": args.teacher} if args.teacher else {}
+        min_score = with_overrides(SegmentConfig(), min_score=args.min_score).min_score  # range checked there
+        model = load_model(args.model, device=args.device, refine=args.refine, engine=args.engine,
+                           precision=args.precision, min_score=min_score, **kwargs)
 
         def seg(img):
             return model.segment(img, args.mpp)

@@ -46,16 +46,30 @@ class PostprocessParams:
         return asdict(self)
 
 
+def keep_instances(lab: np.ndarray, keep: np.ndarray) -> np.ndarray:
+    """Labels ``1..K`` with only those where ``keep[i - 1]`` is true, renumbered ``1..K'`` in their order.
+
+    Parameters
+    ----------
+    lab : ndarray of shape (H, W), integer
+        Instances 1..K, 0 = background.
+    keep : ndarray of shape (K,), bool
+
+    Returns
+    -------
+    ndarray of shape (H, W), uint32
+    """
+    lut = np.zeros(len(keep) + 1, dtype=np.uint32)
+    lut[1:][keep] = np.arange(1, int(np.count_nonzero(keep)) + 1, dtype=np.uint32)
+    return lut[lab]
+
+
 def _relabel_by_size(lab: np.ndarray, min_px: int) -> np.ndarray:
     n = int(lab.max())
     if n == 0:
         return lab.astype(np.uint32)
     counts = np.bincount(lab.ravel(), minlength=n + 1)
-    keep = counts >= min_px
-    keep[0] = False
-    lut = np.zeros(n + 1, dtype=np.uint32)
-    lut[keep] = np.arange(1, int(keep.sum()) + 1, dtype=np.uint32)
-    return lut[lab]
+    return keep_instances(lab, counts[1:] >= min_px)
 
 
 def _binary_opening_3x3(mask: np.ndarray) -> np.ndarray:
@@ -189,6 +203,4 @@ def drop_low_scores(lab: np.ndarray, scores: np.ndarray, min_score: float) -> tu
     keep = scores >= np.float32(min_score)
     if keep.all():
         return lab, scores
-    lut = np.zeros(len(scores) + 1, np.uint32)
-    lut[1:][keep] = np.arange(1, int(keep.sum()) + 1, dtype=np.uint32)
-    return lut[lab], scores[keep]
+    return keep_instances(lab, keep), scores[keep]

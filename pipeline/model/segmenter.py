@@ -248,13 +248,15 @@ class Segmenter:
 
 
 def load_model(path=None, device: str = "auto", refine: bool = False, teacher=None, engine: str = "auto",
-               precision: str = "auto") -> Segmenter:
+               precision: str = "auto", min_score: float | None = None) -> Segmenter:
     """Load a CellSAM checkpoint (default: the shipped weights) as a :class:`Segmenter`.
 
     ``teacher``: a SAM checkpoint path (or a loaded :class:`pipeline.model.teacher.SamTeacher`) for
     dual mode; it is attached only when the checkpoint has a fusion gate (arch ``fusion``). A dual
     checkpoint loaded without a teacher runs in lite mode (student embedding only), with a warning.
     ``engine`` / ``precision``: the network's runner (:func:`pipeline.model.engine.build_engine`).
+    ``min_score``: overrides the checkpoint's minimum instance score (``PostprocessParams.min_score``;
+    0 keeps every instance); ``None`` keeps the checkpoint's own.
     """
     import logging
 
@@ -274,4 +276,9 @@ def load_model(path=None, device: str = "auto", refine: bool = False, teacher=No
     elif model.fusion is not None:
         log.warning("%s: dual-mode checkpoint loaded without --teacher: running lite (student embedding only)",
                     path or "default weights")
-    return Segmenter(model, meta, device=device, refine=refine, engine=engine, precision=precision)
+    seg = Segmenter(model, meta, device=device, refine=refine, engine=engine, precision=precision)
+    if min_score is not None:
+        from dataclasses import replace
+
+        seg.params = replace(seg.params, min_score=float(min_score))
+    return seg
