@@ -296,13 +296,13 @@ def _load_model_cached(spec: str | None, device: str, refine: bool, classical_mp
             thread_safe=True,
         )
     from .model import load_model  # heavy import (torch) only when needed
-    from .model.checkpoint import DEFAULT_WEIGHTS
+    from .model.checkpoint import resolve_weights
 
     seg = load_model(spec, device=device, refine=refine, engine=engine, precision=precision, teacher=teacher,
                      min_score=min_score)
     model = _wrap_segmenter(seg)
     model.info["min_score"] = float(seg.params.min_score)  # in the chunk meta: a change recomputes
-    weights = Path(spec) if spec else DEFAULT_WEIGHTS
+    weights = resolve_weights(spec)
     model.info["weights_file"] = weights.name
     model.info["weights_sha256"] = _sha256(weights)
     attached = getattr(getattr(seg, "model", None), "teacher", None)

@@ -96,6 +96,11 @@ class CellSAM(nn.Module):
             from .typehead import TypeHead
 
             self.type_head = TypeHead(arch["type_head"])
+        self.patch_typer = None  # per-nucleus patch CNN (pipeline.model.patchtyper), arch["patch_typer"]
+        if arch.get("patch_typer"):
+            from .patchtyper import PatchTyper
+
+            self.patch_typer = PatchTyper(arch["patch_typer"])
         self.register_buffer("pixel_mean", torch.tensor(PIXEL_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("pixel_std", torch.tensor(PIXEL_STD).view(1, 3, 1, 1), persistent=False)
 
@@ -208,7 +213,8 @@ def inference_copy(model: CellSAM) -> CellSAM:
     memo = {} if model.teacher is None else {id(model.teacher): model.teacher}
     out = copy.deepcopy(model, memo).eval()
     containers = [*out.student.modules(), *out.decoder.modules()]
-    for mod in containers:
+    typer = [] if out.patch_typer is None else list(out.patch_typer.modules())
+    for mod in containers + typer:
         if isinstance(mod, nn.Sequential):
             for i in range(len(mod) - 1):
                 if isinstance(mod[i], nn.Conv2d) and isinstance(mod[i + 1], nn.BatchNorm2d):

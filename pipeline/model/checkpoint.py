@@ -27,6 +27,19 @@ from .cellsam import CellSAM
 
 FORMAT = "cellsam-checkpoint"
 DEFAULT_WEIGHTS = Path(__file__).resolve().parents[1] / "weights" / "cellsam_default.pt"
+#: the shipped models by name (``--model NAME``): ``default`` (lite), ``quality`` (+ the patch typer,
+#: docs/model_card.md "Nucleus types")
+NAMED_WEIGHTS = {"default": DEFAULT_WEIGHTS, "quality": DEFAULT_WEIGHTS.with_name("cellsam_quality.pt")}
+
+
+def resolve_weights(spec=None) -> Path:
+    """Checkpoint path of ``spec``: None or a shipped model's name (:data:`NAMED_WEIGHTS`, unless a
+    file of that name exists here) -> the shipped file; anything else -> ``Path(spec)``."""
+    if spec is None:
+        return DEFAULT_WEIGHTS
+    if str(spec) in NAMED_WEIGHTS and not Path(spec).exists():
+        return NAMED_WEIGHTS[str(spec)]
+    return Path(spec)
 
 
 def save_checkpoint(path, model: CellSAM, metadata: dict, **extra) -> None:
@@ -85,8 +98,9 @@ def init_identity(path) -> dict:
 
 
 def load_checkpoint(path=None) -> tuple[CellSAM, dict]:
-    """Build the model from a checkpoint (default: shipped weights). Returns ``(model.eval(), metadata)``."""
-    path = DEFAULT_WEIGHTS if path is None else Path(path)
+    """Build the model from a checkpoint (default: shipped weights; a shipped model's name:
+    :func:`resolve_weights`). Returns ``(model.eval(), metadata)``."""
+    path = resolve_weights(path)
     obj = read_checkpoint(path)
     try:
         model = CellSAM(obj["arch"])

@@ -69,6 +69,12 @@ class Segmenter:
         self.type_head = getattr(self.model, "type_head", None)
         if self.type_head is not None:
             self.type_head = self.type_head.cpu().eval()
+        # the quality model's patch CNN (pipeline.model.patchtyper) types each nucleus from its pixels
+        self.patch_typer = getattr(self.model, "patch_typer", None)
+        if self.patch_typer is not None:
+            self.patch_typer = self.patch_typer.to(self.device).eval()
+            if self.device.type == "cpu":
+                self.patch_typer = self.patch_typer.to(memory_format=torch.channels_last)
         self.metadata["classes"] = self.class_names
         self.engine = build_engine(self.model, self.device, engine, precision, threads,
                                    with_embed=self.refine or (self.type_head is not None
@@ -86,12 +92,21 @@ class Segmenter:
     @property
     def class_names(self) -> list[str]:
         """Nucleus class names of the type head (index = column of ``class_probs``); [] without one."""
-        return list(self.type_head.classes) if self.type_head is not None else []
+        if self.type_head is not None:
+            return list(self.type_head.classes)
+        return list(self.patch_typer.classes) if self.patch_typer is not None else []
+
+    @property
+    def typed(self) -> bool:
+        """Whether the model types its nuclei (a type head and/or a patch typer)."""
+        return self.type_head is not None or self.patch_typer is not None
 
     def classify(self, image: np.ndarray, labels: np.ndarray, scores: np.ndarray, embed, mpp: float,
                  embed_scale: float = 1.0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Type-head step: class probabilities per instance, and removal of the instances whose
-        "not a nucleus" probability exceeds the head's ``reject_threshold`` (renumbered 1..K').
+        """Typing step: class probabilities per instance, and removal of the instances whose
+        "not a nucleus" probability exceeds the head's (or the patch typer's) ``reject_threshold``
+        (renumbered 1..K'). With a patch typer its probabilities replace (``combine: typer``) or are
+        averaged with (``mean``) the head's (:func:`pipeline.model.patchtyper.combine`).
 
         Returns
         -------
@@ -99,15 +114,32 @@ class Segmenter:
         """
         from .typehead import drop_instances, instance_features
 
-        feats, cen = instance_features(labels, scores, image, embed, mpp, embed_scale, self.type_head.groups,
-                                       with_centroids=True)
-        probs, rej = self.type_head.predict(feats, cen, mpp)
-        thr = self.type_head.cfg.get("reject_threshold")
-        if thr is not None and len(rej):
-            keep = rej <= float(thr)
-            if not keep.all():
-                labels = drop_instances(labels, keep)
-                scores, probs = np.asarray(scores)[keep], probs[keep]
+        k = int(labels.max()) if labels.size else 0
+        keep = np.ones(k, bool)
+        probs = None
+        if self.type_head is not None:
+            feats, cen = instance_features(labels, scores, image, embed, mpp, embed_scale, self.type_head.groups,
+                                           with_centroids=True)
+            probs, rej = self.type_head.predict(feats, cen, mpp)
+            thr = self.type_head.cfg.get("reject_threshold")
+            if thr is not None and len(rej):
+                keep &= rej <= float(thr)
+        else:
+            from .typehead import centroids_xy
+
+            cen = centroids_xy(labels)
+        if self.patch_typer is not None:
+            from .patchtyper import combine
+
+            with self._lock:  # the patch CNN uses every intra-op thread, like the network
+                tprobs, trej = self.patch_typer.predict(image, cen, mpp)
+            probs = combine(probs, tprobs, self.patch_typer.cfg.get("combine", "typer"))
+            thr = self.patch_typer.cfg.get("reject_threshold")
+            if thr is not None and len(trej):
+                keep &= trej <= float(thr)
+        if not keep.all():
+            labels = drop_instances(labels, keep)
+            scores, probs = np.asarray(scores)[keep], probs[keep]
         return labels.astype(np.uint32, copy=False), np.asarray(scores, np.float32), probs
 
     def forward(self, batch: np.ndarray) -> dict:
@@ -168,7 +200,7 @@ class Segmenter:
                         lab, sc = refine_and_fuse(self.model, out["embed"][i:i + 1], lab, sc, out["prob"][i],
                                                   out["padded_hw"], self.mpp, self.metadata.get("refine", {}))
                         model_s += time.perf_counter() - t2
-                if self.type_head is not None:
+                if self.typed:
                     t2 = time.perf_counter()
                     emb = out["embed"][i] if out["embed"] is not None else None
                     results.append(self.classify(images[start + i], lab, sc, emb, self.mpp))
@@ -238,7 +270,7 @@ class Segmenter:
                 idx = idx.astype(np.int64)
                 return lab, np.asarray(sc, np.float32)[idx], res[2][idx]
             return resample_labels(lab, sc, image.shape[:2])
-        if self.type_head is not None:
+        if self.typed:
             image = _check_batch(image)[0]
             prob, hv, embed, scale = self.predict_maps(image, mpp, return_embed=True)
             lab, sc = instances_from_maps(prob, hv, mpp, self.params)

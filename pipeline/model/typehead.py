@@ -413,6 +413,15 @@ class TypeHead(nn.Module):
         return probs, rej
 
 
+def centroids_xy(labels: np.ndarray) -> np.ndarray:
+    """(x, y) pixel centroids of labels 1..K, float64 (K, 2)."""
+    k = int(labels.max()) if labels.size else 0
+    rr, cc = np.nonzero(labels)
+    ll = labels[rr, cc].astype(np.int64) - 1
+    n = np.maximum(np.bincount(ll, minlength=k), 1)
+    return np.stack([np.bincount(ll, cc, minlength=k) / n, np.bincount(ll, rr, minlength=k) / n], 1)
+
+
 def drop_instances(labels: np.ndarray, keep: np.ndarray) -> np.ndarray:
     """Labels with the instances where ``keep`` is False removed and the rest renumbered 1..K'
     in their original order. ``keep``: bool (K,), row i = label i+1."""

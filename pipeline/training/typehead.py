@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from ..model.postprocess import instances_from_maps
-from ..model.typehead import TypeHead, drop_instances, instance_features, n_features
+from ..model.typehead import TypeHead, centroids_xy, drop_instances, instance_features, n_features
 
 CRCHISTO_MPP = 0.55
 POINT_RADIUS_UM = 3.3
@@ -68,15 +68,6 @@ class TileExamples:
     points_xy: np.ndarray
     points_class: np.ndarray
     mpp: float = CRCHISTO_MPP  #: µm/px of ``labels`` / ``centroids``
-
-
-def centroids_xy(labels: np.ndarray) -> np.ndarray:
-    """(x, y) pixel centroids of labels 1..K, float64 (K, 2)."""
-    k = int(labels.max())
-    rr, cc = np.nonzero(labels)
-    ll = labels[rr, cc].astype(np.int64) - 1
-    n = np.maximum(np.bincount(ll, minlength=k), 1)
-    return np.stack([np.bincount(ll, cc, minlength=k) / n, np.bincount(ll, rr, minlength=k) / n], 1)
 
 
 def match_targets(labels: np.ndarray, points_xy: np.ndarray, points_class: np.ndarray, radius_px: float) -> np.ndarray:

@@ -1,0 +1,115 @@
+"""Training of the patch typer (:mod:`pipeline.model.patchtyper`) from typed points.
+
+The segmentation network stays frozen. Each training tile is segmented once; every predicted
+instance gets the target of :mod:`pipeline.training.typehead` (class of the typed point it holds,
+"a nucleus of unknown class", "not a nucleus" or ignored), and a patch at the typer's µm/px is
+sampled around its centroid (:func:`instance_patches`): the typer learns from the centroids it will
+see at inference, not from the annotators' points.
+
+Loss: class-weighted cross-entropy with label smoothing on rows with a class or "not a nucleus"
+target, ``-log(1 - p_reject)`` on the nucleus-of-unknown-class rows. AdamW, one-cycle learning
+rate, flips / rot90 / per-channel gain and offset jitter, seeded.
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..model.patchtyper import PatchTyper, sample_patches
+from .typehead import NUCLEUS, REJECT
+
+
+def instance_patches(image: np.ndarray, centroids_xy: np.ndarray, mpp: float, typer_mpp: float,
+                     size: int) -> np.ndarray:
+    """``uint8 (K, size, size, 3)`` patches at ``typer_mpp`` around the centroids of an image at ``mpp``
+    (the same sampling as inference: :func:`pipeline.model.patchtyper.sample_patches`)."""
+    if len(centroids_xy) == 0:
+        return np.zeros((0, size, size, 3), np.uint8)
+    img = torch.from_numpy(np.array(image[..., :3], np.uint8)).permute(2, 0, 1)[None].float()
+    out = []
+    for s in range(0, len(centroids_xy), 512):
+        p = sample_patches(img, centroids_xy[s:s + 512], typer_mpp / mpp, size)
+        out.append(p.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy())
+    return np.concatenate(out)
+
+
+def typer_targets(target: np.ndarray, n_classes: int) -> np.ndarray:
+    """Row targets of :class:`~pipeline.training.typehead.TileExamples` ``target`` values: class index,
+    ``n_classes`` for "not a nucleus", ``NUCLEUS`` kept, anything else ``-1`` (ignored)."""
+    y = np.where(target >= 0, target, -1).astype(np.int64)
+    y[target == REJECT] = n_classes
+    y[target == NUCLEUS] = NUCLEUS
+    return y
+
+
+def typer_loss(logits: torch.Tensor, y: torch.Tensor, class_w: torch.Tensor, smoothing: float) -> torch.Tensor:
+    """Mean over rows: weighted, smoothed cross-entropy on class / reject rows, ``-log(1 - p_reject)``
+    on ``NUCLEUS`` rows (any class, not rejected)."""
+    c = logits.shape[1] - 1
+    nuc = y == NUCLEUS
+    loss = logits.new_zeros(())
+    n = 0
+    if (~nuc).any():
+        loss = loss + F.cross_entropy(logits[~nuc], y[~nuc], weight=class_w, label_smoothing=smoothing,
+                                      reduction="sum") / class_w[y[~nuc]].mean()
+        n += int((~nuc).sum())
+    if nuc.any():
+        ln = logits[nuc]
+        loss = loss + (torch.logsumexp(ln, 1) - torch.logsumexp(ln[:, :c], 1)).sum()
+        n += int(nuc.sum())
+    return loss / max(n, 1)
+
+
+def augment(x: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
+    """Flip, rot90 and per-channel gain / offset jitter of a ``(N, 3, P, P)`` batch in [0, 1]."""
+    if rng.random() < 0.5:
+        x = x.flip(3)
+    x = torch.rot90(x, int(rng.integers(4)), (2, 3))
+    g = torch.from_numpy(rng.normal(1.0, 0.1, (x.shape[0], 3, 1, 1)).astype(np.float32))
+    o = torch.from_numpy(rng.normal(0.0, 0.05, (x.shape[0], 3, 1, 1)).astype(np.float32))
+    return (x * g + o).clamp(0, 1)
+
+
+def fit_typer(patches: np.ndarray, y: np.ndarray, cfg: dict, epochs: int = 24, batch: int = 128,
+              lr: float = 2e-3, weight_decay: float = 1e-3, smoothing: float = 0.05, seed: int = 0,
+              on_epoch=None, log=print) -> PatchTyper:
+    """Train a :class:`PatchTyper` (``cfg`` as in ``arch["patch_typer"]``) on ``uint8 (N, P, P, 3)``
+    patches with :func:`typer_targets` rows ``y``; ``on_epoch(epoch, typer)`` may evaluate
+    (the typer is in eval mode during the call)."""
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    c = len(cfg["classes"])
+    use = (y >= 0) | (y == NUCLEUS)
+    x_all = torch.from_numpy(np.ascontiguousarray(patches[use])).permute(0, 3, 1, 2)
+    y_all = torch.from_numpy(y[use])
+    counts = np.bincount(y[(y >= 0) & (y < c)], minlength=c).astype(np.float64)
+    w = np.ones(c + 1)
+    w[:c] = counts.sum() / (c * np.maximum(counts, 1))
+    class_w = torch.tensor(w, dtype=torch.float32)
+    typer = PatchTyper(cfg)
+    steps = len(y_all) // batch
+    opt = torch.optim.AdamW(typer.parameters(), lr, weight_decay=weight_decay)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, lr, total_steps=max(1, epochs * steps))
+    t0 = time.time()
+    for ep in range(epochs):
+        typer.train()
+        perm = torch.from_numpy(rng.permutation(len(y_all)))
+        total = 0.0
+        for i in range(steps):
+            idx = perm[i * batch:(i + 1) * batch]
+            xb = augment(x_all[idx].float().div_(255), rng)
+            loss = typer_loss(typer(xb), y_all[idx], class_w, smoothing)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            sched.step()
+            total += loss.item()
+        typer.eval()
+        log(f"epoch {ep}: loss {total / max(steps, 1):.4f} ({time.time() - t0:.0f} s)")
+        if on_epoch is not None:
+            on_epoch(ep, typer)
+    return typer.eval()

@@ -1,0 +1,179 @@
+"""Patch typer (pipeline.model.patchtyper): patch sampling, the segmenter's typing rules, the
+checkpoint round trip, training mechanics and the shipped ``quality`` model on held-out tiles."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import shared_file
+from pipeline.model.checkpoint import NAMED_WEIGHTS, load_checkpoint, resolve_weights, save_checkpoint
+from pipeline.model.patchtyper import PatchTyper, combine, sample_patches
+from pipeline.training.patchtyper import fit_typer, instance_patches, typer_loss, typer_targets
+from pipeline.training.typehead import NUCLEUS, REJECT
+
+CLASSES = ["Epithelial", "Inflammatory", "Fibroblast", "Other"]
+
+
+def _image(h=90, w=110, seed=0):
+    return np.random.default_rng(seed).integers(0, 256, (h, w, 3)).astype(np.uint8)
+
+
+def test_sample_patches_equals_crops_and_subsamples_and_reflects():
+    img = _image().astype(np.float32)
+    t = torch.from_numpy(img).permute(2, 0, 1)[None]
+    # an 8-px patch centred on (50.5, 40.5) at 1 image px per patch px is the crop [37:45, 47:55]
+    p = sample_patches(t, [[50.5, 40.5]], 1.0, 8)
+    np.testing.assert_allclose(p[0].numpy(), img[37:45, 47:55].transpose(2, 0, 1), atol=0.01)
+    # 2 image px per patch px: every other pixel
+    p = sample_patches(t, [[50, 40]], 2.0, 4)
+    np.testing.assert_allclose(p[0].numpy(), img[[37, 39, 41, 43]][:, [47, 49, 51, 53]].transpose(2, 0, 1), atol=0.01)
+    # at the border: reflected (pixel -1 reads pixel 0 with align_corners=False reflection)
+    p = sample_patches(t, [[0.5, 0.5]], 1.0, 4)  # columns / rows -1, 0, 1, 2
+    np.testing.assert_allclose(p[0, :, 1:, 1:].numpy(), img[0:3, 0:3].transpose(2, 0, 1), atol=0.01)
+    np.testing.assert_allclose(p[0, :, 0, 1:].numpy(), img[0, 0:3].T, atol=0.01)
+
+
+def test_instance_patches_follow_the_physical_scale():
+    img = _image(200, 200)
+    a = instance_patches(img, np.array([[100.5, 100.5]]), 0.55, 0.55, 10)
+    b = instance_patches(img, np.array([[100.0, 100.0]]), 0.275, 0.55, 10)  # half the µm/px: 2 px per patch px
+    assert a.shape == b.shape == (1, 10, 10, 3) and a.dtype == np.uint8
+    np.testing.assert_array_equal(a[0], img[96:106, 96:106])
+    np.testing.assert_array_equal(b[0], img[91:110:2, 91:110:2])
+
+
+def test_combine_rules():
+    h = np.array([[0.8, 0.2, 0, 0]], np.float32)
+    t = np.array([[0.2, 0.6, 0.2, 0]], np.float32)
+    np.testing.assert_allclose(combine(h, t, "typer"), t)
+    np.testing.assert_allclose(combine(h, t, "mean"), [[0.5, 0.4, 0.1, 0]])
+    np.testing.assert_allclose(combine(None, t, "mean"), t)
+    with pytest.raises(ValueError, match="combine rule"):
+        combine(h, t, "max")
+
+
+def test_typer_targets_and_loss_by_hand():
+    y = typer_targets(np.array([2, REJECT, NUCLEUS, -1]), 4)
+    assert y.tolist() == [2, 4, NUCLEUS, -1]
+    logits = torch.tensor([[0.0, 0.0, 2.0, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0, 1.0]])
+    w = torch.ones(5)
+    # class row: -log softmax[2]; nucleus row: -log(1 - p_reject)
+    want = (-torch.log_softmax(logits[0], 0)[2] + (torch.logsumexp(logits[1], 0) - torch.logsumexp(logits[1, :4], 0))) / 2
+    got = typer_loss(logits, torch.tensor([2, NUCLEUS]), w, 0.0)
+    assert abs(float(got) - float(want)) < 1e-6
+
+
+def test_fit_typer_learns_a_separable_toy_problem():
+    rng = np.random.default_rng(0)
+    n = 256
+    y = rng.integers(0, 3, n)
+    patches = np.zeros((n, 16, 16, 3), np.uint8)
+    patches[..., 0] = np.where(y == 0, 200, 30)[:, None, None]  # class 0: red, class 1: green, 2 (reject): blue
+    patches[..., 1] = np.where(y == 1, 200, 30)[:, None, None]
+    patches[..., 2] = np.where(y == 2, 200, 30)[:, None, None]
+    target = np.where(y == 2, 2, y)  # 2 classes + reject (index 2)
+    cfg = {"classes": ["a", "b"], "patch_px": 16, "mpp": 0.5, "width": 8}
+    typer = fit_typer(patches, target, cfg, epochs=6, batch=32, lr=5e-3, log=lambda *_: None)
+    with torch.inference_mode():
+        out = typer(torch.from_numpy(patches).permute(0, 3, 1, 2).float() / 255).argmax(1).numpy()
+    assert (out == target).mean() > 0.9
+
+
+def _with_typer(cfg_extra=None, seed=0):
+    model, meta = load_checkpoint(None)
+    cfg = {"classes": CLASSES, "patch_px": 40, "mpp": 0.55, "width": 8, "combine": "typer",
+           "reject_threshold": None, **(cfg_extra or {})}
+    torch.manual_seed(seed)
+    model.arch = {**model.arch, "patch_typer": cfg}
+    model.patch_typer = PatchTyper(cfg).eval()
+    return model, meta
+
+
+def test_segmenter_types_with_the_typer_and_rejects_by_its_threshold(tmp_path):
+    from pipeline.model.segmenter import Segmenter, load_model
+    from pipeline.model.typehead import centroids_xy
+
+    # a synthetic tile with dark round nuclei the shipped network finds
+    yy, xx = np.mgrid[:192, :192]
+    tile = np.full((192, 192, 3), (235, 200, 225), np.uint8)
+    for cy, cx in [(40, 40), (40, 120), (120, 60), (150, 150), (100, 100)]:
+        tile[(yy - cy) ** 2 + (xx - cx) ** 2 < 64] = (90, 40, 130)
+    model, meta = _with_typer()
+    seg = Segmenter(model, meta, device="cpu", engine="torch")
+    assert seg.patch_typer is not None and seg.class_names == CLASSES
+    lab, sc, probs = seg.segment_batch(tile[None])[0]
+    k = int(lab.max())
+    assert k >= 4 and probs.shape == (k, 4)
+    want, _ = seg.patch_typer.predict(tile, centroids_xy(lab), seg.mpp)
+    np.testing.assert_allclose(probs, want, atol=1e-5)  # "typer": the typer's probabilities
+    # saved and loaded: the same outputs (the typer is part of the checkpoint)
+    path = tmp_path / "q.pt"
+    save_checkpoint(path, model, meta)
+    again = load_model(path, device="cpu", engine="torch").segment_batch(tile[None])[0]
+    np.testing.assert_array_equal(again[0], lab)
+    np.testing.assert_allclose(again[2], probs, atol=1e-5)
+    # a reject threshold of 0 drops every instance, 1 none
+    m0, meta0 = _with_typer({"reject_threshold": 0.0})
+    assert int(Segmenter(m0, meta0, device="cpu", engine="torch").segment_batch(tile[None])[0][0].max()) == 0
+    m1, meta1 = _with_typer({"reject_threshold": 1.0})
+    assert int(Segmenter(m1, meta1, device="cpu", engine="torch").segment_batch(tile[None])[0][0].max()) == k
+    # "mean": the mean of the head's and the typer's
+    mm, metam = _with_typer({"combine": "mean"})
+    segm = Segmenter(mm, metam, device="cpu", engine="torch")
+    lab_m, _, probs_m = segm.segment_batch(tile[None])[0]
+    np.testing.assert_array_equal(lab_m, lab)
+    assert not np.allclose(probs_m, probs, atol=1e-3)
+    np.testing.assert_allclose(probs_m.sum(1), 1, atol=1e-5)
+    # without a type head the typer alone types
+    mt, metat = _with_typer()
+    mt.arch = {k2: v for k2, v in mt.arch.items() if k2 != "type_head"}
+    mt.type_head = None
+    segt = Segmenter(mt, metat, device="cpu", engine="torch")
+    lab_t, _, probs_t = segt.segment_batch(tile[None])[0]
+    np.testing.assert_allclose(probs_t, probs, atol=1e-5)
+
+
+def test_named_models_resolve(tmp_path, monkeypatch):
+    assert resolve_weights(None) == NAMED_WEIGHTS["default"] == resolve_weights("default")
+    assert resolve_weights("quality") == NAMED_WEIGHTS["quality"]
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "quality").write_bytes(b"")  # a file of that name here wins
+    assert resolve_weights("quality").name == "quality" and not resolve_weights("quality").is_absolute()
+
+
+# --- the shipped quality model ---------------------------------------------------------------------
+# measured (benchmarks/results/patch_typer.json) on held-out CRCHisto img1 + img7: see the card
+QUALITY_WEIGHTED_F1_FLOOR = 0.50
+QUALITY_DETECTION_F1_FLOOR = 0.65
+
+
+def test_shipped_quality_model_types_better_than_the_head_on_held_out_tiles():
+    from pipeline.data.classes import ClassVocabulary, read_point_csv
+    from pipeline.data.readers import read_image
+    from pipeline.metrics import aggregate_point_counts, point_counts, point_scores
+    from pipeline.model import load_model
+    from pipeline.model.typehead import centroids_xy
+    from pipeline.training.typehead import CRCHISTO_MPP, CRCHISTO_VAL_TILES, POINT_RADIUS_UM
+
+    if not NAMED_WEIGHTS["quality"].exists():
+        pytest.fail(f"{NAMED_WEIGHTS['quality']}: the shipped quality model is missing")
+    vocab = ClassVocabulary.crchisto()
+    scores = {}
+    for name in ("default", "quality"):
+        seg = load_model(name, device="cpu", engine="torch")
+        rows = []
+        for tile in ("img1", "img7"):
+            assert tile in CRCHISTO_VAL_TILES
+            img = read_image(shared_file(f"nuclei/crchisto/images/{tile}.png"))
+            pts = read_point_csv(shared_file(f"nuclei/crchisto/points/{tile}.csv"))
+            lab, _, probs = seg.segment(img, CRCHISTO_MPP)
+            rows.append(point_counts(pts.xy_px, centroids_xy(lab), POINT_RADIUS_UM / CRCHISTO_MPP,
+                                     pts.encode(vocab), probs.argmax(1), 4))
+        scores[name] = point_scores(aggregate_point_counts(rows))
+    assert load_model("quality", device="cpu").patch_typer is not None
+    q, d = scores["quality"], scores["default"]
+    assert q["f1"] >= QUALITY_DETECTION_F1_FLOOR, q["f1"]
+    assert q["weighted_f1"] >= QUALITY_WEIGHTED_F1_FLOOR, q["weighted_f1"]
+    assert q["weighted_f1"] > d["weighted_f1"] + 0.01, (q["weighted_f1"], d["weighted_f1"])
