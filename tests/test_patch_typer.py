@@ -177,3 +177,36 @@ def test_shipped_quality_model_types_better_than_the_head_on_held_out_tiles():
     assert q["f1"] >= QUALITY_DETECTION_F1_FLOOR, q["f1"]
     assert q["weighted_f1"] >= QUALITY_WEIGHTED_F1_FLOOR, q["weighted_f1"]
     assert q["weighted_f1"] > d["weighted_f1"] + 0.01, (q["weighted_f1"], d["weighted_f1"])
+
+
+def test_openvino_runner_matches_torch():
+    from pipeline.model.engine import available
+
+    typer = PatchTyper({"classes": CLASSES, "width": 8}).eval()
+    img = _image(200, 240, seed=5)
+    cen = np.random.default_rng(2).uniform(0, 200, (70, 2))  # 70 patches: one padded chunk of 128
+    want = typer.predict(img, cen, 0.5)
+    assert typer.use_engine("torch") == "torch/fp32"
+    if not available("openvino"):
+        pytest.skip("OpenVINO is not installed")
+    name = typer.use_engine("auto")
+    assert name.startswith("openvino/"), name
+    got = typer.predict(img, cen, 0.5)
+    assert got[0].shape == (70, 4) and got[1].shape == (70,)
+    np.testing.assert_allclose(got[0], want[0], atol=0.03)
+    np.testing.assert_allclose(got[1], want[1], atol=0.03)
+    assert typer.use_engine("torch") == "torch/fp32" and typer._runner is None
+
+
+def test_predict_samples_at_the_typers_physical_scale():
+    # the same tissue at 0.55 and, upsampled 2x, at 0.275 µm/px gives (nearly) the same patches
+    typer = PatchTyper({"classes": CLASSES, "width": 8, "mpp": 0.55}).eval()
+    rng = np.random.default_rng(4)
+    small = np.repeat(np.repeat(rng.integers(0, 256, (30, 30, 3)).astype(np.uint8), 4, 0), 4, 1)  # smooth-ish
+    big = np.repeat(np.repeat(small, 2, 0), 2, 1)
+    cen = np.array([[40.0, 50.0], [70.0, 60.0]])
+    a = typer.predict(small, cen, 0.55)
+    b = typer.predict(big, cen * 2 + 0.5, 0.275)
+    wrong = typer.predict(big, cen * 2 + 0.5, 0.55)  # told the wrong µm/px: other patches
+    np.testing.assert_allclose(a[0], b[0], atol=0.02)
+    assert np.abs(wrong[0] - a[0]).max() > np.abs(b[0] - a[0]).max()

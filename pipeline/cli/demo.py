@@ -15,7 +15,7 @@ def register(sub):
         "`cellsam segment` on it with the shipped model. Works offline.",
     )
     p.add_argument("-o", "--output", default="cellsam-demo", metavar="OUTDIR", help="output directory (default: ./cellsam-demo)")
-    p.add_argument("--model", default=None, metavar="CKPT", help="checkpoint, or 'classical' (default: shipped weights)")
+    p.add_argument("--model", default=None, metavar="CKPT", help="checkpoint, a shipped model (default, quality) or 'classical' (default: default)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default=None, help="default: auto")
     p.set_defaults(func=run)
 

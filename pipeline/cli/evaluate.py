@@ -121,7 +121,7 @@ def register(sub):
     run_model = p.add_argument_group("run a model first (writes PRED/X.tif, then scores it)")
     run_model.add_argument("--images", metavar="DIR", help="RGB images X.{png,tif,jpg} to segment into --pred")
     run_model.add_argument("--model", metavar="CKPT", default=None,
-                           help="with --images: checkpoint (default: shipped weights); 'classical' = baseline")
+                           help="with --images: checkpoint or shipped model (default, quality); 'classical' = baseline")
     run_model.add_argument("--teacher", metavar="SAM.pth", default=None,
                            help="with --images: official SAM checkpoint for a dual --model (dual mode)")
     run_model.add_argument("--refine", action="store_true", help="with --images: SAM-decoder refinement")

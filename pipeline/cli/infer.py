@@ -13,7 +13,7 @@ def add_model_args(p) -> None:
         "--model",
         metavar="CKPT",
         default=None,
-        help="model checkpoint (.pt); 'classical' = the classical baseline; default: shipped weights",
+        help="model checkpoint (.pt) or shipped model (default, quality: + patch-CNN typing); 'classical' = the classical baseline; default: default",
     )
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default=None, help=f"default: {_D.device}")
     p.add_argument("--engine", choices=["auto", "torch", "onnxruntime", "openvino"], default=None,

@@ -13,7 +13,7 @@ def register(sub):
     p.add_argument("-o", "--output", required=True,
                    help="output label TIFF (one input) or output folder (several inputs: <stem>.tif)")
     p.add_argument("--mpp", type=positive_float, default=None, help="µm/px of the image (default: the model's)")
-    p.add_argument("--model", default=None, help="checkpoint (default: shipped weights); 'classical' = "
+    p.add_argument("--model", default=None, help="checkpoint or shipped model (default, quality: + patch-CNN typing); 'classical' = "
                                                   "H-channel watershed baseline")
     p.add_argument("--teacher", default=None, help="official SAM checkpoint for dual mode")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])

@@ -80,6 +80,8 @@ class Segmenter:
                                    with_embed=self.refine or (self.type_head is not None
                                                               and needs_embed(self.type_head.groups)))
         self.metadata["engine"] = self.engine.name
+        if self.patch_typer is not None:
+            self.metadata["patch_typer_engine"] = self.patch_typer.use_engine(engine, precision, threads)
         self.metadata["precision"] = self.engine.precision
         # serialises the network calls of threads sharing this segmenter (pipeline.infer workers):
         # one forward uses all intra-op threads; the decoding of one window overlaps the next forward
