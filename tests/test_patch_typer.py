@@ -144,9 +144,10 @@ def test_named_models_resolve(tmp_path, monkeypatch):
 
 
 # --- the shipped quality model ---------------------------------------------------------------------
-# measured (benchmarks/results/patch_typer.json) on held-out CRCHisto img1 + img7: see the card
-QUALITY_WEIGHTED_F1_FLOOR = 0.50
-QUALITY_DETECTION_F1_FLOOR = 0.65
+# measured on held-out CRCHisto img1 + img7 (engine torch): default detection F1 0.718, weighted type F1
+# 0.534; quality 0.728, 0.552 (all 16 held-out tiles: benchmarks/results/quality_model.json)
+QUALITY_WEIGHTED_F1_FLOOR = 0.53
+QUALITY_DETECTION_F1_FLOOR = 0.70
 
 
 def test_shipped_quality_model_types_better_than_the_head_on_held_out_tiles():
@@ -176,7 +177,8 @@ def test_shipped_quality_model_types_better_than_the_head_on_held_out_tiles():
     q, d = scores["quality"], scores["default"]
     assert q["f1"] >= QUALITY_DETECTION_F1_FLOOR, q["f1"]
     assert q["weighted_f1"] >= QUALITY_WEIGHTED_F1_FLOOR, q["weighted_f1"]
-    assert q["weighted_f1"] > d["weighted_f1"] + 0.01, (q["weighted_f1"], d["weighted_f1"])
+    assert q["weighted_f1"] > d["weighted_f1"] + 0.005, (q["weighted_f1"], d["weighted_f1"])
+    assert q["f1"] > d["f1"], (q["f1"], d["f1"])
 
 
 def test_openvino_runner_matches_torch():
@@ -210,3 +212,43 @@ def test_predict_samples_at_the_typers_physical_scale():
     wrong = typer.predict(big, cen * 2 + 0.5, 0.55)  # told the wrong µm/px: other patches
     np.testing.assert_allclose(a[0], b[0], atol=0.02)
     assert np.abs(wrong[0] - a[0]).max() > np.abs(b[0] - a[0]).max()
+
+
+def test_new_classes_drop_the_typer_and_mismatched_classes_are_refused():
+    from pipeline.errors import ModelError
+    from pipeline.model.segmenter import Segmenter
+    from pipeline.model.typehead import TypeHead
+    from pipeline.training.typehead import with_type_head
+
+    model, meta = _with_typer()
+    head = TypeHead({**model.arch["type_head"], "classes": ["Gland cell", "Stroma cell"], "stage2": None})
+    new = with_type_head(model, head)
+    assert new.patch_typer is None and "patch_typer" not in new.arch
+    assert model.patch_typer is not None  # the caller's model is untouched
+    kept = with_type_head(model, model.type_head)  # same classes: the typer stays
+    assert kept.patch_typer is not None
+    model.type_head = head
+    with pytest.raises(ModelError, match="patch typer's classes"):
+        Segmenter(model, meta, device="cpu", engine="torch")
+
+
+def test_cli_runs_the_quality_model_by_name(tmp_path):
+    import csv
+    import subprocess
+    import sys
+
+    tile = shared_file("nuclei/crchisto/images/img1.png")
+
+    def cli(*args):
+        return subprocess.run([sys.executable, "-m", "pipeline.cli", *map(str, args)], capture_output=True, text=True)
+
+    rows = {}
+    for name in ("default", "quality"):
+        r = cli("--quiet", "predict", tile, "--mpp", "0.55", "--model", name, "-o", tmp_path / f"{name}.tif")
+        assert r.returncode == 0, r.stderr
+        with open(tmp_path / f"{name}.nuclei.csv", newline="") as fh:
+            rows[name] = list(csv.DictReader(fh))
+        assert list(rows[name][0])[5:] == ["class"] + [f"p_{c}" for c in CLASSES]
+    assert 0 < len(rows["quality"]) < len(rows["default"])  # the typer's rejection removes some
+    r = cli("--quiet", "predict", tile, "--mpp", "0.55", "--model", "qualty", "-o", tmp_path / "x.tif")
+    assert r.returncode != 0 and "default, quality" in r.stderr and len(r.stderr.strip().splitlines()) == 1

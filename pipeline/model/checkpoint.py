@@ -55,7 +55,8 @@ def read_checkpoint(path) -> dict:
     """Load a checkpoint dict safely (``weights_only=True``); raise ModelError with one line."""
     path = Path(path)
     if not path.exists():
-        raise ModelError(f"{path}: model checkpoint not found")
+        raise ModelError(f"{path}: model checkpoint not found (a .pt file, or a shipped model: "
+                         f"{', '.join(NAMED_WEIGHTS)})")
     try:
         with warnings.catch_warnings():  # e.g. "Detected pickle protocol 4": the error below says it all
             warnings.simplefilter("ignore")

@@ -71,6 +71,10 @@ class Segmenter:
             self.type_head = self.type_head.cpu().eval()
         # the quality model's patch CNN (pipeline.model.patchtyper) types each nucleus from its pixels
         self.patch_typer = getattr(self.model, "patch_typer", None)
+        if (self.patch_typer is not None and self.type_head is not None
+                and list(self.patch_typer.classes) != list(self.type_head.classes)):
+            raise ModelError(f"checkpoint: the patch typer's classes ({', '.join(self.patch_typer.classes)}) "
+                             f"differ from the type head's ({', '.join(self.type_head.classes)})")
         if self.patch_typer is not None:
             self.patch_typer = self.patch_typer.to(self.device).eval()
             if self.device.type == "cpu":

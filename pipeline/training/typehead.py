@@ -331,6 +331,15 @@ def with_type_head(model, head: TypeHead):
     new.arch = copy.deepcopy(model.arch)
     new.arch["type_head"] = copy.deepcopy(head.cfg)
     new.type_head = head
+    typer = getattr(new, "patch_typer", None)
+    if typer is not None and list(typer.classes) != list(head.classes):
+        # the quality model's patch typer knows its own classes only: the new classes are the head's
+        import logging
+
+        logging.getLogger(__name__).warning("the patch typer (classes %s) is dropped: the new type head has "
+                                            "classes %s", ", ".join(typer.classes), ", ".join(head.classes))
+        new.arch.pop("patch_typer", None)
+        new.patch_typer = None
     return new
 
 

@@ -243,13 +243,13 @@ def train_types(data, out, mpp: float, init=None, classes=None, reject: bool = F
         The ``metadata["type_head"]`` summary written (classes, counts of matched instances).
     """
     from ..data.readers import read_image
-    from ..model.checkpoint import DEFAULT_WEIGHTS, init_identity, load_checkpoint, save_checkpoint
+    from ..model.checkpoint import init_identity, load_checkpoint, resolve_weights, save_checkpoint
     from ..model.segmenter import load_model
     from .typehead import fit_head, stage2_radii_for, tile_examples, with_type_head
 
     if mpp is None or not mpp > 0:
         raise InputError(f"--mpp must be > 0, got {mpp}")
-    init = DEFAULT_WEIGHTS if init in (None, "default") else Path(init)
+    init = resolve_weights(init)  # None or a shipped model's name ("default", "quality") -> its file
     pairs = find_pairs(data)
     if not isinstance(type_names, dict):
         type_names = read_type_names(data, type_names)
