@@ -274,7 +274,7 @@ def _model_arg(spec: str) -> list[str]:
 
 
 def _model_label(spec: str) -> str:
-    return spec if spec in ("default", "classical") else Path(spec).name
+    return spec if spec in ("default", "quality", "classical") else Path(spec).name
 
 
 def e2e(slide: Path, slide_info: dict, spec: str, args, workdir: Path, extra: tuple = (), tag: str = "") -> dict:
@@ -706,7 +706,7 @@ def main(argv=None) -> int:
     if args.fwd_repeats is None:
         args.fwd_repeats = 1 if args.quick else 3
     for spec in models:
-        if spec not in ("default", "classical") and not Path(spec).exists():
+        if spec not in ("default", "quality", "classical") and not Path(spec).exists():
             print(f"run.py: error: --model {spec}: checkpoint not found", file=sys.stderr)
             return 2
     if args.device == "cuda" and not gpu_name():

@@ -108,11 +108,13 @@ class Segmenter:
         return self.type_head is not None or self.patch_typer is not None
 
     def classify(self, image: np.ndarray, labels: np.ndarray, scores: np.ndarray, embed, mpp: float,
-                 embed_scale: float = 1.0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                 embed_scale: float = 1.0, timings: dict | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Typing step: class probabilities per instance, and removal of the instances whose
         "not a nucleus" probability exceeds the head's (or the patch typer's) ``reject_threshold``
         (renumbered 1..K'). With a patch typer its probabilities replace (``combine: typer``) or are
         averaged with (``mean``) the head's (:func:`pipeline.model.patchtyper.combine`).
+
+        ``timings``: accumulates ``typer_s``, the patch typer's seconds (a network, counted as model time).
 
         Returns
         -------
@@ -138,7 +140,10 @@ class Segmenter:
             from .patchtyper import combine
 
             with self._lock:  # the patch CNN uses every intra-op thread, like the network
+                t0 = time.perf_counter()
                 tprobs, trej = self.patch_typer.predict(image, cen, mpp)
+                if timings is not None:
+                    timings["typer_s"] = timings.get("typer_s", 0.0) + time.perf_counter() - t0
             probs = combine(probs, tprobs, self.patch_typer.cfg.get("combine", "typer"))
             thr = self.patch_typer.cfg.get("reject_threshold")
             if thr is not None and len(trej):
@@ -209,8 +214,10 @@ class Segmenter:
                 if self.typed:
                     t2 = time.perf_counter()
                     emb = out["embed"][i] if out["embed"] is not None else None
-                    results.append(self.classify(images[start + i], lab, sc, emb, self.mpp))
-                    post_s += time.perf_counter() - t2
+                    typer = {}
+                    results.append(self.classify(images[start + i], lab, sc, emb, self.mpp, timings=typer))
+                    post_s += time.perf_counter() - t2 - typer.get("typer_s", 0.0)
+                    model_s += typer.get("typer_s", 0.0)  # the patch typer is a network too
                 else:
                     results.append((lab, sc))
             if timings is not None:
