@@ -1,7 +1,7 @@
 """Train the patch typer of the ``quality`` model and measure it against the shipped type head.
 
-    python benchmarks/train_patch_typer.py [--epochs 24] [--width 32] [--crc-unmatched reject|ignore]
-    # -> benchmarks/results/patch_typer.json, the typer's weights in --state (default /tmp/patch_typer.pt)
+    python benchmarks/train_patch_typer.py [--epochs 24] [--width 32] [--crc-unmatched reject|ignore] [--tag TAG]
+    # -> benchmarks/results/patch_typer[_TAG].json, the typer's weights in --state (default /tmp/patch_typer.pt)
     python benchmarks/train_patch_typer.py --compose RULE THRESHOLD   # RULE typer|mean, THRESHOLD none|t
     # -> pipeline/weights/cellsam_quality.pt (the shipped default network + this typer)
 
@@ -80,6 +80,7 @@ def main(argv=None) -> int:
     ap.add_argument("--crc-unmatched", choices=("reject", "ignore"), default="reject")
     ap.add_argument("--state", default="/tmp/patch_typer.pt")
     ap.add_argument("--compose", nargs=2, metavar=("RULE", "THRESHOLD"))
+    ap.add_argument("--tag", default="", help="results in patch_typer_<tag>.json (variants)")
     args = ap.parse_args(argv)
     torch.set_num_threads(2)
     vocab = ClassVocabulary.crchisto()
@@ -213,8 +214,13 @@ def main(argv=None) -> int:
     t = time.perf_counter()
     typer.predict(img, cen, CRCHISTO_MPP)
     res["typer_s_1528_nuclei_torch_fp32_2_threads"] = round(time.perf_counter() - t, 3)
+    res["typer_engine"] = typer.use_engine("auto")  # as the segmenter runs it (OpenVINO bf16 where it can)
+    typer.predict(img, cen[:64], CRCHISTO_MPP)
+    t = time.perf_counter()
+    typer.predict(img, cen, CRCHISTO_MPP)
+    res["typer_s_1528_nuclei_engine"] = round(time.perf_counter() - t, 3)
     res["total_s"] = round(time.time() - t0)
-    RESULT.write_text(json.dumps(res, indent=1) + "\n")
+    (RESULT.with_name(f"patch_typer_{args.tag}.json") if args.tag else RESULT).write_text(json.dumps(res, indent=1) + "\n")
     print(json.dumps({k: v for k, v in res.items() if k not in ("rules", "per_epoch")}))
     return 0
 
