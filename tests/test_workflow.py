@@ -210,6 +210,18 @@ def test_cpu_device_requests_no_gpu(tmp_path):
     assert "Would remove temporary output" not in proc.stdout  # keep_stores: stores are not temp()
 
 
+def test_named_quality_model_flows_to_infer(tmp_path):
+    slides = _fake_slides(tmp_path, "a.svs")
+    cfg = {"samples": _sheet(tmp_path, [("a", slides[0], None)]), "infer": {"model": "quality"}}
+    layout = CohortLayout(tmp_path / "results")
+    layout.status_dir.mkdir(parents=True)
+    layout.status("a").write_text(json.dumps({"slide": "a", "ok": True, "error": None}))
+    proc = snakemake(tmp_path, "-n", "-p", config=cfg)
+    assert proc.returncode == 0, proc.stderr
+    infer = [j for j in _jobs(proc.stdout) if j["rule"] == "infer"]
+    assert len(infer) == 1 and "--model quality" in infer[0]["shell"]
+
+
 def test_lint_reports_nothing(tmp_path):
     slides = _fake_slides(tmp_path, "a.svs")
     proc = snakemake(tmp_path, "--lint", config={"samples": _sheet(tmp_path, [("a", slides[0], None)])})
