@@ -46,7 +46,8 @@ from pipeline.data.classes import ClassVocabulary, read_point_csv  # noqa: E402
 from pipeline.data.datasets import builtin_samples, split_samples  # noqa: E402
 from pipeline.data.readers import read_image  # noqa: E402
 from pipeline.data.regions import read_negative_regions  # noqa: E402
-from pipeline.metrics import aggregate_point_counts, aji, panoptic_quality, point_counts, point_scores  # noqa: E402
+from pipeline.metrics import (aggregate_point_counts, aji, matched_classification, panoptic_quality,  # noqa: E402
+                              point_counts, point_scores)
 from pipeline.model.checkpoint import DEFAULT_WEIGHTS, load_checkpoint, save_checkpoint  # noqa: E402
 from pipeline.model.patchtyper import PatchTyper, combine  # noqa: E402
 from pipeline.model.segmenter import Segmenter  # noqa: E402
@@ -61,12 +62,12 @@ THRESHOLDS = (None, 0.9, 0.7, 0.5)
 
 
 def weighted_f1(yt, yp, k):
-    f, sup = [], []
-    for c in range(k):
-        tp = int(((yp == c) & (yt == c)).sum())
-        f.append(2 * tp / max(tp + int((yp == c).sum()) + int((yt == c).sum()) - tp, 1))
-        sup.append(int((yt == c).sum()))
-    return round(float(np.dot(f, sup) / max(sum(sup), 1)), 4), [round(v, 4) for v in f]
+    """Support-weighted and per-class F1 of class labels ``yp`` against ``yt`` (both in 0..k-1):
+    :func:`pipeline.metrics.matched_classification` of their confusion matrix."""
+    conf = np.zeros((k + 1, k + 1), np.int64)
+    np.add.at(conf, (np.asarray(yt, np.int64), np.asarray(yp, np.int64)), 1)
+    m = matched_classification(conf)
+    return m["weighted_f1"], m["class_f1"]
 
 
 def crc_images(names):
@@ -131,18 +132,8 @@ def main(argv=None) -> int:
     (cmu_reg,) = read_negative_regions(NEGATIVES, DATA, 1e6)
 
     def run_typer(typer, patch_list):
-        out_p, out_r = [], []
-        with torch.inference_mode():
-            for p in patch_list:
-                if len(p) == 0:
-                    out_p.append(np.zeros((0, c), np.float32))
-                    out_r.append(np.zeros(0, np.float32))
-                    continue
-                xb = torch.from_numpy(p).permute(0, 3, 1, 2).float().div(255)
-                lg = torch.cat([typer(xb[s:s + 512]) for s in range(0, len(xb), 512)])
-                out_p.append(torch.softmax(lg[:, :c], 1).numpy())
-                out_r.append(torch.softmax(lg, 1)[:, c].numpy())
-        return out_p, out_r
+        out = [typer.predict_patches(torch.from_numpy(p).permute(0, 3, 1, 2).float().div(255)) for p in patch_list]
+        return [o[0] for o in out], [o[1] for o in out]
 
     rows_ep = []
 

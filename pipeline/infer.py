@@ -366,9 +366,10 @@ def resolve_model(model: Any, *, device: str, refine: bool, store_mpp: float, en
         spec = None if model is None else str(model)
         if spec not in (None, CLASSICAL):
             from .model.checkpoint import NAMED_WEIGHTS, resolve_weights
-        if spec not in (None, CLASSICAL) and not resolve_weights(spec).exists():
-            raise ModelError(f"{spec}: model checkpoint not found (use a .pt file, a shipped model: "
-                             f"{', '.join(NAMED_WEIGHTS)}, 'classical', or omit --model)")
+
+            if not resolve_weights(spec).exists():
+                raise ModelError(f"{spec}: model checkpoint not found (use a .pt file, a shipped model: "
+                                 f"{', '.join(NAMED_WEIGHTS)}, 'classical', or omit --model)")
         if teacher is not None and spec == CLASSICAL:
             raise ModelError("--teacher applies to a dual CellSAM checkpoint, not to the classical model")
         return _load_model_cached(spec, device, bool(refine), float(store_mpp) if spec == CLASSICAL else None,

@@ -78,6 +78,14 @@ def _sheet(workdir: Path, rows: list[tuple], name="samples.tsv") -> str:
     return name
 
 
+def _checked(workdir: Path, **ok: bool) -> None:
+    """Status files as `cellsam check` writes them, so a dry run plans past the checks."""
+    layout = CohortLayout(workdir / "results")
+    layout.status_dir.mkdir(parents=True)
+    for sid, good in ok.items():
+        layout.status(sid).write_text(json.dumps({"slide": sid, "ok": good, "error": None if good else "unreadable"}))
+
+
 def _fake_slides(workdir: Path, *names: str) -> list[str]:
     (workdir / "slides").mkdir(exist_ok=True)
     for name in names:
@@ -171,10 +179,7 @@ def test_slurm_profile_dry_run_gives_infer_a_gpu(tmp_path):
     slides = _fake_slides(tmp_path, "a.svs", "b.svs", "c.svs")
     cfg = {"samples": _sheet(tmp_path, [("a", slides[0], None), ("b", slides[1], 0.25), ("c", slides[2], None)]),
            "infer": {"model": "classical", "halo_px": 32, "scheduler": "tcp://10.0.0.5:8786"}}
-    layout = CohortLayout(tmp_path / "results")
-    layout.status_dir.mkdir(parents=True)
-    for sid, ok in (("a", True), ("b", True), ("c", False)):  # as `cellsam check` writes them
-        layout.status(sid).write_text(json.dumps({"slide": sid, "ok": ok, "error": None if ok else "unreadable"}))
+    _checked(tmp_path, a=True, b=True, c=False)
     proc = snakemake(tmp_path, "-n", "-p", "--profile", str(REPO / "workflows" / "profiles" / "slurm"), config=cfg)
     assert proc.returncode == 0, proc.stderr
     jobs = _jobs(proc.stdout)
@@ -198,9 +203,7 @@ def test_cpu_device_requests_no_gpu(tmp_path):
     slides = _fake_slides(tmp_path, "a.svs")
     cfg = {"samples": _sheet(tmp_path, [("a", slides[0], None)]), "keep_stores": True,
            "infer": {"device": "cpu", "teacher": "sam weights/sam_vit_b.pth", "min_score": 0.5}}
-    layout = CohortLayout(tmp_path / "results")
-    layout.status_dir.mkdir(parents=True)
-    layout.status("a").write_text(json.dumps({"slide": "a", "ok": True, "error": None}))
+    _checked(tmp_path, a=True)
     proc = snakemake(tmp_path, "-n", "-p", config=cfg)
     assert proc.returncode == 0, proc.stderr
     infer = [j for j in _jobs(proc.stdout) if j["rule"] == "infer"]
@@ -213,9 +216,7 @@ def test_cpu_device_requests_no_gpu(tmp_path):
 def test_named_quality_model_flows_to_infer(tmp_path):
     slides = _fake_slides(tmp_path, "a.svs")
     cfg = {"samples": _sheet(tmp_path, [("a", slides[0], None)]), "infer": {"model": "quality"}}
-    layout = CohortLayout(tmp_path / "results")
-    layout.status_dir.mkdir(parents=True)
-    layout.status("a").write_text(json.dumps({"slide": "a", "ok": True, "error": None}))
+    _checked(tmp_path, a=True)
     proc = snakemake(tmp_path, "-n", "-p", config=cfg)
     assert proc.returncode == 0, proc.stderr
     infer = [j for j in _jobs(proc.stdout) if j["rule"] == "infer"]

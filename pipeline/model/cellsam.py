@@ -198,6 +198,19 @@ class Pointwise(nn.Module):
         return F.linear(x.permute(0, 2, 3, 1), self.weight, self.bias).permute(0, 3, 1, 2)
 
 
+def fold_batchnorm(modules) -> None:
+    """Fold, in place, every ``Conv2d -> BatchNorm2d`` pair inside the ``nn.Sequential`` among
+    ``modules`` (eval mode) into one convolution (the BatchNorm becomes ``Identity``)."""
+    from torch.nn.utils.fusion import fuse_conv_bn_eval
+
+    for mod in modules:
+        if isinstance(mod, nn.Sequential):
+            for i in range(len(mod) - 1):
+                if isinstance(mod[i], nn.Conv2d) and isinstance(mod[i + 1], nn.BatchNorm2d):
+                    mod[i] = fuse_conv_bn_eval(mod[i], mod[i + 1])
+                    mod[i + 1] = nn.Identity()
+
+
 def inference_copy(model: CellSAM) -> CellSAM:
     """An inference copy of ``model`` (the caller's model is untouched; the frozen teacher is
     shared, not copied):
@@ -208,18 +221,10 @@ def inference_copy(model: CellSAM) -> CellSAM:
     * every stride-1, ungrouped 1x1 convolution of the student and decoder replaced by
       :class:`Pointwise` (same outputs).
     """
-    from torch.nn.utils.fusion import fuse_conv_bn_eval
-
     memo = {} if model.teacher is None else {id(model.teacher): model.teacher}
     out = copy.deepcopy(model, memo).eval()
     containers = [*out.student.modules(), *out.decoder.modules()]
-    typer = [] if out.patch_typer is None else list(out.patch_typer.modules())
-    for mod in containers + typer:
-        if isinstance(mod, nn.Sequential):
-            for i in range(len(mod) - 1):
-                if isinstance(mod[i], nn.Conv2d) and isinstance(mod[i + 1], nn.BatchNorm2d):
-                    mod[i] = fuse_conv_bn_eval(mod[i], mod[i + 1])
-                    mod[i + 1] = nn.Identity()
+    fold_batchnorm(containers + ([] if out.patch_typer is None else list(out.patch_typer.modules())))
     for mod in containers:
         for name, child in list(mod.named_children()):
             if (isinstance(child, nn.Conv2d) and child.kernel_size == (1, 1) and child.groups == 1

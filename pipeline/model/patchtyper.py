@@ -104,20 +104,25 @@ class PatchTyper(nn.Module):
         p_reject : ndarray of shape (K,), float32
             Softmax probability of the last ("not a nucleus") output.
         """
-        c = len(self.classes)
         k = len(centroids_xy)
         if k == 0:
-            return np.zeros((0, c), np.float32), np.zeros(0, np.float32)
+            return self.predict_patches(torch.zeros(0, 3, self.patch_px, self.patch_px))
         dev = self.net[-1].weight.device
         img = torch.from_numpy(np.array(image[..., :3], np.uint8)).to(dev).permute(2, 0, 1)[None].float().div_(255)
-        probs, rej = [], []
-        for s in range(0, k, CHUNK):
-            x = sample_patches(img, centroids_xy[s:s + CHUNK], self.mpp / mpp, self.patch_px)
-            logits = self._logits(x)
-            probs.append(torch.softmax(logits[:, :c], 1))
-            rej.append(torch.softmax(logits, 1)[:, c])
-        return (torch.cat(probs).float().cpu().numpy().astype(np.float32),
-                torch.cat(rej).float().cpu().numpy().astype(np.float32))
+        out = [self.predict_patches(sample_patches(img, centroids_xy[s:s + CHUNK], self.mpp / mpp, self.patch_px))
+               for s in range(0, k, CHUNK)]
+        return np.concatenate([o[0] for o in out]), np.concatenate([o[1] for o in out])
+
+    @torch.inference_mode()
+    def predict_patches(self, x: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+        """:meth:`predict` on patches already sampled: ``float32 (N, 3, P, P)`` RGB in [0, 1] ->
+        ``class_probs`` float32 (N, C), ``p_reject`` float32 (N,); ``CHUNK`` patches per call."""
+        c = len(self.classes)
+        if len(x) == 0:
+            return np.zeros((0, c), np.float32), np.zeros(0, np.float32)
+        logits = torch.cat([self._logits(x[s:s + CHUNK]) for s in range(0, len(x), CHUNK)]).float().cpu()
+        return (torch.softmax(logits[:, :c], 1).numpy().astype(np.float32),
+                torch.softmax(logits, 1)[:, c].numpy().astype(np.float32))
 
 
 class _OpenVinoTyper:
@@ -130,17 +135,12 @@ class _OpenVinoTyper:
         import warnings
 
         import openvino as ov
-        from torch.nn.utils.fusion import fuse_conv_bn_eval
 
+        from .cellsam import fold_batchnorm
         from .engine import ONNX_OPSET
 
         net = copy.deepcopy(typer.net).eval().to(memory_format=torch.contiguous_format)
-        for mod in net.modules():
-            if isinstance(mod, nn.Sequential):
-                for i in range(len(mod) - 1):
-                    if isinstance(mod[i], nn.Conv2d) and isinstance(mod[i + 1], nn.BatchNorm2d):
-                        mod[i] = fuse_conv_bn_eval(mod[i], mod[i + 1])
-                        mod[i + 1] = nn.Identity()
+        fold_batchnorm(list(net.modules()))  # a no-op on an inference copy's typer (already folded)
         buf = io.BytesIO()
         x = torch.zeros(PAD_PATCHES, 3, typer.patch_px, typer.patch_px)
         with warnings.catch_warnings(), torch.no_grad():
