@@ -29,6 +29,7 @@ import argparse
 import json
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -52,7 +53,8 @@ from pipeline.model.checkpoint import DEFAULT_WEIGHTS, load_checkpoint, save_che
 from pipeline.model.patchtyper import PatchTyper, combine  # noqa: E402
 from pipeline.model.segmenter import Segmenter  # noqa: E402
 from pipeline.model.typehead import drop_instances  # noqa: E402
-from pipeline.training.patchtyper import fit_typer, instance_patches, typer_targets  # noqa: E402
+from pipeline.training.patchtyper import fit_typer, typer_targets  # noqa: E402
+from pipeline.training.patchtyper import instance_patches as _instance_patches  # noqa: E402
 from pipeline.training.typehead import (CRCHISTO_MPP, CRCHISTO_VAL_TILES, IGNORE, NUCLEUS, POINT_RADIUS_UM,  # noqa: E402
                                         REJECT, crchisto_examples, instance_tile_examples,
                                         negative_region_examples)
@@ -75,6 +77,7 @@ def crc_images(names):
 
 
 def main(argv=None) -> int:
+    global PATCH_PX, TYPER_MPP, instance_patches
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--epochs", type=int, default=24)
     ap.add_argument("--width", type=int, default=32)
@@ -82,11 +85,16 @@ def main(argv=None) -> int:
     ap.add_argument("--state", default="/tmp/patch_typer.pt")
     ap.add_argument("--compose", nargs=2, metavar=("RULE", "THRESHOLD"))
     ap.add_argument("--tag", default="", help="results in patch_typer_<tag>.json (variants)")
+    ap.add_argument("--patch-px", type=int, default=PATCH_PX, help="patch side, patch pixels")
+    ap.add_argument("--typer-mpp", type=float, default=TYPER_MPP, help="patch µm/px")
+    ap.add_argument("--sampler", choices=("bilinear", "crop"), default="bilinear")
     args = ap.parse_args(argv)
+    PATCH_PX, TYPER_MPP = args.patch_px, args.typer_mpp
+    instance_patches = partial(_instance_patches, sampler=args.sampler)
     torch.set_num_threads(2)
     vocab = ClassVocabulary.crchisto()
     cfg = {"classes": list(vocab.names), "patch_px": PATCH_PX, "mpp": TYPER_MPP, "width": args.width,
-           "combine": "typer", "reject_threshold": None}
+           "sampler": args.sampler, "combine": "typer", "reject_threshold": None}
     if args.compose:
         return compose(args, cfg)
     t0 = time.time()

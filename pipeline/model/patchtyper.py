@@ -7,11 +7,14 @@ part of the checkpoint of the named ``quality`` model (``--model quality``). It 
 the rest of the typing, so the default (lite) model does not carry one.
 
 For every instance a ``patch_px`` x ``patch_px`` RGB patch at ``mpp`` µm/px (a fixed physical scale,
-whatever the image's µm/px) is sampled bilinearly around its centroid (:func:`sample_patches`,
-reflection at the image border). The network returns ``C`` class logits and, last, one "not a
-nucleus" logit. The configuration lives in the checkpoint's ``arch["patch_typer"]``::
+whatever the image's µm/px) is taken around its centroid, reflected at the image border: sampled
+bilinearly at the exact centroid (``sampler: bilinear``, :func:`sample_patches`), or cut at the
+nearest pixel from the image resized once to ``mpp`` (``sampler: crop``, :func:`crop_patches`, ~3x
+faster). The network returns ``C`` class logits and, last, one "not a nucleus" logit. The
+configuration lives in the checkpoint's ``arch["patch_typer"]``::
 
     {"classes": [...], "patch_px": 40, "mpp": 0.55, "width": 32,
+     "sampler": "bilinear" | "crop",  # absent = bilinear (the quality model's typer)
      "combine": "typer" | "mean",   # class probabilities: the typer's, or the mean with the head's
      "reject_threshold": null | t}  # drop instances whose typer p(not a nucleus) exceeds t
 """
@@ -45,6 +48,9 @@ class PatchTyper(nn.Module):
         self.classes = [str(c) for c in cfg["classes"]]
         self.patch_px = int(cfg.get("patch_px", 40))
         self.mpp = float(cfg.get("mpp", 0.55))
+        self.sampler = str(cfg.get("sampler", "bilinear"))
+        if self.sampler not in SAMPLERS:
+            raise ValueError(f"unknown patch-typer sampler {self.sampler!r} ({' or '.join(SAMPLERS)})")
         w = int(cfg.get("width", 32))
         self.net = nn.Sequential(_block(3, w), _block(w, w), nn.MaxPool2d(2), _block(w, 2 * w),
                                  _block(2 * w, 2 * w), nn.MaxPool2d(2), _block(2 * w, 4 * w), nn.MaxPool2d(2),
@@ -108,6 +114,9 @@ class PatchTyper(nn.Module):
         if k == 0:
             return self.predict_patches(torch.zeros(0, 3, self.patch_px, self.patch_px))
         dev = self.net[-1].weight.device
+        if self.sampler == "crop":
+            x = crop_patches(image, centroids_xy, self.mpp / mpp, self.patch_px).to(dev).float().div_(255)
+            return self.predict_patches(x)
         img = torch.from_numpy(np.array(image[..., :3], np.uint8)).to(dev).permute(2, 0, 1)[None].float().div_(255)
         out = [self.predict_patches(sample_patches(img, centroids_xy[s:s + CHUNK], self.mpp / mpp, self.patch_px))
                for s in range(0, k, CHUNK)]
@@ -167,6 +176,51 @@ class _OpenVinoTyper:
             req = self._requests[m] = self._core.compile_model(model, "CPU", self._config).create_infer_request()
         req.infer({0: np.ascontiguousarray(x, np.float32)})
         return np.array(req.get_output_tensor(0).data, np.float32, copy=True)[:n]
+
+
+def crop_patches(image: np.ndarray, centroids_xy, px_per_patch_px: float, size: int) -> torch.Tensor:
+    """``size`` x ``size`` patches cut at whole pixels from the image resized once to the patch scale.
+
+    The image is resized by ``1 / px_per_patch_px`` (bilinear, antialiased when shrinking), padded
+    by reflection, and each patch is the window whose centre is nearest to the centroid (within half
+    a patch pixel). About 3x faster than :func:`sample_patches` for a window's nuclei.
+
+    Parameters
+    ----------
+    image : ndarray of shape (H, W, 3), uint8
+    centroids_xy : array-like of shape (K, 2)
+        (x, y) patch centres in px of ``image`` (pixel centres at integers).
+    px_per_patch_px : float
+        Image pixels per patch pixel (as :func:`sample_patches`).
+    size : int
+        Patch side (patch pixels).
+
+    Returns
+    -------
+    torch.Tensor of shape (K, 3, size, size), uint8
+    """
+    from numpy.lib.stride_tricks import sliding_window_view
+
+    cen = np.asarray(centroids_xy, np.float64).reshape(-1, 2)
+    h, w = image.shape[:2]
+    img = np.array(image[..., :3], dtype=np.uint8)  # a writable copy (torch.from_numpy)
+    nh, nw = h, w
+    if abs(float(px_per_patch_px) - 1.0) > 1e-6:
+        nh, nw = max(1, round(h / px_per_patch_px)), max(1, round(w / px_per_patch_px))
+        t = torch.from_numpy(img).permute(2, 0, 1)[None]
+        t = F.interpolate(t, size=(nh, nw), mode="bilinear", align_corners=False, antialias=px_per_patch_px > 1)
+        img = t[0].permute(1, 2, 0).contiguous().numpy()
+    pad = size
+    img = np.pad(img, ((pad, pad), (pad, pad), (0, 0)), mode="reflect" if min(nh, nw) > pad else "edge")
+    view = sliding_window_view(img, (size, size), axis=(0, 1))  # (H' - S + 1, W' - S + 1, 3, S, S)
+    x0 = np.rint((cen[:, 0] + 0.5) * (nw / w) - 0.5 - (size - 1) / 2).astype(np.int64) + pad
+    y0 = np.rint((cen[:, 1] + 0.5) * (nh / h) - 0.5 - (size - 1) / 2).astype(np.int64) + pad
+    out = view[y0.clip(0, view.shape[0] - 1), x0.clip(0, view.shape[1] - 1)]
+    return torch.from_numpy(np.ascontiguousarray(out))
+
+
+#: patch samplers of the typer's ``cfg["sampler"]``
+SAMPLERS = ("bilinear", "crop")
 
 
 def sample_patches(image: torch.Tensor, centroids_xy, px_per_patch_px: float, size: int) -> torch.Tensor:

@@ -19,16 +19,19 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..model.patchtyper import PatchTyper, sample_patches
+from ..model.patchtyper import PatchTyper, crop_patches, sample_patches
 from .typehead import NUCLEUS, REJECT
 
 
 def instance_patches(image: np.ndarray, centroids_xy: np.ndarray, mpp: float, typer_mpp: float,
-                     size: int) -> np.ndarray:
+                     size: int, sampler: str = "bilinear") -> np.ndarray:
     """``uint8 (K, size, size, 3)`` patches at ``typer_mpp`` around the centroids of an image at ``mpp``
-    (the same sampling as inference: :func:`pipeline.model.patchtyper.sample_patches`)."""
+    (the same sampling as inference: :func:`pipeline.model.patchtyper.sample_patches`, or
+    :func:`~pipeline.model.patchtyper.crop_patches` with ``sampler="crop"``)."""
     if len(centroids_xy) == 0:
         return np.zeros((0, size, size, 3), np.uint8)
+    if sampler == "crop":
+        return crop_patches(image, centroids_xy, typer_mpp / mpp, size).permute(0, 2, 3, 1).numpy()
     img = torch.from_numpy(np.array(image[..., :3], np.uint8)).permute(2, 0, 1)[None].float()
     out = []
     for s in range(0, len(centroids_xy), 512):
