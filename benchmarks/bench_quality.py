@@ -1,4 +1,5 @@
-"""The shipped models side by side, as users run them: ``default`` (lite) against ``quality``.
+"""The shipped models side by side, as users run them: ``default`` (lite) against ``quality``,
+and the lite model without its small patch typer (``lite_no_typer``, the default until 2026-12-03).
 
     python benchmarks/bench_quality.py [--reps 5]   # -> benchmarks/results/quality_model.{json,md}
 
@@ -9,7 +10,7 @@ segment --model NAME`` runs), then:
   detection P / R / F1, support-weighted type F1, type accuracy and the confusion matrix;
 * MoNuSeg/CPM validation (6 tiles at their own µm/px): AJI, PQ, Dice;
 * cost: ``segment_batch`` on the 1216² real-tissue CMU-1 window of the type head's cost benchmark
-  (at the models' 0.5 µm/px: 0.37 mm²), the two models interleaved ``--reps`` times on the same
+  (at the models' 0.5 µm/px: 0.37 mm²), the models interleaved ``--reps`` times on the same
   machine; medians as s per window, Mpx/s and s/mm².
 """
 
@@ -31,12 +32,14 @@ CRC = DATA / "nuclei" / "crchisto"
 from pipeline.data.classes import ClassVocabulary, read_point_csv  # noqa: E402
 from pipeline.data.datasets import builtin_samples, split_samples  # noqa: E402
 from pipeline.data.readers import read_image  # noqa: E402
-from pipeline.metrics import aggregate, aggregate_point_counts, evaluate_pair, point_counts, point_scores  # noqa: E402
+from pipeline.metrics import (aggregate, aggregate_point_counts, evaluate_pair, matched_classification,  # noqa: E402
+                              point_counts, point_scores)
 from pipeline.model import load_model  # noqa: E402
 from pipeline.model.typehead import centroids_xy  # noqa: E402
 from pipeline.training.typehead import CRCHISTO_MPP, CRCHISTO_VAL_TILES, POINT_RADIUS_UM  # noqa: E402
 
-MODELS = ("default", "quality")
+MODELS = ("lite_no_typer", "default", "quality")
+#: ``lite_no_typer``: the default model with its patch typer removed (the default until 2026-12-03 evening)
 
 
 def main(argv=None) -> int:
@@ -46,7 +49,9 @@ def main(argv=None) -> int:
     import openslide
 
     vocab = ClassVocabulary.crchisto()
-    segs = {m: load_model(m, device="cpu") for m in MODELS}
+    segs = {m: load_model("default" if m == "lite_no_typer" else m, device="cpu") for m in MODELS}
+    segs["lite_no_typer"].patch_typer = None
+    segs["lite_no_typer"].metadata["patch_typer_engine"] = None
     res = {"models": {m: {"engine": s.metadata["engine"], "precision": s.metadata["precision"],
                           "patch_typer_engine": s.metadata.get("patch_typer_engine")} for m, s in segs.items()}}
     names = sorted(CRCHISTO_VAL_TILES, key=lambda s: (len(s), s))
@@ -65,6 +70,8 @@ def main(argv=None) -> int:
         out["crchisto_val"] = {"det_precision": round(sc["precision"], 4), "det_recall": round(sc["recall"], 4),
                                "det_f1": round(sc["f1"], 4), "weighted_type_f1": round(sc["weighted_f1"], 4),
                                "type_accuracy": round(sc["type_accuracy"], 4),
+                               "classification_alone": round(matched_classification(
+                                   aggregate_point_counts(rows)["confusion"])["weighted_f1"], 4),
                                "class_f1": {c: round(float(v), 4) for c, v in zip(vocab.names, sc["class_f1"])},
                                "confusion": np.asarray(aggregate_point_counts(rows)["confusion"]).tolist()}
         per = [evaluate_pair(gt, seg.segment(img, smp.mpp)[0]) for smp, img, gt in loaded]
@@ -89,17 +96,20 @@ def main(argv=None) -> int:
     res["cost_window"] = {"slide": "CMU-1-Small-Region.svs", "origin_xy": [600, 1400], "size_px": 1216, "mm2": round(mm2, 4),
                           "instances": int(lab.max()), "reps": args.reps}
     res["quality_over_default_time"] = round(float(np.median(np.asarray(times["quality"]) / np.asarray(times["default"]))), 3)
+    res["default_over_lite_no_typer_time"] = round(float(np.median(
+        np.asarray(times["default"]) / np.asarray(times["lite_no_typer"]))), 3)
     out = ROOT / "benchmarks" / "results" / "quality_model"
     out.with_suffix(".json").write_text(json.dumps(res, indent=1) + "\n")
-    lines = ["| model | CRCHisto det P / R / F1 | weighted type F1 | type accuracy | val AJI / PQ / Dice | "
-             "s per 1216² window | Mpx/s | s/mm² |", "|---|---|---|---|---|---|---|---|"]
+    lines = ["| model | CRCHisto det P / R / F1 | weighted type F1 | type accuracy | classification alone | "
+             "val AJI / PQ / Dice | s per 1216² window | Mpx/s | s/mm² |", "|---|---|---|---|---|---|---|---|---|"]
     for m in MODELS:
         r = res["models"][m]
         c, v, k = r["crchisto_val"], r["validation"], r["cost"]
         lines.append(f"| {m} | {c['det_precision']} / {c['det_recall']} / {c['det_f1']} | {c['weighted_type_f1']} | "
-                     f"{c['type_accuracy']} | {v['aji']} / {v['pq']} / {v['dice']} | {k['s_per_window']} | "
+                     f"{c['type_accuracy']} | {c['classification_alone']} | {v['aji']} / {v['pq']} / {v['dice']} | {k['s_per_window']} | "
                      f"{k['mpx_per_s']} | {k['s_per_mm2']} |")
-    lines.append(f"\nquality / default time per window (median of paired ratios): {res['quality_over_default_time']}")
+    lines.append(f"\nquality / default time per window (median of paired ratios): {res['quality_over_default_time']}; "
+                 f"default / lite_no_typer: {res['default_over_lite_no_typer_time']}")
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0

@@ -2,7 +2,10 @@
 
     cellsam segment ../shared/data/slides/CMU-1-Small-Region.svs -o D            # default model
     cellsam segment ../shared/data/slides/CMU-1-Small-Region.svs -o Q --model quality
-    python benchmarks/figure_cmu_quality.py D/CMU-1-Small-Region.geojson.gz Q/CMU-1-Small-Region.geojson.gz OUT.png
+    python benchmarks/figure_cmu_quality.py D/CMU-1-Small-Region.geojson.gz Q/CMU-1-Small-Region.geojson.gz OUT.png [WHO]
+
+``WHO`` names the model that removes (default "the quality model"; docs/img/cmu1_default_typer.png:
+the lite model without its typer against the default with it, WHO "the default's typer").
 
 Draws the default model's nuclei on level-0 pixels: green where the quality model keeps them (a
 quality nucleus within 4 px of the centroid), red where it removes them. Two views: the hair
@@ -38,12 +41,14 @@ def rings(path):
 
 
 def main(argv=None) -> int:
-    before, after, out = (sys.argv[1:] if argv is None else argv)[:3]
+    args = sys.argv[1:] if argv is None else argv
+    before, after, out = args[:3]
+    who = args[3] if len(args) > 3 else "the quality model"
     d, q = rings(before), rings(after)
     cd = np.array([r.mean(0) for r in d])
     cq = np.array([r.mean(0) for r in q])
     removed = cKDTree(cq).query(cd)[0] > 4
-    print(f"default {len(d)} nuclei, quality {len(q)}, removed {int(removed.sum())}")
+    print(f"before {len(d)} nuclei, after {len(q)}, removed {int(removed.sum())}")
     sl = openslide.OpenSlide(str(SLIDE))
     panels = []
     for title, (x0, y0, w, h) in VIEWS.items():
@@ -56,7 +61,7 @@ def main(argv=None) -> int:
                 dr.line(pts + [pts[0]], fill=(230, 0, 0) if rm else (0, 190, 0), width=2)
                 n[int(rm)] += 1
         dr.rectangle([0, 0, im.width, 18], fill=(255, 255, 255))
-        dr.text((4, 3), f"{title}: green kept ({n[0]}), red removed by the quality model ({n[1]})", fill=(0, 0, 0))
+        dr.text((4, 3), f"{title}: green kept ({n[0]}), red removed by {who} ({n[1]})", fill=(0, 0, 0))
         bar = 100 / 0.499 * SCALE  # 100 µm at level 0 (0.499 µm/px)
         dr.rectangle([8, im.height - 14, 8 + bar, im.height - 8], fill=(0, 0, 0))
         dr.text((12 + bar, im.height - 18), "100 µm", fill=(0, 0, 0))

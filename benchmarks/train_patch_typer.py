@@ -84,6 +84,8 @@ def main(argv=None) -> int:
     ap.add_argument("--crc-unmatched", choices=("reject", "ignore"), default="reject")
     ap.add_argument("--state", default="/tmp/patch_typer.pt")
     ap.add_argument("--compose", nargs=2, metavar=("RULE", "THRESHOLD"))
+    ap.add_argument("--into", choices=("quality", "default"), default="quality",
+                    help="--compose writes this shipped model (default: the lite model gets the typer)")
     ap.add_argument("--tag", default="", help="results in patch_typer_<tag>.json (variants)")
     ap.add_argument("--patch-px", type=int, default=PATCH_PX, help="patch side, patch pixels")
     ap.add_argument("--typer-mpp", type=float, default=TYPER_MPP, help="patch µm/px")
@@ -225,11 +227,22 @@ def main(argv=None) -> int:
 
 
 def compose(args, cfg) -> int:
-    """The shipped default network and type head + the trained typer -> ``cellsam_quality.pt``."""
+    """The shipped default network and type head + the trained typer -> ``cellsam_quality.pt``
+    (``--into default``: -> ``cellsam_default.pt``, the lite model with its own small typer)."""
     rule, thr = args.compose
     saved = torch.load(args.state, map_location="cpu", weights_only=True)
     cfg = {**saved["cfg"], "combine": rule, "reject_threshold": None if thr == "none" else float(thr)}
     model, meta = load_checkpoint(DEFAULT_WEIGHTS)
+    if args.into == "default":
+        model.arch = {**model.arch, "patch_typer": cfg}
+        model.patch_typer = PatchTyper(cfg)
+        model.patch_typer.load_state_dict(saved["state_dict"])
+        result = RESULT.with_name(f"patch_typer_{args.tag}.json") if args.tag else RESULT
+        meta = {**meta, "patch_typer_training": {"script": "benchmarks/train_patch_typer.py",
+                                                 "results": f"benchmarks/results/{result.name}"}}
+        save_checkpoint(DEFAULT_WEIGHTS, model.eval(), meta)
+        print(f"wrote {DEFAULT_WEIGHTS} ({DEFAULT_WEIGHTS.stat().st_size / 1e6:.1f} MB)")
+        return 0
     model.arch = {**model.arch, "patch_typer": cfg}
     model.patch_typer = PatchTyper(cfg)
     model.patch_typer.load_state_dict(saved["state_dict"])
