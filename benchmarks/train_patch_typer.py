@@ -102,6 +102,7 @@ def main(argv=None) -> int:
     t0 = time.time()
     model, meta = load_checkpoint(DEFAULT_WEIGHTS)
     seg = Segmenter(model, meta, device="cpu", engine="torch")
+    seg.patch_typer = None  # the shipped default's own typer: candidates are the network's, unfiltered
     head = seg.type_head
     names = sorted((p.stem for p in (CRC / "images").glob("*.png")), key=lambda s: (len(s), s))
     tr_names = [n for n in names if n not in CRCHISTO_VAL_TILES]
