@@ -55,6 +55,9 @@ class SegmentConfig:
     # instances whose score (mean nucleus probability) is below this are dropped by the model's
     # decoding; None = the checkpoint's metadata.postprocess.min_score (shipped 0.82), 0 = keep all
     min_score: float | None = None
+    # instances whose "not a nucleus" probability (the model's patch typer / type head) is above this
+    # are dropped; None = the checkpoint's own (shipped 0.7), 1 = keep all
+    reject_threshold: float | None = None
     # implausible objects (far outside nucleus size/shape: tissue folds, keratin, merged clumps) are
     # discarded per window, before dedup, and counted (summary "nuclei_dropped_implausible")
     max_area_um2: float = 200.0  # objects larger than this are not nuclei
@@ -203,5 +206,7 @@ def with_overrides(cfg, **overrides):
                 raise ConfigError(f"{key} must be between 0 (off) and 100 µm, got {value}")
             if key == "min_score" and not 0 <= value <= 1:
                 raise ConfigError(f"{key} must be between 0 (keep all) and 1, got {value}")
+            if key == "reject_threshold" and not 0 <= value <= 1:
+                raise ConfigError(f"{key} must be between 0 and 1 (keep all), got {value}")
         clean[key] = value
     return replace(cfg, **clean)

@@ -286,7 +286,7 @@ def classical_segment_batch(mpp: float) -> Callable:
 @functools.lru_cache(maxsize=4)
 def _load_model_cached(spec: str | None, device: str, refine: bool, classical_mpp: float | None,
                        engine: str = "auto", precision: str = "auto", teacher: str | None = None,
-                       min_score: float | None = None) -> Model:
+                       min_score: float | None = None, reject_threshold: float | None = None) -> Model:
     """Load a model once per process (dask workers reuse it across tasks)."""
     if spec == CLASSICAL:
         return Model(
@@ -299,9 +299,11 @@ def _load_model_cached(spec: str | None, device: str, refine: bool, classical_mp
     from .model.checkpoint import resolve_weights
 
     seg = load_model(spec, device=device, refine=refine, engine=engine, precision=precision, teacher=teacher,
-                     min_score=min_score)
+                     min_score=min_score, reject_threshold=reject_threshold)
     model = _wrap_segmenter(seg)
     model.info["min_score"] = float(seg.params.min_score)  # in the chunk meta: a change recomputes
+    if getattr(seg, "reject_threshold", None) is not None:
+        model.info["reject_threshold"] = float(seg.reject_threshold)
     weights = resolve_weights(spec)
     model.info["weights_file"] = weights.name
     model.info["weights_sha256"] = _sha256(weights)
@@ -339,7 +341,8 @@ def _wrap_segmenter(seg: Any) -> Model:
 
 
 def resolve_model(model: Any, *, device: str, refine: bool, store_mpp: float, engine: str = "auto",
-                  precision: str = "auto", teacher: Any = None, min_score: float | None = None) -> Model:
+                  precision: str = "auto", teacher: Any = None, min_score: float | None = None,
+                  reject_threshold: float | None = None) -> Model:
     """Turn a model spec into a :class:`Model`.
 
     Parameters
@@ -359,6 +362,10 @@ def resolve_model(model: Any, *, device: str, refine: bool, store_mpp: float, en
         Minimum instance score of a checkpoint's decoding (``PostprocessParams.min_score``);
         ``None`` = the checkpoint's own (shipped: 0.82), 0 = keep every instance. Recorded as
         ``Model.info["min_score"]``. Ignored for the classical model and for model objects.
+    reject_threshold : float, optional
+        "Not a nucleus" threshold of a checkpoint's patch typer / type head; ``None`` = the
+        checkpoint's own (shipped 0.7), 1 = keep every instance. Recorded as
+        ``Model.info["reject_threshold"]`` for models that reject. Ignored like ``min_score``.
     """
     if isinstance(model, Model):
         return model
@@ -374,7 +381,8 @@ def resolve_model(model: Any, *, device: str, refine: bool, store_mpp: float, en
             raise ModelError("--teacher applies to a dual CellSAM checkpoint, not to the classical model")
         return _load_model_cached(spec, device, bool(refine), float(store_mpp) if spec == CLASSICAL else None,
                                   str(engine), str(precision), None if teacher is None else str(teacher),
-                                  None if min_score is None or spec == CLASSICAL else float(min_score))
+                                  None if min_score is None or spec == CLASSICAL else float(min_score),
+                                  None if reject_threshold is None or spec == CLASSICAL else float(reject_threshold))
     if hasattr(model, "segment_batch"):
         return _wrap_segmenter(model)
     if callable(model):
@@ -431,7 +439,8 @@ def process_batch(
     group, attrs = _open_store_cached(str(store_path))
     mpp = float(attrs["mpp"])
     model = resolve_model(model_spec, device=cfg.device, refine=cfg.refine, store_mpp=mpp, engine=cfg.engine,
-                          precision=cfg.precision, teacher=cfg.teacher, min_score=cfg.min_score)
+                          precision=cfg.precision, teacher=cfg.teacher, min_score=cfg.min_score,
+                          reject_threshold=cfg.reject_threshold)
     timings = dict.fromkeys(TIMING_KEYS, 0.0)
 
     t0 = time.perf_counter()
@@ -698,7 +707,8 @@ def run_infer(
     if cfg.teacher:  # workers may run in another working directory (the path is never recorded)
         cfg = replace(cfg, teacher=os.path.abspath(cfg.teacher))
     resolved = resolve_model(model, device=cfg.device, refine=cfg.refine, store_mpp=store_mpp, engine=cfg.engine,
-                             precision=cfg.precision, teacher=cfg.teacher, min_score=cfg.min_score)
+                             precision=cfg.precision, teacher=cfg.teacher, min_score=cfg.min_score,
+                             reject_threshold=cfg.reject_threshold)
     if resolved.mpp is not None and abs(resolved.mpp - store_mpp) > 1e-3 * resolved.mpp:
         raise StoreError(
             f"{store_path}: store is at {store_mpp:g} µm/px but the model expects {resolved.mpp:g} µm/px; "

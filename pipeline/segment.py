@@ -507,7 +507,8 @@ def run_segment(
 
     # The store is written at the model's resolution: resolve the model first.
     model = resolve_model(model_path, device=seg.device, refine=seg.refine, store_mpp=cfg.store.mpp,
-                          engine=seg.engine, precision=seg.precision, teacher=seg.teacher, min_score=seg.min_score)
+                          engine=seg.engine, precision=seg.precision, teacher=seg.teacher, min_score=seg.min_score,
+                          reject_threshold=seg.reject_threshold)
     store_cfg = cfg.store
     if model.mpp is not None and abs(model.mpp - store_cfg.mpp) > 1e-6:
         log.info("store resolution set to the model's %g µm/px (config: %g)", model.mpp, store_cfg.mpp)

@@ -318,3 +318,31 @@ def test_default_typer_removes_the_keratin_detections_and_keeps_real_nuclei():
     assert n_in >= 150 and n_val >= 200, counts
     assert d_in <= 0.3 * n_in, counts  # most keratin / hair-shaft detections removed
     assert d_val >= 0.97 * n_val, counts  # real nuclei (a densely packed lung tile) kept
+
+
+def test_reject_threshold_override_from_the_cli_and_config(tmp_path):
+    """``--reject-threshold 1`` keeps what the default's typer removes; the value is part of the model
+    identity that chunk resume compares; an out-of-range value is one config error."""
+    import subprocess
+    import sys
+
+    from pipeline.config import SegmentConfig, with_overrides
+    from pipeline.errors import ConfigError
+    from pipeline.infer import resolve_model
+
+    tile = shared_file("nuclei/crchisto/images/img13.png")  # fat and stroma: the typer removes some
+    counts = {}
+    for tag, extra in (("default", []), ("all", ["--reject-threshold", "1"])):
+        r = subprocess.run([sys.executable, "-m", "pipeline.cli", "--quiet", "predict", str(tile), "--mpp", "0.55",
+                            "-o", str(tmp_path / f"{tag}.tif"), *extra], capture_output=True, text=True)
+        assert r.returncode == 0, r.stderr
+        counts[tag] = len((tmp_path / f"{tag}.nuclei.csv").read_text().splitlines()) - 1
+    assert 0 < counts["default"] < counts["all"], counts
+    shipped = resolve_model(None, device="cpu", refine=False, store_mpp=0.5)
+    keep_all = resolve_model(None, device="cpu", refine=False, store_mpp=0.5, reject_threshold=1.0)
+    assert shipped.info["reject_threshold"] == pytest.approx(0.7) and keep_all.info["reject_threshold"] == 1.0
+    with pytest.raises(ConfigError, match="reject_threshold"):
+        with_overrides(SegmentConfig(), reject_threshold=-0.1)
+    r = subprocess.run([sys.executable, "-m", "pipeline.cli", "predict", str(tile), "--mpp", "0.55",
+                        "-o", str(tmp_path / "x.tif"), "--reject-threshold", "2"], capture_output=True, text=True)
+    assert r.returncode != 0 and "reject_threshold" in r.stderr and len(r.stderr.strip().splitlines()) == 1

@@ -31,6 +31,9 @@ def add_model_args(p) -> None:
     p.add_argument("--min-score", type=float, default=None, metavar="P",
                    help="drop nuclei whose score (mean nucleus probability) is below P; 0 keeps all "
                    "(default: the checkpoint's, 0.82 for the shipped model)")
+    p.add_argument("--reject-threshold", type=float, default=None, metavar="P",
+                   help="drop nuclei whose 'not a nucleus' probability (the model's patch typer) is above P; "
+                   "1 keeps all (default: the checkpoint's, 0.7 for the shipped models)")
     p.add_argument("--teacher", metavar="SAM.pth", default=None,
                    help="official SAM ViT checkpoint: runs a dual --model (teacher + student fused; GPU recommended)")
     p.add_argument("--scheduler", metavar="ADDRESS", default=None, help="dask.distributed scheduler address (default: local threads)")
@@ -49,6 +52,7 @@ def segment_overrides(args) -> dict:
         "refine": args.refine,
         "teacher": args.teacher,
         "min_score": args.min_score,
+        "reject_threshold": args.reject_threshold,
     }
 
 

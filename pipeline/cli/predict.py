@@ -21,6 +21,9 @@ def register(sub):
     p.add_argument("--min-score", type=float, default=None, metavar="P",
                    help="drop nuclei whose score (mean nucleus probability) is below P; 0 keeps all "
                    "(default: the checkpoint's, 0.82 for the shipped model)")
+    p.add_argument("--reject-threshold", type=float, default=None, metavar="P",
+                   help="drop nuclei whose 'not a nucleus' probability (the model's patch typer) is above P; "
+                   "1 keeps all (default: the checkpoint's, 0.7 for the shipped models)")
     p.add_argument("--engine", default="auto", choices=["auto", "torch", "onnxruntime", "openvino"],
                    help="network runner (default: auto = fastest installed engine passing parity)")
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"], help="network precision")
@@ -55,9 +58,11 @@ def run(args):
         from ..config import SegmentConfig, with_overrides
 
         kwargs = {"teacher": args.teacher} if args.teacher else {}
-        min_score = with_overrides(SegmentConfig(), min_score=args.min_score).min_score  # range checked there
+        checked = with_overrides(SegmentConfig(), min_score=args.min_score,  # ranges checked there
+                                 reject_threshold=args.reject_threshold)
         model = load_model(args.model, device=args.device, refine=args.refine, engine=args.engine,
-                           precision=args.precision, min_score=min_score, **kwargs)
+                           precision=args.precision, min_score=checked.min_score,
+                           reject_threshold=checked.reject_threshold, **kwargs)
 
         def seg(img):
             return model.segment(img, args.mpp)

@@ -103,6 +103,23 @@ class Segmenter:
         return list(self.patch_typer.classes) if self.patch_typer is not None else []
 
     @property
+    def reject_threshold(self) -> float | None:
+        """The "not a nucleus" threshold in use: the patch typer's, else the type head's; None = no rejection."""
+        for part in (self.patch_typer, self.type_head):
+            thr = None if part is None else part.cfg.get("reject_threshold")
+            if thr is not None:
+                return float(thr)
+        return None
+
+    def set_reject_threshold(self, threshold: float) -> None:
+        """Reject above ``threshold`` (1 = keep all): in the patch typer where there is one, else in
+        the type head where it has a reject output; a model without either keeps every instance."""
+        if self.patch_typer is not None:
+            self.patch_typer.cfg = {**self.patch_typer.cfg, "reject_threshold": float(threshold)}
+        elif self.type_head is not None and self.type_head.cfg.get("reject"):
+            self.type_head.cfg = {**self.type_head.cfg, "reject_threshold": float(threshold)}
+
+    @property
     def typed(self) -> bool:
         """Whether the model types its nuclei (a type head and/or a patch typer)."""
         return self.type_head is not None or self.patch_typer is not None
@@ -293,7 +310,8 @@ class Segmenter:
 
 
 def load_model(path=None, device: str = "auto", refine: bool = False, teacher=None, engine: str = "auto",
-               precision: str = "auto", min_score: float | None = None) -> Segmenter:
+               precision: str = "auto", min_score: float | None = None,
+               reject_threshold: float | None = None) -> Segmenter:
     """Load a CellSAM checkpoint (default: the shipped weights) as a :class:`Segmenter`.
 
     ``teacher``: a SAM checkpoint path (or a loaded :class:`pipeline.model.teacher.SamTeacher`) for
@@ -302,6 +320,8 @@ def load_model(path=None, device: str = "auto", refine: bool = False, teacher=No
     ``engine`` / ``precision``: the network's runner (:func:`pipeline.model.engine.build_engine`).
     ``min_score``: overrides the checkpoint's minimum instance score (``PostprocessParams.min_score``;
     0 keeps every instance); ``None`` keeps the checkpoint's own.
+    ``reject_threshold``: overrides the "not a nucleus" threshold of the patch typer (else of a type
+    head with a reject output; 1 keeps every instance); ``None`` keeps the checkpoint's own (shipped 0.7).
     """
     import logging
 
@@ -326,4 +346,6 @@ def load_model(path=None, device: str = "auto", refine: bool = False, teacher=No
         from dataclasses import replace
 
         seg.params = replace(seg.params, min_score=float(min_score))
+    if reject_threshold is not None:
+        seg.set_reject_threshold(float(reject_threshold))
     return seg

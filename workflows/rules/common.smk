@@ -119,6 +119,8 @@ def infer_flags():
         flags.append(f"--teacher {shlex.quote(cfg['teacher'])}")
     if cfg.get("min_score") is not None:
         flags.append(f"--min-score {float(cfg['min_score'])!r}")
+    if cfg.get("reject_threshold") is not None:
+        flags.append(f"--reject-threshold {float(cfg['reject_threshold'])!r}")
     if cfg["scheduler"] is not None:
         flags.append(f"--scheduler {shlex.quote(cfg['scheduler'])}")
     return " ".join(flags)
