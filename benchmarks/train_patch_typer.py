@@ -1,9 +1,11 @@
 """Train the patch typer of the ``quality`` model and measure it against the shipped type head.
 
     python benchmarks/train_patch_typer.py [--epochs 24] [--width 32] [--crc-unmatched reject|ignore] [--tag TAG]
+        [--patch-px 20 --typer-mpp 1.1 --sampler crop] [--distill-from quality --distill-weight W]
     # -> benchmarks/results/patch_typer[_TAG].json, the typer's weights in --state (default /tmp/patch_typer.pt)
-    python benchmarks/train_patch_typer.py --compose RULE THRESHOLD   # RULE typer|mean, THRESHOLD none|t
-    # -> pipeline/weights/cellsam_quality.pt (the shipped default network + this typer)
+    python benchmarks/train_patch_typer.py --compose RULE THRESHOLD [--into default]   # RULE typer|mean, THRESHOLD none|t
+    # -> pipeline/weights/cellsam_quality.pt (the shipped default network + this typer; --into default:
+    #    cellsam_default.pt, the lite model + this typer)
 
 The shipped network and type head stay frozen (engine torch). Training examples, every one a patch at
 0.55 µm/px around a *predicted* instance centroid (the typer sees at training what it sees at inference):
@@ -90,6 +92,9 @@ def main(argv=None) -> int:
     ap.add_argument("--patch-px", type=int, default=PATCH_PX, help="patch side, patch pixels")
     ap.add_argument("--typer-mpp", type=float, default=TYPER_MPP, help="patch µm/px")
     ap.add_argument("--sampler", choices=("bilinear", "crop"), default="bilinear")
+    ap.add_argument("--distill-from", default=None, metavar="MODEL",
+                    help="a shipped model (quality) whose patch typer's outputs at the same centroids are soft targets")
+    ap.add_argument("--distill-weight", type=float, default=1.0)
     args = ap.parse_args(argv)
     PATCH_PX, TYPER_MPP = args.patch_px, args.typer_mpp
     instance_patches = partial(_instance_patches, sampler=args.sampler)
@@ -108,25 +113,38 @@ def main(argv=None) -> int:
     tr_names = [n for n in names if n not in CRCHISTO_VAL_TILES]
     va_names = [n for n in names if n in CRCHISTO_VAL_TILES]
     c = len(vocab)
-    xs, ys = [], []
+    xs, ys, ss = [], [], []
+    teacher = None
+    if args.distill_from:
+        from pipeline.model import load_model
+
+        teacher = load_model(args.distill_from, device="cpu").patch_typer
+        if teacher is None:
+            ap.error(f"--distill-from {args.distill_from}: that model has no patch typer")
+
+    def add(img, cen, mpp, y):
+        """One image's patches, targets and (with --distill-from) the teacher's soft targets."""
+        xs.append(instance_patches(img, cen, mpp, TYPER_MPP, PATCH_PX))
+        ys.append(y)
+        if teacher is not None:
+            cp, rj = teacher.predict(img, cen, mpp)
+            ss.append(np.concatenate([cp * (1 - rj)[:, None], rj[:, None]], 1).astype(np.float32))
+
     for ex, img in zip(crchisto_examples(seg, CRC, vocab, tr_names), crc_images(tr_names)):
         t = ex.target.copy()
         if args.crc_unmatched == "ignore":
             t[t == REJECT] = IGNORE
-        xs.append(instance_patches(img, ex.centroids, ex.mpp, TYPER_MPP, PATCH_PX))
-        ys.append(typer_targets(t, c))
+        add(img, ex.centroids, ex.mpp, typer_targets(t, c))
     tr_s, va_s = split_samples(builtin_samples(DATA / "nuclei"))
     rng = np.random.default_rng(0)
     for ex, smp in zip(instance_tile_examples(seg, tr_s), tr_s):
         t = ex.target.copy()
         t[(t == NUCLEUS) & (rng.random(len(t)) > 1 / 3)] = IGNORE
         keep = t != IGNORE
-        xs.append(instance_patches(smp.load()[0], ex.centroids[keep], ex.mpp, TYPER_MPP, PATCH_PX))
-        ys.append(typer_targets(t[keep], c))
+        add(smp.load()[0], ex.centroids[keep], ex.mpp, typer_targets(t[keep], c))
     for ex, reg in zip(negative_region_examples(seg, NEGATIVES, DATA), read_negative_regions(NEGATIVES, DATA, 64.0)):
         keep = ex.target == REJECT
-        xs.append(instance_patches(reg["image"], ex.centroids[keep], ex.mpp, TYPER_MPP, PATCH_PX))
-        ys.append(typer_targets(ex.target[keep], c))
+        add(reg["image"], ex.centroids[keep], ex.mpp, typer_targets(ex.target[keep], c))
     x, y = np.concatenate(xs), np.concatenate(ys)
     counts = {"typed": int(((y >= 0) & (y < c)).sum()),
               "reject": int((y == c).sum()), "nucleus": int((y == NUCLEUS).sum())}
@@ -156,13 +174,16 @@ def main(argv=None) -> int:
             rows_ep.append({"epoch": ep, "detected_typed_weighted_f1": wf, "s": round(time.time() - t0)})
             print(rows_ep[-1], flush=True)
 
-    typer = fit_typer(x, y, cfg, epochs=args.epochs, on_epoch=on_epoch)
+    typer = fit_typer(x, y, cfg, epochs=args.epochs, on_epoch=on_epoch,
+                      soft=np.concatenate(ss) if ss else None, soft_weight=args.distill_weight)
     torch.save({"cfg": cfg, "state_dict": typer.state_dict()}, args.state)
 
     # --- final measurements ---
     ty_p, ty_r = run_typer(typer, va_patches)
     hd_p = [head.predict(ex.features, ex.centroids, ex.mpp)[0] for ex in crc_va]
     res = {"train_patches": counts, "crc_unmatched": args.crc_unmatched, "epochs": args.epochs, "width": args.width,
+           "patch_px": PATCH_PX, "typer_mpp": TYPER_MPP, "sampler": args.sampler,
+           "distill_from": args.distill_from, "distill_weight": args.distill_weight if args.distill_from else None,
            "parameters": sum(p.numel() for p in typer.parameters()), "per_epoch": rows_ep, "rules": []}
     m = typed_va >= 0
     for rule in ("head", "typer", "mean"):

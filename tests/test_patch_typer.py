@@ -111,6 +111,28 @@ def test_fit_typer_learns_a_separable_toy_problem():
     assert (out == target).mean() > 0.9
 
 
+def test_fit_typer_learns_classes_from_a_teachers_soft_targets():
+    # every row is only "a nucleus of some class" (NUCLEUS): the class can come from the teacher alone
+    rng = np.random.default_rng(1)
+    n = 256
+    cls = rng.integers(0, 2, n)
+    patches = np.zeros((n, 16, 16, 3), np.uint8)
+    patches[..., 0] = np.where(cls == 0, 200, 30)[:, None, None]
+    patches[..., 1] = np.where(cls == 1, 200, 30)[:, None, None]
+    soft = np.zeros((n, 3), np.float32)
+    soft[np.arange(n), cls] = 0.9
+    soft[:, 2] = 0.1  # "not a nucleus" last
+    y = np.full(n, NUCLEUS)
+    cfg = {"classes": ["a", "b"], "patch_px": 16, "mpp": 0.5, "width": 8}
+    kw = dict(epochs=6, batch=32, lr=5e-3, log=lambda *_: None)
+    x = torch.from_numpy(patches).permute(0, 3, 1, 2).float() / 255
+    flipped = soft[:, [1, 0, 2]]  # a teacher with the opposite opinion; same seed, same start
+    for teach, want in ((soft, cls), (flipped, 1 - cls)):
+        taught = fit_typer(patches, y, cfg, soft=teach, soft_weight=1.0, **kw)
+        with torch.inference_mode():
+            assert (taught(x)[:, :2].argmax(1).numpy() == want).mean() > 0.9
+
+
 def _with_typer(cfg_extra=None, seed=0):
     model, meta = load_checkpoint(None)
     cfg = {"classes": CLASSES, "patch_px": 40, "mpp": 0.55, "width": 8, "combine": "typer",

@@ -79,16 +79,21 @@ def augment(x: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
 
 def fit_typer(patches: np.ndarray, y: np.ndarray, cfg: dict, epochs: int = 24, batch: int = 128,
               lr: float = 2e-3, weight_decay: float = 1e-3, smoothing: float = 0.05, seed: int = 0,
-              on_epoch=None, log=print) -> PatchTyper:
+              on_epoch=None, log=print, soft: np.ndarray | None = None, soft_weight: float = 0.0) -> PatchTyper:
     """Train a :class:`PatchTyper` (``cfg`` as in ``arch["patch_typer"]``) on ``uint8 (N, P, P, 3)``
     patches with :func:`typer_targets` rows ``y``; ``on_epoch(epoch, typer)`` may evaluate
-    (the typer is in eval mode during the call)."""
+    (the typer is in eval mode during the call).
+
+    ``soft``: optional ``float (N, C + 1)`` probabilities of a teacher (e.g. the quality model's
+    typer at the same centroids, "not a nucleus" last); the loss then adds ``soft_weight`` x the
+    cross-entropy to them (knowledge distillation, temperature 1) on the rows that train."""
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     c = len(cfg["classes"])
     use = (y >= 0) | (y == NUCLEUS)
     x_all = torch.from_numpy(np.ascontiguousarray(patches[use])).permute(0, 3, 1, 2)
     y_all = torch.from_numpy(y[use])
+    s_all = None if soft is None or soft_weight <= 0 else torch.from_numpy(np.asarray(soft, np.float32)[use])
     counts = np.bincount(y[(y >= 0) & (y < c)], minlength=c).astype(np.float64)
     w = np.ones(c + 1)
     w[:c] = counts.sum() / (c * np.maximum(counts, 1))
@@ -105,7 +110,10 @@ def fit_typer(patches: np.ndarray, y: np.ndarray, cfg: dict, epochs: int = 24, b
         for i in range(steps):
             idx = perm[i * batch:(i + 1) * batch]
             xb = augment(x_all[idx].float().div_(255), rng)
-            loss = typer_loss(typer(xb), y_all[idx], class_w, smoothing)
+            logits = typer(xb)
+            loss = typer_loss(logits, y_all[idx], class_w, smoothing)
+            if s_all is not None:  # augmentations are label-preserving: the teacher's view holds
+                loss = loss - soft_weight * (s_all[idx] * torch.log_softmax(logits, 1)).sum(1).mean()
             opt.zero_grad()
             loss.backward()
             opt.step()
