@@ -74,7 +74,9 @@ def test_checkpoint_has_new_head_and_unchanged_network(trained):
     assert new["metadata"]["postprocess"] == old["metadata"]["postprocess"]
     counts = new["metadata"]["type_head"]["trained_on"]["matched_instances"]
     assert counts["Gland cell"] > 20 and counts["Stroma cell"] > 20
-    seg_keys = [k for k in old["state_dict"] if not k.startswith("type_head.")]
+    # the network is unchanged; the shipped patch typer knows the CRCHisto classes only: dropped
+    seg_keys = [k for k in old["state_dict"] if not k.startswith(("type_head.", "patch_typer."))]
+    assert any(k.startswith("patch_typer.") for k in old["state_dict"]) and "patch_typer" not in new["arch"]
     assert seg_keys and set(seg_keys) == {k for k in new["state_dict"] if not k.startswith("type_head.")}
     assert all(np.array_equal(new["state_dict"][k].numpy(), old["state_dict"][k].numpy()) for k in seg_keys)
     assert new["state_dict"]["type_head.mlp.3.weight"].shape[0] == 2  # 2 classes, no reject output

@@ -358,7 +358,7 @@ def point_detection(seg: Segmenter, val_tiles: list[dict], mpp: float) -> dict:
 
     rows = []
     for t in val_tiles:
-        lab, _ = seg.segment(t["image"], mpp)
+        lab = seg.segment(t["image"], mpp)[0]  # (labels, scores[, class probabilities])
         cen = centroids_xy(lab) if lab.max() else np.zeros((0, 2))
         rows.append(point_counts(t["points_xy"], cen, 3.3 / mpp))
     return point_scores(aggregate_point_counts(rows))
