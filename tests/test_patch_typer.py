@@ -197,8 +197,8 @@ def test_named_models_resolve(tmp_path, monkeypatch):
 
 # --- the shipped models' typers ---------------------------------------------------------------------
 # measured on held-out CRCHisto img1 + img7 (engine torch), detection F1 / weighted type F1: the lite
-# network without typer 0.718 / 0.534, default (its small typer) see TYPER_SCORES_NOTE, quality 0.728 / 0.552
-# (all 16 held-out tiles: benchmarks/results/quality_model.json)
+# network without typer 0.718 / 0.534, quality 0.728 / 0.552; the default with its small typer lies
+# between (all 16 held-out tiles: benchmarks/results/quality_model.json)
 QUALITY_WEIGHTED_F1_FLOOR = 0.53
 QUALITY_DETECTION_F1_FLOOR = 0.70
 
