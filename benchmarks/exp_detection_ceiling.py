@@ -28,7 +28,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from exp_centre import at_image_size, decode_marker_image, frozen_features_of, hybrid_markers  # noqa: E402
 
-from pipeline.data.classes import ClassVocabulary, read_point_csv  # noqa: E402
+from pipeline.data.classes import read_point_csv  # noqa: E402
 from pipeline.data.readers import read_image  # noqa: E402
 from pipeline.metrics import aggregate_point_counts, match_points, point_counts, point_scores  # noqa: E402
 from pipeline.model import load_model  # noqa: E402
