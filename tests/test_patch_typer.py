@@ -300,13 +300,13 @@ def test_cli_runs_the_quality_model_by_name(tmp_path):
         return subprocess.run([sys.executable, "-m", "pipeline.cli", *map(str, args)], capture_output=True, text=True)
 
     rows = {}
-    for name in ("default", "quality"):
-        r = cli("--quiet", "predict", tile, "--mpp", "0.55", "--model", name, "-o", tmp_path / f"{name}.tif")
+    for tag, name, extra in (("all", "quality", ["--reject-threshold", "1"]), ("quality", "quality", [])):
+        r = cli("--quiet", "predict", tile, "--mpp", "0.55", "--model", name, "-o", tmp_path / f"{tag}.tif", *extra)
         assert r.returncode == 0, r.stderr
-        with open(tmp_path / f"{name}.nuclei.csv", newline="") as fh:
-            rows[name] = list(csv.DictReader(fh))
-        assert list(rows[name][0])[5:] == ["class"] + [f"p_{c}" for c in CLASSES]
-    assert 0 < len(rows["quality"]) < len(rows["default"])  # the typer's rejection removes some
+        with open(tmp_path / f"{tag}.nuclei.csv", newline="") as fh:
+            rows[tag] = list(csv.DictReader(fh))
+        assert list(rows[tag][0])[5:] == ["class"] + [f"p_{c}" for c in CLASSES]
+    assert 0 < len(rows["quality"]) < len(rows["all"])  # the typer's rejection removes some
     r = cli("--quiet", "predict", tile, "--mpp", "0.55", "--model", "qualty", "-o", tmp_path / "x.tif")
     assert r.returncode != 0 and "default, quality" in r.stderr and len(r.stderr.strip().splitlines()) == 1
 
