@@ -31,7 +31,6 @@ import argparse
 import json
 import sys
 import time
-from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -55,8 +54,7 @@ from pipeline.model.checkpoint import DEFAULT_WEIGHTS, load_checkpoint, save_che
 from pipeline.model.patchtyper import PatchTyper, combine  # noqa: E402
 from pipeline.model.segmenter import Segmenter  # noqa: E402
 from pipeline.model.typehead import drop_instances  # noqa: E402
-from pipeline.training.patchtyper import fit_typer, typer_targets  # noqa: E402
-from pipeline.training.patchtyper import instance_patches as _instance_patches  # noqa: E402
+from pipeline.training.patchtyper import fit_typer, instance_patches, typer_targets  # noqa: E402
 from pipeline.training.typehead import (CRCHISTO_MPP, CRCHISTO_VAL_TILES, IGNORE, NUCLEUS, POINT_RADIUS_UM,  # noqa: E402
                                         REJECT, crchisto_examples, instance_tile_examples,
                                         negative_region_examples)
@@ -79,7 +77,6 @@ def crc_images(names):
 
 
 def main(argv=None) -> int:
-    global PATCH_PX, TYPER_MPP, instance_patches
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--epochs", type=int, default=24)
     ap.add_argument("--width", type=int, default=32)
@@ -96,11 +93,9 @@ def main(argv=None) -> int:
                     help="a shipped model (quality) whose patch typer's outputs at the same centroids are soft targets")
     ap.add_argument("--distill-weight", type=float, default=1.0)
     args = ap.parse_args(argv)
-    PATCH_PX, TYPER_MPP = args.patch_px, args.typer_mpp
-    instance_patches = partial(_instance_patches, sampler=args.sampler)
     torch.set_num_threads(2)
     vocab = ClassVocabulary.crchisto()
-    cfg = {"classes": list(vocab.names), "patch_px": PATCH_PX, "mpp": TYPER_MPP, "width": args.width,
+    cfg = {"classes": list(vocab.names), "patch_px": args.patch_px, "mpp": args.typer_mpp, "width": args.width,
            "sampler": args.sampler, "combine": "typer", "reject_threshold": None}
     if args.compose:
         return compose(args, cfg)
@@ -113,6 +108,11 @@ def main(argv=None) -> int:
     tr_names = [n for n in names if n not in CRCHISTO_VAL_TILES]
     va_names = [n for n in names if n in CRCHISTO_VAL_TILES]
     c = len(vocab)
+
+    def cut(img, cen, mpp):
+        """This run's patches (``--patch-px`` at ``--typer-mpp``, ``--sampler``) at ``cen`` of ``img``."""
+        return instance_patches(img, cen, mpp, args.typer_mpp, args.patch_px, args.sampler)
+
     xs, ys, ss = [], [], []
     teacher = None
     if args.distill_from:
@@ -126,7 +126,7 @@ def main(argv=None) -> int:
 
     def add(img, cen, mpp, y):
         """One image's patches, targets and (with --distill-from) the teacher's soft targets."""
-        xs.append(instance_patches(img, cen, mpp, TYPER_MPP, PATCH_PX))
+        xs.append(cut(img, cen, mpp))
         ys.append(y)
         if teacher is not None:
             cp, rj = teacher.predict(img, cen, mpp)
@@ -155,7 +155,7 @@ def main(argv=None) -> int:
     # held-out examples
     crc_va = crchisto_examples(seg, CRC, vocab, va_names)
     va_imgs = crc_images(va_names)
-    va_patches = [instance_patches(img, ex.centroids, ex.mpp, TYPER_MPP, PATCH_PX) for ex, img in zip(crc_va, va_imgs)]
+    va_patches = [cut(img, ex.centroids, ex.mpp) for ex, img in zip(crc_va, va_imgs)]
     typed_va = np.concatenate([ex.target for ex in crc_va])
     inst_va = instance_tile_examples(seg, va_s)
     va_loaded = [s.load() for s in va_s]
@@ -184,7 +184,7 @@ def main(argv=None) -> int:
     ty_p, ty_r = run_typer(typer, va_patches)
     hd_p = [head.predict(ex.features, ex.centroids, ex.mpp)[0] for ex in crc_va]
     res = {"train_patches": counts, "crc_unmatched": args.crc_unmatched, "epochs": args.epochs, "width": args.width,
-           "patch_px": PATCH_PX, "typer_mpp": TYPER_MPP, "sampler": args.sampler,
+           "patch_px": args.patch_px, "typer_mpp": args.typer_mpp, "sampler": args.sampler,
            "distill_from": args.distill_from, "distill_weight": args.distill_weight if args.distill_from else None,
            "parameters": sum(p.numel() for p in typer.parameters()), "per_epoch": rows_ep, "rules": []}
     m = typed_va >= 0
@@ -209,16 +209,15 @@ def main(argv=None) -> int:
     for img, name in zip(va_imgs, va_names):
         pts = read_point_csv(CRC / "points" / f"{name}.csv")
         cl = pts.encode(vocab)
-        tp_x.append(instance_patches(img, pts.xy_px[cl >= 0], CRCHISTO_MPP, TYPER_MPP, PATCH_PX))
+        tp_x.append(cut(img, pts.xy_px[cl >= 0], CRCHISTO_MPP))
         tp_y.append(cl[cl >= 0])
     pp, _ = run_typer(typer, tp_x)
     res["true_points_weighted_f1"], res["true_points_per_class_f1"] = weighted_f1(
         np.concatenate(tp_y), np.concatenate(pp).argmax(1), c)
     # rejection on the fully annotated validation tiles and on CMU-1
-    inst_r = run_typer(typer, [instance_patches(img, ex.centroids, ex.mpp, TYPER_MPP, PATCH_PX)
+    inst_r = run_typer(typer, [cut(img, ex.centroids, ex.mpp)
                                for ex, (img, _) in zip(inst_va, va_loaded)])[1]
-    (cmu_r,) = run_typer(typer, [instance_patches(cmu_reg["image"], cmu_all.centroids, cmu_all.mpp, TYPER_MPP,
-                                                  PATCH_PX)])[1]
+    (cmu_r,) = run_typer(typer, [cut(cmu_reg["image"], cmu_all.centroids, cmu_all.mpp)])[1]
     inside = cmu_all.target == REJECT
     res["reject"] = []
     for thr in THRESHOLDS:
@@ -245,9 +244,14 @@ def main(argv=None) -> int:
     typer.predict(img, cen, CRCHISTO_MPP)
     res["typer_s_1528_nuclei_engine"] = round(time.perf_counter() - t, 3)
     res["total_s"] = round(time.time() - t0)
-    (RESULT.with_name(f"patch_typer_{args.tag}.json") if args.tag else RESULT).write_text(json.dumps(res, indent=1) + "\n")
+    result_path(args.tag).write_text(json.dumps(res, indent=1) + "\n")
     print(json.dumps({k: v for k, v in res.items() if k not in ("rules", "per_epoch")}))
     return 0
+
+
+def result_path(tag: str) -> Path:
+    """``results/patch_typer.json``, or ``patch_typer_<tag>.json`` for a variant."""
+    return RESULT.with_name(f"patch_typer_{tag}.json") if tag else RESULT
 
 
 def compose(args, cfg) -> int:
@@ -257,23 +261,16 @@ def compose(args, cfg) -> int:
     saved = torch.load(args.state, map_location="cpu", weights_only=True)
     cfg = {**saved["cfg"], "combine": rule, "reject_threshold": None if thr == "none" else float(thr)}
     model, meta = load_checkpoint(DEFAULT_WEIGHTS)
-    if args.into == "default":
-        model.arch = {**model.arch, "patch_typer": cfg}
-        model.patch_typer = PatchTyper(cfg)
-        model.patch_typer.load_state_dict(saved["state_dict"])
-        result = RESULT.with_name(f"patch_typer_{args.tag}.json") if args.tag else RESULT
-        meta = {**meta, "patch_typer_training": {"script": "benchmarks/train_patch_typer.py",
-                                                 "results": f"benchmarks/results/{result.name}"}}
-        save_checkpoint(DEFAULT_WEIGHTS, model.eval(), meta)
-        print(f"wrote {DEFAULT_WEIGHTS} ({DEFAULT_WEIGHTS.stat().st_size / 1e6:.1f} MB)")
-        return 0
     model.arch = {**model.arch, "patch_typer": cfg}
     model.patch_typer = PatchTyper(cfg)
     model.patch_typer.load_state_dict(saved["state_dict"])
-    meta = {**meta, "name": "quality", "patch_typer_training": {
-        "script": "benchmarks/train_patch_typer.py", "results": "benchmarks/results/patch_typer.json"}}
-    save_checkpoint(QUALITY, model.eval(), meta)
-    print(f"wrote {QUALITY} ({QUALITY.stat().st_size / 1e6:.1f} MB)")
+    meta = {**meta, "patch_typer_training": {"script": "benchmarks/train_patch_typer.py",
+                                             "results": f"benchmarks/results/{result_path(args.tag).name}"}}
+    out = DEFAULT_WEIGHTS if args.into == "default" else QUALITY
+    if out == QUALITY:
+        meta["name"] = "quality"
+    save_checkpoint(out, model.eval(), meta)
+    print(f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB)")
     return 0
 
 

@@ -302,8 +302,8 @@ def _load_model_cached(spec: str | None, device: str, refine: bool, classical_mp
                      min_score=min_score, reject_threshold=reject_threshold)
     model = _wrap_segmenter(seg)
     model.info["min_score"] = float(seg.params.min_score)  # in the chunk meta: a change recomputes
-    if getattr(seg, "reject_threshold", None) is not None:
-        model.info["reject_threshold"] = float(seg.reject_threshold)
+    if seg.reject_threshold is not None:
+        model.info["reject_threshold"] = seg.reject_threshold
     weights = resolve_weights(spec)
     model.info["weights_file"] = weights.name
     model.info["weights_sha256"] = _sha256(weights)

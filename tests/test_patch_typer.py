@@ -342,6 +342,22 @@ def test_default_typer_removes_the_keratin_detections_and_keeps_real_nuclei():
     assert d_val >= 0.97 * n_val, counts  # real nuclei (a densely packed lung tile) kept
 
 
+def test_reject_threshold_override_reaches_every_part_that_rejects():
+    from pipeline.model.segmenter import Segmenter
+
+    model, meta = _with_typer({"reject_threshold": 0.7})
+    model.type_head.cfg = {**model.type_head.cfg, "reject_threshold": 0.9}  # a head that rejects too
+    seg = Segmenter(model, meta, device="cpu", engine="torch")
+    assert seg.reject_threshold == pytest.approx(0.7)
+    seg.set_reject_threshold(1.0)  # "keep all" must hold for both
+    assert seg.patch_typer.cfg["reject_threshold"] == 1.0 and seg.type_head.cfg["reject_threshold"] == 1.0
+    model, meta = _with_typer()  # nothing rejects: the typer gets it, the head's reject output stays off
+    seg = Segmenter(model, meta, device="cpu", engine="torch")
+    assert seg.reject_threshold is None
+    seg.set_reject_threshold(0.5)
+    assert seg.reject_threshold == 0.5 and seg.type_head.cfg.get("reject_threshold") is None
+
+
 def test_reject_threshold_override_from_the_cli_and_config(tmp_path):
     """``--reject-threshold 1`` keeps what the default's typer removes; the value is part of the model
     identity that chunk resume compares; an out-of-range value is one config error."""

@@ -11,7 +11,7 @@ For every instance a ``patch_px`` x ``patch_px`` RGB patch at ``mpp`` µm/px (a 
 whatever the image's µm/px) is taken around its centroid, reflected at the image border: sampled
 bilinearly at the exact centroid (``sampler: bilinear``, :func:`sample_patches`), or cropped at the
 nearest whole pixel and resized to ``mpp`` in one batched call (``sampler: crop``,
-:func:`crop_patches`, ~3x faster). The network returns ``C`` class logits and, last, one "not a nucleus" logit. The
+:func:`crop_patches`, about half the time). The network returns ``C`` class logits and, last, one "not a nucleus" logit. The
 configuration lives in the checkpoint's ``arch["patch_typer"]``::
 
     {"classes": [...], "patch_px": 40, "mpp": 0.55, "width": 32,
@@ -186,7 +186,8 @@ def crop_patches(image: np.ndarray, centroids_xy, px_per_patch_px: float, size: 
     around the centroid rounded to the nearest pixel, reflected at the image border, then all of them
     are resized to ``size`` x ``size`` in one batched, antialiased bilinear call. A patch depends
     only on the pixels around its nucleus, never on where the image window starts (tiled runs agree),
-    and it costs about a third of :func:`sample_patches`.
+    and it takes about half the time of :func:`sample_patches` (21 vs 46 ms for 1,528 patches of a
+    1216² window, 20 px at 2.2 image px per patch px).
 
     Parameters
     ----------

@@ -112,12 +112,15 @@ class Segmenter:
         return None
 
     def set_reject_threshold(self, threshold: float) -> None:
-        """Reject above ``threshold`` (1 = keep all): in the patch typer where there is one, else in
-        the type head where it has a reject output; a model without either keeps every instance."""
-        if self.patch_typer is not None:
-            self.patch_typer.cfg = {**self.patch_typer.cfg, "reject_threshold": float(threshold)}
-        elif self.type_head is not None and self.type_head.cfg.get("reject"):
-            self.type_head.cfg = {**self.type_head.cfg, "reject_threshold": float(threshold)}
+        """Reject above ``threshold`` (1 = keep all) in every part that rejects (the patch typer and
+        the type head, each where its threshold is set); where none does, in the patch typer, else in
+        a type head with a reject output; a model without either keeps every instance."""
+        parts = [p for p in (self.patch_typer, self.type_head) if p is not None and p.cfg.get("reject_threshold") is not None]
+        if not parts:
+            parts = [self.patch_typer] if self.patch_typer is not None else [
+                h for h in (self.type_head,) if h is not None and h.cfg.get("reject")]
+        for part in parts:
+            part.cfg = {**part.cfg, "reject_threshold": float(threshold)}
 
     @property
     def typed(self) -> bool:

@@ -333,7 +333,7 @@ def with_type_head(model, head: TypeHead):
     new.type_head = head
     typer = getattr(new, "patch_typer", None)
     if typer is not None and list(typer.classes) != list(head.classes):
-        # the quality model's patch typer knows its own classes only: the new classes are the head's
+        # a shipped patch typer knows the CRCHisto classes only: the new classes are the head's
         import logging
 
         logging.getLogger(__name__).warning("the patch typer (classes %s) is dropped: the new type head has "
