@@ -43,6 +43,7 @@ from .stitch import (
     CHUNK_SCHEMA,
     chunk_schema,
     table_class_names,
+    table_rejects,
     apply_dedup,
     assign_ids,
     band_reach,
@@ -73,6 +74,7 @@ class ChunkScan:
     n_truncated_owned: int = 0  #: masks dropped at an inner window edge (halo too small if > 0)
     n_implausible_owned: int = 0  #: owned objects dropped as implausible nuclei (size/shape rule)
     class_names: tuple = ()  #: type head classes of the chunk files (``class``/``p_<name>`` columns); () untyped
+    reject: bool = False  #: the chunk files have the reject columns (``not_nucleus_prob``, ``rejected``)
 
 
 @dataclass
@@ -122,11 +124,15 @@ def scan_chunks(files, chunk_px):
         pf, t = _read(files[rc], ["anchor_y_px", "core_margin_px"])
         md = pf.schema_arrow.metadata or {}
         names = table_class_names(pf.schema_arrow)
+        rejects = table_rejects(pf.schema_arrow)
         if rc == min(files):
-            scan.class_names = names
+            scan.class_names, scan.reject = names, rejects
         elif names != scan.class_names:
             raise InputError(f"{files[rc]}: chunk file classes {list(names)} differ from {list(scan.class_names)} "
                              "of the other chunks; rerun `cellsam infer`")
+        elif rejects != scan.reject:
+            raise InputError(f"{files[rc]}: chunk file {'has' if rejects else 'lacks'} the reject columns, unlike "
+                             "the other chunks; rerun `cellsam infer`")
         scan.n_truncated_owned += int(md.get(b"n_truncated_owned", b"0") or 0)
         scan.n_implausible_owned += int(md.get(b"n_implausible_owned", b"0") or 0)
         if not t.num_rows:
@@ -280,7 +286,8 @@ def _load_row(scan, dedup, r, mpp):
         fix = dedup.clipped.get(rc, {})
         pos = np.flatnonzero(np.isin(lid, np.fromiter(fix, dtype=np.int64)) & keep)
         geoms = np.array([fix[int(v)] for v in lid[pos]], dtype=object)
-        parts.append(apply_dedup(t, keep, pos, geoms, mpp).cast(chunk_schema(table_class_names(t.schema))))
+        parts.append(apply_dedup(t, keep, pos, geoms, mpp).cast(chunk_schema(table_class_names(t.schema),
+                                                                                  table_rejects(t.schema))))
     return pa.concat_tables(parts) if parts else None
 
 
@@ -342,7 +349,7 @@ class Stitched:
         """All final nuclei in one table (small slides and tests; memory grows with the slide)."""
         parts = list(self)
         if not parts:
-            return assign_ids(empty_chunk_table(self.scan.class_names))
+            return assign_ids(empty_chunk_table(self.scan.class_names, self.scan.reject))
         return pa.concat_tables(parts)
 
 
@@ -368,3 +375,42 @@ def iter_nuclei(files, *, mpp, dedup_iou, min_area_um2, chunk_px,
     """
     return Stitched(files, mpp=mpp, dedup_iou=dedup_iou, min_area_um2=min_area_um2, chunk_px=chunk_px,
                     conflict_min_width_um=conflict_min_width_um)
+
+
+def split_rejected(strips, on_rejected):
+    """Kept nuclei of each strip, the rejected ones handed aside.
+
+    For chunk files of a model that rejects (:func:`pipeline.stitch.chunk_schema` ``reject``), the
+    instances it would remove as "not a nucleus" go through dedup with the others (so a nucleus
+    seen by two windows is one object, whichever window rejected it) and are split off here.
+
+    Parameters
+    ----------
+    strips : iterable of pyarrow.Table
+        Strip tables of :func:`iter_nuclei` with the ``rejected`` column.
+    on_rejected : callable
+        Called with each strip's rejected rows (``rejected`` dropped; ``nucleus_id`` renumbered
+        1..M over the slide in the same order); strips without any are not passed.
+
+    Yields
+    ------
+    pyarrow.Table
+        The strip's kept rows (strips left empty are skipped), ``rejected`` dropped and ``nucleus_id`` renumbered 1..N over the
+        slide in order: exactly the nuclei of a run that removed the rejected instances after dedup.
+    """
+    from .stitch import REJECTED_COLUMN
+
+    next_id = {False: 1, True: 1}
+    for strip in strips:
+        flag = strip[REJECTED_COLUMN].to_numpy(zero_copy_only=False).astype(bool)
+        parts = {}
+        for rejected in (False, True):
+            sel = flag if rejected else ~flag
+            t = strip.filter(pa.array(sel)).drop_columns([REJECTED_COLUMN])
+            ids = np.arange(next_id[rejected], next_id[rejected] + t.num_rows, dtype=np.int64)
+            next_id[rejected] += t.num_rows
+            parts[rejected] = t.set_column(t.schema.get_field_index("nucleus_id"), "nucleus_id", pa.array(ids))
+        if parts[True].num_rows:
+            on_rejected(parts[True])
+        if parts[False].num_rows:  # like iter_nuclei: no empty strips
+            yield parts[False]

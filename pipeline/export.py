@@ -32,7 +32,7 @@ from . import geometry
 from .errors import OutputError
 from .cells import CELL_COLUMNS, CELL_QUPATH_NAMES, nucleus_name
 from .measure import MEASUREMENT_COLUMNS, QUPATH_NAMES
-from .stitch import CLASS_COLUMN, CLASS_PROB_PREFIX, table_class_names
+from .stitch import CLASS_COLUMN, CLASS_PROB_PREFIX, NOT_NUCLEUS_COLUMN, table_class_names
 from .paths import atomic_target, atomic_write, output_error, unlink_quietly
 
 log = logging.getLogger(__name__)
@@ -44,6 +44,11 @@ _NS_BYTES = NUCLEUS_NAMESPACE.bytes
 NUCLEUS_CLASS = {"name": "Nucleus", "color": [0, 128, 255]}
 #: QuPath measurement name of a class probability column ``p_<class>`` (typed models).
 CLASS_PROBABILITY_NAME = "Class probability: {}"
+#: QuPath measurement name of ``not_nucleus_prob`` (models that reject, :data:`pipeline.stitch.NOT_NUCLEUS_COLUMN`).
+NOT_NUCLEUS_NAME = "Not-a-nucleus probability"
+#: QuPath classification of the instances a model removed as "not a nucleus" (``rejected/<id>.geojson.gz``):
+#: QuPath's standard ``Ignore*`` class and colour.
+REJECTED_CLASS = {"name": "Ignore*", "color": [180, 180, 180]}
 #: Version of the schemas written here (GeoJSON properties, GeoParquet columns, metadata).
 SCHEMA_VERSION = 1
 #: Decimal places of measurement values in GeoJSON (Parquet keeps full precision).
@@ -163,6 +168,8 @@ def _measurement_columns(table):
     cols = [c for c in MEASUREMENT_COLUMNS if c in table.column_names]
     if "score" in table.column_names:
         cols.append("score")
+    if NOT_NUCLEUS_COLUMN in table.column_names:
+        cols.append(NOT_NUCLEUS_COLUMN)
     return cols + [CLASS_PROB_PREFIX + n for n in table_class_names(table.schema)]
 
 
@@ -170,11 +177,14 @@ def _qupath_name(column):
     """QuPath measurement name of a column (``p_<class>`` -> ``Class probability: <class>``)."""
     if column in QUPATH_NAMES:
         return QUPATH_NAMES[column]
+    if column == NOT_NUCLEUS_COLUMN:
+        return NOT_NUCLEUS_NAME
     return CLASS_PROBABILITY_NAME.format(column[len(CLASS_PROB_PREFIX):])
 
 
-def _classifications(batch):
-    """QuPath ``classification`` objects and each row's index into them.
+def _classifications(batch, fixed=None):
+    """QuPath ``classification`` objects and each row's index into them (``fixed``: one
+    classification dict for every row).
 
     Returns
     -------
@@ -184,6 +194,8 @@ def _classifications(batch):
     codes : numpy.ndarray, int64, shape (batch.num_rows,)
         Index of each row's ``class`` in ``classes``.
     """
+    if fixed is not None:
+        return [fixed], np.zeros(batch.num_rows, dtype=np.int64)
     names = table_class_names(batch.schema)
     if not names:
         return [NUCLEUS_CLASS], np.zeros(batch.num_rows, dtype=np.int64)
@@ -283,7 +295,7 @@ def _text(parts):
     return chars[valid].tobytes(), np.count_nonzero(valid, axis=1)
 
 
-def _features(batch, *, scale_xy_l0, offset_xy_l0, slide_key, cols):
+def _features(batch, *, scale_xy_l0, offset_xy_l0, slide_key, cols, classification=None):
     """JSON text of the Features of one batch, joined by ``",\n"`` (bytes, UTF-8).
 
     Vectorised: numbers are formatted as fixed-point char matrices (``_fixed_point``) and literal
@@ -303,7 +315,8 @@ def _features(batch, *, scale_xy_l0, offset_xy_l0, slide_key, cols):
         rings = ring_geom
     finite = np.isfinite(values)
     if (np.abs(values[finite]) >= _FIXED_POINT_MAX).any() or (np.abs(coords) >= _FIXED_POINT_MAX).any():
-        return _features_json(batch, polys, values, finite, ids, slide_key=slide_key, cols=cols)
+        return _features_json(batch, polys, values, finite, ids, slide_key=slide_key, cols=cols,
+                              classification=classification)
     n_ring_of = np.bincount(ring_geom, minlength=len(polys))
     empty = n_ring_of == 0
     for i in ids[empty].tolist():
@@ -342,7 +355,7 @@ def _features(batch, *, scale_xy_l0, offset_xy_l0, slide_key, cols):
         (nucleus_uuids_ascii(slide_key, ids_k), np.ones((n, 36), dtype=bool)),
         _literal('","geometry":{"type":"Polygon","coordinates":', n),
     ])
-    classes, codes = _classifications(batch)
+    classes, codes = _classifications(batch, classification)
     parts = [_literal('},"properties":{"objectType":"detection","classification":', n),
              _choice_literals([json.dumps(c, **_JSON) for c in classes], codes[keep]),
              _literal(',"measurements":{', n)]
@@ -367,10 +380,10 @@ def _features(batch, *, scale_xy_l0, offset_xy_l0, slide_key, cols):
     return b",\n".join([b"".join(out[i : i + 3]) for i in range(0, len(out), 3)]), n
 
 
-def _features_json(batch, polys, values, finite, ids, *, slide_key, cols):
+def _features_json(batch, polys, values, finite, ids, *, slide_key, cols, classification=None):
     """Reference / fallback of :func:`_features`: one ``json.dumps`` per Feature."""
     names = [_qupath_name(c) for c in cols]
-    classes, codes = _classifications(batch)
+    classes, codes = _classifications(batch, classification)
     values = np.round(values, GEOJSON_MEASUREMENT_DECIMALS)
     rings, ring_geom = shapely.get_rings(polys, return_index=True)
     coords, coord_ring = shapely.get_coordinates(rings, return_index=True)
@@ -507,9 +520,10 @@ class GeoJSONWriter(_AtomicSink):
 
     what = "GeoJSON"
 
-    def __init__(self, path, *, scale_xy_l0, slide_key, gz=True, offset_xy_l0=(0.0, 0.0)):
+    def __init__(self, path, *, scale_xy_l0, slide_key, gz=True, offset_xy_l0=(0.0, 0.0), classification=None):
         super().__init__(path)
         self.scale_xy_l0, self.offset_xy_l0, self.slide_key = scale_xy_l0, offset_xy_l0, slide_key
+        self.classification = classification  # one QuPath classification for every feature (None: the table's)
         self._cols = None
         self._first = True
         self._pool = ThreadPoolExecutor(max_workers=1)
@@ -527,10 +541,12 @@ class GeoJSONWriter(_AtomicSink):
     def _write(self, table):
         if self._cols is None:
             self._cols = _measurement_columns(table)
-        features = _cell_features if "cell_geometry" in table.column_names else _features
+        cells = "cell_geometry" in table.column_names
+        features = _cell_features if cells else _features
+        extra = {} if cells else {"classification": self.classification}
         for batch in _batches(table):
             text, n = features(batch, scale_xy_l0=self.scale_xy_l0, offset_xy_l0=self.offset_xy_l0,
-                               slide_key=self.slide_key, cols=self._cols)
+                               slide_key=self.slide_key, cols=self._cols, **extra)
             if n:
                 self._put((b"\n" if self._first else b",\n") + text)
                 self._first = False
@@ -600,14 +616,16 @@ GEOPARQUET_CELL_SCHEMA = pa.schema(
     list(GEOPARQUET_SCHEMA) + [("cell_geometry", pa.binary())] + [(c, pa.float64()) for c in CELL_COLUMNS])
 
 
-def geoparquet_schema(cells=False, class_names=()):
-    """:data:`GEOPARQUET_SCHEMA` (or :data:`GEOPARQUET_CELL_SCHEMA`), plus ``class`` (string, the
-    argmax class) and ``p_<class>`` (float32, one per class in model order) for a typed model."""
-    base = GEOPARQUET_CELL_SCHEMA if cells else GEOPARQUET_SCHEMA
-    if not class_names:
-        return base
-    return pa.schema(list(base) + [(CLASS_COLUMN, pa.string())]
-                     + [(CLASS_PROB_PREFIX + str(n), pa.float32()) for n in class_names])
+def geoparquet_schema(cells=False, class_names=(), reject=False):
+    """:data:`GEOPARQUET_SCHEMA` (or :data:`GEOPARQUET_CELL_SCHEMA`), plus ``not_nucleus_prob``
+    (float32) for a model that rejects, plus ``class`` (string, the argmax class) and ``p_<class>``
+    (float32, one per class in model order) for a typed model."""
+    fields = list(GEOPARQUET_CELL_SCHEMA if cells else GEOPARQUET_SCHEMA)
+    if reject:
+        fields.append((NOT_NUCLEUS_COLUMN, pa.float32()))
+    if class_names:
+        fields += [(CLASS_COLUMN, pa.string())] + [(CLASS_PROB_PREFIX + str(n), pa.float32()) for n in class_names]
+    return pa.schema(fields)
 
 
 def _level0_wkb(column, scale_xy_l0, offset_xy_l0):
@@ -691,7 +709,8 @@ def geoparquet_table(table, *, scale_xy_l0, slide_key, offset_xy_l0=(0.0, 0.0), 
     cells = "cell_geometry" in table.column_names
     out, lo, hi = _geoparquet_rows(table, scale_xy_l0=scale_xy_l0, slide_key=slide_key, offset_xy_l0=offset_xy_l0,
                                    slide_id=slide_id,
-                                   schema=geoparquet_schema(cells, table_class_names(table.schema)))
+                                   schema=geoparquet_schema(cells, table_class_names(table.schema),
+                                                            NOT_NUCLEUS_COLUMN in table.column_names))
     return out.replace_schema_metadata(_geoparquet_metadata(lo, hi, out.num_rows, scale_xy_l0=scale_xy_l0,
                                                             offset_xy_l0=offset_xy_l0, cells=cells))
 
@@ -708,11 +727,11 @@ class GeoParquetWriter(_AtomicSink):
     what = "GeoParquet"
 
     def __init__(self, path, *, scale_xy_l0, slide_key, offset_xy_l0=(0.0, 0.0), row_group_rows=100_000,
-                 slide_id=None, cells=False, class_names=()):
+                 slide_id=None, cells=False, class_names=(), reject=False):
         super().__init__(path)
         self.scale_xy_l0, self.offset_xy_l0, self.slide_key = scale_xy_l0, offset_xy_l0, slide_key
         self.slide_id, self.cells = slide_id, bool(cells)
-        self.schema = geoparquet_schema(cells, class_names)
+        self.schema = geoparquet_schema(cells, class_names, reject)
         self.row_group_rows = int(row_group_rows)
         self._lo, self._hi, self._n = np.full(2, np.inf), np.full(2, -np.inf), 0
         self._buf, self._buf_rows = [], 0
@@ -778,7 +797,8 @@ def write_geoparquet(table, path, *, scale_xy_l0, slide_key, offset_xy_l0=(0.0, 
     """
     with GeoParquetWriter(path, scale_xy_l0=scale_xy_l0, slide_key=slide_key, offset_xy_l0=offset_xy_l0,
                           row_group_rows=row_group_rows, slide_id=slide_id,
-                          cells="cell_geometry" in table.column_names, class_names=table_class_names(table.schema)) as w:
+                          cells="cell_geometry" in table.column_names, class_names=table_class_names(table.schema),
+                          reject=NOT_NUCLEUS_COLUMN in table.column_names) as w:
         w.write(table)
 
 

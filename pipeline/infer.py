@@ -240,14 +240,24 @@ class Model:
         head. With a head, ``segment_batch`` returns 3-tuples ``(labels, scores, class_probs
         float32 (K, C))``, row ``i`` for label ``i + 1``, ``C = len(class_names)``. The names
         are part of the model identity (``info["classes"]``): a changed head invalidates chunks.
+    rejects : bool
+        The model removes instances as "not a nucleus" (a typed model only). It is called with
+        ``keep_rejected=True`` and returns 5-tuples ``(labels, scores, class_probs, not_nucleus
+        float32 (K,), rejected bool (K,))``: nothing removed, the chunk tables flag them
+        (:func:`pipeline.stitch.chunk_schema` ``reject``) and the export writes them apart.
     """
 
     def __init__(self, segment_batch: Callable, *, mpp: float | None, info: dict, thread_safe: bool = False,
-                 static_shapes: bool = False, class_names=()):
+                 static_shapes: bool = False, class_names=(), rejects: bool = False):
         self.segment_batch = segment_batch
         self.class_names = tuple(str(n) for n in (class_names or ()))
         if self.class_names:
             info = {**info, "classes": list(self.class_names)}
+        self.rejects = bool(rejects)
+        if self.rejects and not self.class_names:
+            raise ModelError("a model that rejects instances must have class_names (it types its nuclei)")
+        if self.rejects:
+            info = {**info, "flags_rejected": True}  # chunk tables with the reject columns
         self.static_shapes = static_shapes  # the network compiles per input shape: few box shapes (model_box)
         self.mpp = mpp
         self.info = info
@@ -262,10 +272,11 @@ class Model:
 
     def __call__(self, images: np.ndarray, timings: dict) -> list[tuple[np.ndarray, np.ndarray]]:
         start = time.perf_counter()
+        extra = {"keep_rejected": True} if self.rejects else {}
         if self.accepts_timings:
-            out = self.segment_batch(images, timings=timings)
+            out = self.segment_batch(images, timings=timings, **extra)
         else:
-            out = self.segment_batch(images)
+            out = self.segment_batch(images, **extra)
             timings["model_s"] = timings.get("model_s", 0.0) + time.perf_counter() - start
         out = list(out)
         if len(out) != len(images):
@@ -337,7 +348,7 @@ def _wrap_segmenter(seg: Any) -> Model:
     static = bool(getattr(getattr(seg, "engine", None), "static_shapes", False))
     classes = getattr(seg, "class_names", None) or meta.get("classes") or ()
     return Model(seg.segment_batch, mpp=float(mpp) if mpp is not None else None, info=info, thread_safe=safe,
-                 static_shapes=static, class_names=classes)
+                 static_shapes=static, class_names=classes, rejects=bool(getattr(seg, "rejects", False)))
 
 
 def resolve_model(model: Any, *, device: str, refine: bool, store_mpp: float, engine: str = "auto",
@@ -469,6 +480,7 @@ def process_batch(
     for w, img, res in zip(windows, images, results):
         labels, scores = res[0], res[1]
         class_probs = res[2] if model.class_names else None
+        not_nucleus, rejected = (res[3], res[4]) if model.rejects else (None, None)
         t0 = time.perf_counter()
         (r0, c0, r1, c1) = w.clipped_box_rc(shape_rc)
         dr, dc = r0 - w.window_origin_rc[0], c0 - w.window_origin_rc[1]
@@ -487,6 +499,8 @@ def process_batch(
             chunk_rc=w.chunk_rc,
             class_probs=class_probs,
             class_names=model.class_names,
+            not_nucleus=not_nucleus,
+            rejected=rejected,
         )
         t1 = time.perf_counter()
         _write_table_atomic(table, chunk_path(chunks_dir, w.chunk_rc))
@@ -501,14 +515,17 @@ def _run_model_on_boxes(model: Model, images: np.ndarray, boxes: list, timings: 
     paste the labels back into full-window label images (0 outside the box).
 
     Returns ``(labels, scores)`` per window, or ``(labels, scores, class_probs (K, C) float32)``
-    for a model with a type head (:attr:`Model.class_names`)."""
+    for a model with a type head (:attr:`Model.class_names`), + ``(not_nucleus (K,), rejected
+    (K,))`` for a model that :attr:`Model.rejects`."""
     results: list = [None] * len(images)
     groups: dict = {}
     n_cls = len(model.class_names)
+    n_out = 5 if model.rejects else 3 if n_cls else 2
     for i, box in enumerate(boxes):
         if box is None:
             empty = (np.zeros(images.shape[1:3], np.uint32), np.zeros(0, np.float32))
-            results[i] = empty + ((np.zeros((0, n_cls), np.float32),) if n_cls else ())
+            results[i] = empty + ((np.zeros((0, n_cls), np.float32),) if n_cls else ()) + (
+                (np.zeros(0, np.float32), np.zeros(0, bool)) if model.rejects else ())
         else:
             groups.setdefault((box[2] - box[0], box[3] - box[1]), []).append(i)
     for idx in groups.values():
@@ -519,9 +536,11 @@ def _run_model_on_boxes(model: Model, images: np.ndarray, boxes: list, timings: 
             with _MODEL_LOCK:
                 out = model(crops, timings)
         for i, res in zip(idx, out):
-            if len(res) != (3 if n_cls else 2):
+            if len(res) != n_out:
                 raise ModelError(f"model returned {len(res)}-tuples; a model with "
-                                 + (f"classes {list(model.class_names)} must return (labels, scores, class_probs)"
+                                 + ("rejection must return (labels, scores, class_probs, not_nucleus, rejected)"
+                                    if model.rejects else
+                                    f"classes {list(model.class_names)} must return (labels, scores, class_probs)"
                                     if n_cls else "no class_names must return (labels, scores)"))
             labels, scores = res[0], res[1]
             r0, c0, r1, c1 = boxes[i]
@@ -538,7 +557,7 @@ def _run_model_on_boxes(model: Model, images: np.ndarray, boxes: list, timings: 
                 if probs.ndim != 2 or probs.shape[1] != n_cls:
                     raise ModelError(f"model returned class_probs of shape {probs.shape}; need (K, {n_cls}) for "
                                      f"classes {list(model.class_names)}")
-                results[i] = (labels, scores, probs)
+                results[i] = (labels, scores, probs) + (tuple(res[3:5]) if model.rejects else ())
             else:
                 results[i] = (labels, scores)
     return results

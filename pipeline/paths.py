@@ -8,6 +8,8 @@ Layout of ``OUTDIR`` for a slide with id ``S`` (default: the slide file name wit
     OUTDIR/S.summary.json        per-slide statistics, versions, parameters, final (deterministic)
     OUTDIR/S.timings.json        wall-clock seconds per stage (the one non-deterministic output)
     OUTDIR/S.qc.png              QC image, final
+    OUTDIR/rejected/S.geojson.gz       a model that rejects: what it removed as "not a nucleus" (QuPath
+    OUTDIR/rejected/S.nuclei.parquet   ``Ignore*`` detections / GeoParquet), final; absent otherwise
     OUTDIR/.work/S/store.ome.zarr    OME-Zarr 0.4 tile store (intermediate, resumable)
     OUTDIR/.work/S/chunks/           one parquet per processed chunk (intermediate, resumable)
     OUTDIR/.work/S/tissue.png        tissue-mask preview
@@ -60,6 +62,16 @@ class SlidePaths:
     @property
     def parquet(self) -> Path:
         return self.outdir / f"{self.slide_id}.nuclei.parquet"
+
+    @property
+    def rejected_geojson_gz(self) -> Path:
+        """What a model that rejects removed as "not a nucleus" (QuPath ``Ignore*`` detections);
+        a sub-folder, so no slide id can clash with it."""
+        return self.outdir / "rejected" / f"{self.slide_id}.geojson.gz"
+
+    @property
+    def rejected_parquet(self) -> Path:
+        return self.outdir / "rejected" / f"{self.slide_id}.nuclei.parquet"
 
     @property
     def summary(self) -> Path:

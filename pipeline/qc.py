@@ -44,6 +44,8 @@ SCALE_BAR_UM = (10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000)  # scale bar
 DENSITY_BINS = 48  # density grid cells along the longer side of the thumbnail
 TISSUE_RGB = (0, 170, 0)
 OUTLINE_RGB = (0, 90, 255)
+REJECTED_RGB = (235, 235, 235)  # dotted: what a model that rejects removed as "not a nucleus"
+REJECTED_LABEL = "not a nucleus"
 
 
 def _fit(img: Image.Image, size: int) -> tuple[Image.Image, float]:
@@ -130,6 +132,7 @@ def render_qc(
     crop_title: str = "representative chunk, full resolution",
     ring_rgb: Sequence[tuple[int, int, int]] | None = None,
     legend: Sequence[tuple[str, tuple[int, int, int]]] | None = None,
+    rejected_rings_rc: Sequence[np.ndarray] = (),
 ) -> Image.Image:
     """Compose the QC figure (pure: arrays in, image out).
 
@@ -158,6 +161,9 @@ def render_qc(
         default :data:`OUTLINE_RGB` for all.
     legend : sequence of (str, (int, int, int)), optional
         Class names and colours for the crop's key (typed model); default one "nucleus outline" entry.
+    rejected_rings_rc : sequence of ndarray of shape (M, 2), float
+        Outlines (row, col, crop pixels) of what the model removed as "not a nucleus", drawn
+        dotted in :data:`REJECTED_RGB` under the nuclei.
 
     Returns
     -------
@@ -205,6 +211,10 @@ def render_qc(
         cscale = PANEL_PX / max(crop.size)
         crop = crop.resize((round(crop.size[0] * cscale), round(crop.size[1] * cscale)), Image.Resampling.NEAREST)
         draw = ImageDraw.Draw(crop)
+        for ring in rejected_rings_rc:  # dotted: every other segment of the outline
+            pts = [(float(c) * cscale, float(r) * cscale) for r, c in np.asarray(ring)]
+            for a, b in zip(pts[0::2], pts[1::2]):
+                draw.line([a, b], fill=REJECTED_RGB, width=2)
         for k, ring in enumerate(crop_rings_rc):
             pts = [(float(c) * cscale, float(r) * cscale) for r, c in np.asarray(ring)]
             if len(pts) >= 2:
@@ -238,7 +248,8 @@ def render_qc(
         step = PANEL_PX // max(len(legend), 1)
         for k, (name, rgb) in enumerate(legend):
             x = 2 * PANEL_PX + 8 + k * step
-            draw.rectangle((x, ky + 1, x + 14, ky + 7), fill=tuple(rgb))
+            light = sum(rgb) > 600  # a pale swatch (the dotted "not a nucleus") gets a grey border
+            draw.rectangle((x, ky + 1, x + 14, ky + 7), fill=tuple(rgb), outline=(110, 110, 110) if light else None)
             draw.text((x + 18, ky - 2), str(name).encode("ascii", "replace").decode()[: max(1, (step - 22) // 6)],
                       fill=(0, 0, 0), font=font)
     else:
@@ -340,7 +351,8 @@ class QCAccumulator:
     def _tissue_fractions(self) -> dict:
         return chunk_tissue_fractions(self.mask, self.thumb_mpp, self.mpp, int(self.attrs["chunk_px"]))
 
-    def write(self, path: str | os.PathLike, outlines, *, caption: str = "", class_names=()) -> Path:
+    def write(self, path: str | os.PathLike, outlines, *, caption: str = "", class_names=(),
+              rejected=None) -> Path:
         """Render and write the PNG atomically.
 
         ``outlines(chunk_rc, (r0, c0, side))`` returns shapely polygons (store px) of the final
@@ -348,20 +360,21 @@ class QCAccumulator:
         least those of that chunk and its 8 neighbours); those intersecting the crop are drawn.
         With ``class_names`` (a typed model) it returns ``(polygons, class name per polygon)`` and
         outlines are drawn in the class colours (:class:`pipeline.data.classes.ClassVocabulary`)
-        with a legend.
+        with a legend. ``rejected`` (a model that rejects) is the same kind of callable for the
+        instances removed as "not a nucleus" (polygons only); they are drawn dotted, with a key entry.
         """
         import shapely
 
         from .store import read_window
 
-        crop, rings, ring_rgb, legend = None, [], [], None
+        crop, rings, ring_rgb, legend, rejected_rings = None, [], [], None, []
         colors = {}
         if class_names:
             from .data.classes import ClassVocabulary
 
             vocab = ClassVocabulary.from_names(class_names)
             colors = dict(zip(vocab.names, vocab.colors))
-            legend = list(colors.items())
+            legend = list(colors.items()) + ([(REJECTED_LABEL, REJECTED_RGB)] if rejected is not None else [])
         best = representative_chunk(self.chunk_counts, self.attrs.get("tissue_chunks", []), self._tissue_fractions())
         if best is not None:
             chunk_px = int(self.attrs["chunk_px"])
@@ -378,19 +391,25 @@ class QCAccumulator:
                 r0 = int(np.clip(round(cy - side / 2), lo_r, hi_r))
                 c0 = int(np.clip(round(cx - side / 2), lo_c, hi_c))
             crop = read_window(self.group, r0, c0, side, side)
+            box = shapely.box(c0, r0, c0 + side, r0 + side)
+
+            def crop_rings(geoms):
+                geoms = np.asarray(geoms, dtype=object)
+                hit = np.flatnonzero(shapely.intersects(geoms, box)) if len(geoms) else []
+                return hit, [np.stack([xy[:, 1] - r0, xy[:, 0] - c0], axis=1)
+                             for xy in (np.asarray(geoms[k].exterior.coords) for k in hit)]
+
             if self.chunk_counts:
                 got = outlines(best, (r0, c0, side))
                 geoms, names = (got if class_names else (got, None))
-                geoms = np.asarray(geoms, dtype=object)
-                box = shapely.box(c0, r0, c0 + side, r0 + side)
-                hit = np.flatnonzero(shapely.intersects(geoms, box)) if len(geoms) else []
-                for k in hit:
-                    xy = np.asarray(geoms[k].exterior.coords)
-                    rings.append(np.stack([xy[:, 1] - r0, xy[:, 0] - c0], axis=1))
-                    if class_names:
-                        ring_rgb.append(colors.get(str(names[k]), OUTLINE_RGB))
+                hit, rings = crop_rings(geoms)
+                if class_names:
+                    ring_rgb = [colors.get(str(names[k]), OUTLINE_RGB) for k in hit]
+            if rejected is not None:
+                rejected_rings = crop_rings(rejected(best, (r0, c0, side)))[1]
         img = render_qc(self.thumb, self.thumb_mpp, self.mask, self.density, crop, rings, caption,
                         crop_mpp=self.mpp, ring_rgb=ring_rgb if class_names else None, legend=legend,
+                        rejected_rings_rc=rejected_rings,
                         crop_title="median-density chunk, full resolution" if self.chunk_counts else
                         "first tissue chunk, full resolution")
         return save_png_atomic(img, path)

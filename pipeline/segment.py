@@ -10,7 +10,11 @@ Outputs (names from :mod:`pipeline.paths`, all written to a temp sibling and ren
 * ``<id>.nuclei.parquet``: GeoParquet, one row per nucleus;
 * ``<id>.summary.json``: counts, per-slide statistics, parameters, software and model versions;
 * ``<id>.timings.json``: stage timings (seconds);
-* ``<id>.qc.png``: QC image (:mod:`pipeline.qc`).
+* ``<id>.qc.png``: QC image (:mod:`pipeline.qc`);
+* ``rejected/<id>.geojson.gz`` and ``rejected/<id>.nuclei.parquet``, for a model that rejects
+  (patch typer, or type head with a reject output): the instances it removed as "not a nucleus",
+  stitched with the nuclei and then split off (:func:`pipeline.assemble.split_rejected`), as
+  QuPath ``Ignore*`` detections, for review; the QC crop outlines them in grey.
 
 Memory: the export streams the nuclei strip by strip (:mod:`pipeline.assemble`) into all outputs
 at once, so no stage holds the slide's nucleus table; peak memory grows with the slide's width,
@@ -209,10 +213,11 @@ def run_export(
     InputError
         Chunk files missing or from another store.
     """
-    from .assemble import iter_nuclei
-    from .export import GeoJSONWriter, GeoParquetWriter, write_json_atomic
+    from .assemble import iter_nuclei, split_rejected
+    from .export import REJECTED_CLASS, GeoJSONWriter, GeoParquetWriter, write_json_atomic
     from .measure import summarize
     import pyarrow.compute as pc
+    import pyarrow.parquet as pq
 
     from .progress import Progress
     from .qc import QCAccumulator, model_label
@@ -244,19 +249,29 @@ def run_export(
                          min_area_um2=float(meta.get("min_area_um2", cfg.segment.min_area_um2)),
                          conflict_min_width_um=cfg.segment.conflict_min_width_um)
     n_trunc = nuclei.n_truncated_owned
+    rejects = nuclei.scan.reject  # a model that rejects: its "not a nucleus" instances are exported apart
+    rejected_writers = []
     strips = nuclei
+    if rejects:
+        def on_rejected(table):
+            for w in rejected_writers:
+                w.write(table)
+
+        strips = split_rejected(nuclei, on_rejected)
     if cfg.segment.cell_expansion_um > 0:  # QuPath cells from the final nuclei, strip by strip
         from .cells import iter_with_cells
 
-        strips = iter_with_cells(nuclei, group=group, attrs=attrs, expansion_um=cfg.segment.cell_expansion_um,
+        strips = iter_with_cells(strips, group=group, attrs=attrs, expansion_um=cfg.segment.cell_expansion_um,
                                  halo_px=float(meta.get("halo_px") or 0), eps_px=float(meta.get("anchor_eps_px") or 0))
     timings["stitch_s"] = time.perf_counter() - t0  # passes 0-1; pass 2 runs inside the export below
 
     # <id>.summary.json (written last) marks a complete set: drop the old one first, and on any
     # failure (disk full, interrupt) remove every final this export may have written, so a failed
     # export never leaves a half-new set of outputs behind (each file is atomic on its own)
-    outputs = [*sp.finals(), sp.geojson, sp.timings]
+    outputs = [*sp.finals(), sp.geojson, sp.timings, sp.rejected_geojson_gz, sp.rejected_parquet]
     unlink_quietly(sp.summary)
+    for path in (sp.rejected_geojson_gz, sp.rejected_parquet):  # an earlier run's, with a model that rejected
+        unlink_quietly(path)
     for path in outputs:  # temporaries of a killed earlier run
         for tmp in path.parent.glob(f"{path.name}.tmp-*"):
             unlink_quietly(tmp)
@@ -273,7 +288,24 @@ def run_export(
             writers.append(stack.enter_context(GeoParquetWriter(sp.parquet, scale_xy_l0=scale, slide_key=key,
                                                                 slide_id=sp.slide_id,
                                                                 cells=cfg.segment.cell_expansion_um > 0,
-                                                                class_names=nuclei.scan.class_names)))
+                                                                class_names=nuclei.scan.class_names,
+                                                                reject=rejects)))
+            if rejects:
+                try:
+                    sp.rejected_parquet.parent.mkdir(parents=True, exist_ok=True)
+                except OSError as exc:
+                    from .errors import OutputError
+
+                    raise OutputError(f"{sp.rejected_parquet.parent}: cannot create output directory: "
+                                      f"{exc.strerror or exc}") from exc
+                # UUIDs of their own (another key): never equal to a nucleus' UUID
+                rkey = f"{key}/rejected"
+                rejected_writers += [
+                    stack.enter_context(GeoJSONWriter(sp.rejected_geojson_gz, scale_xy_l0=scale, slide_key=rkey,
+                                                      gz=True, classification=REJECTED_CLASS)),
+                    stack.enter_context(GeoParquetWriter(sp.rejected_parquet, scale_xy_l0=scale, slide_key=rkey,
+                                                         slide_id=sp.slide_id, class_names=nuclei.scan.class_names,
+                                                         reject=True))]
             scan = nuclei.scan  # progress in strips (chunk rows) of the slide
             bar = stack.enter_context(Progress(max(0, scan.strip_hi - scan.strip_lo + 1), "export", "strip",
                                                quiet=True if quiet else None))
@@ -297,8 +329,12 @@ def run_export(
             f"{sp.slide_id}: {n} nuclei, tissue {attrs.get('tissue_area_mm2') or 0:.2f} mm2, "
             f"{(stats['nuclei_per_mm2'] or 0):.0f} nuclei/mm2, store {mpp:g} um/px, model {model_label(meta.get('model'))}"
         )
+        n_rejected = pq.ParquetFile(sp.rejected_parquet).metadata.num_rows if rejects else None
+        if rejects:
+            caption += f", {n_rejected} removed as not nuclei"
         qc.write(sp.qc_png, _parquet_outlines(sp.parquet, scale, classes=bool(nuclei.scan.class_names)),
-                 caption=caption, class_names=nuclei.scan.class_names)
+                 caption=caption, class_names=nuclei.scan.class_names,
+                 rejected=_parquet_outlines(sp.rejected_parquet, scale) if rejects else None)
         timings["qc_s"] = time.perf_counter() - t0
 
         if not attrs.get("tissue_chunks"):
@@ -344,12 +380,18 @@ def run_export(
             "measurements": stats["measurements"],
             **({"classes": class_statistics(sp.parquet, nuclei.scan.class_names, stats["tissue_area_mm2"])}
                if nuclei.scan.class_names else {}),
+            "rejected": ({"count": n_rejected,
+                          "density_per_mm2": (round(n_rejected / stats["tissue_area_mm2"], 3)
+                                              if stats["tissue_area_mm2"] else None),
+                          "threshold": (meta.get("model") or {}).get("reject_threshold")} if rejects else None),
             "outputs": {
                 "geojson_gz": sp.geojson_gz.name,
                 "geojson": sp.geojson.name if cfg.segment.geojson_plain else None,
                 "parquet": sp.parquet.name,
                 "qc_png": sp.qc_png.name,
                 "timings": sp.timings.name,
+                "rejected_geojson_gz": sp.rejected_geojson_gz.relative_to(sp.outdir).as_posix() if rejects else None,
+                "rejected_parquet": sp.rejected_parquet.relative_to(sp.outdir).as_posix() if rejects else None,
             },
             "model": public_value(meta.get("model")),
             "parameters": _parameters(attrs, meta, cfg),

@@ -38,13 +38,18 @@ core_margin_px     float32    L-inf distance of the polygon's bbox to the core b
                               sticking out by ``-value``; selects the dedup band
 geometry           binary     WKB Polygon, store px (x = col, y = row, continuous coordinates)
 <measurements>     float64    :data:`pipeline.measure.MEASUREMENT_COLUMNS` (µm, OD)
+not_nucleus_prob   float32    model that rejects (patch typer / type head reject output) only: its
+                              "not a nucleus" probability of the instance
+rejected           bool       model that rejects only: ``not_nucleus_prob`` above the model's reject
+                              threshold; such rows go through dedup like the others and are then
+                              exported apart (``<id>.rejected.*``), never as nuclei
 class              string     model with a type head only: argmax class name (display name)
 p_<class>          float32    model with a type head only: class probability, one column per class
                               in the model's ``class_names`` order (rows sum to 1)
 =================  =========  =====================================================================
 
-A typed table's schema is :func:`chunk_schema` ``(class_names)``; :func:`table_class_names`
-reads the class names back from a schema. The class columns travel through dedup and id
+A typed table's schema is :func:`chunk_schema` ``(class_names, reject)``; :func:`table_class_names`
+reads the class names back from a schema, :func:`table_rejects` whether it has the reject columns. The class columns travel through dedup and id
 assignment unchanged (a clipped nucleus keeps the class of its model mask).
 
 :func:`assign_ids` prepends ``nucleus_id`` (int64, 1..N).
@@ -87,15 +92,25 @@ MIN_KEEP_FRACTION = 0.5
 #: name of the argmax class column (typed models); probabilities are ``CLASS_PROB_PREFIX + name``
 CLASS_COLUMN = "class"
 CLASS_PROB_PREFIX = "p_"
+#: "not a nucleus" probability and flag of a model that rejects (no ``p_`` prefix: not a class)
+NOT_NUCLEUS_COLUMN = "not_nucleus_prob"
+REJECTED_COLUMN = "rejected"
+REJECT_FIELDS = [(NOT_NUCLEUS_COLUMN, pa.float32()), (REJECTED_COLUMN, pa.bool_())]
 
 
-def chunk_schema(class_names=()):
-    """:data:`CHUNK_SCHEMA`, plus ``class`` (string) and ``p_<name>`` (float32) per class when
-    ``class_names`` is not empty."""
-    if not class_names:
-        return CHUNK_SCHEMA
-    return pa.schema(list(CHUNK_SCHEMA) + [(CLASS_COLUMN, pa.string())]
-                     + [(CLASS_PROB_PREFIX + str(n), pa.float32()) for n in class_names])
+def chunk_schema(class_names=(), reject=False):
+    """:data:`CHUNK_SCHEMA`, plus ``not_nucleus_prob`` (float32) and ``rejected`` (bool) when
+    ``reject``, plus ``class`` (string) and ``p_<name>`` (float32) per class when ``class_names``
+    is not empty."""
+    fields = list(CHUNK_SCHEMA) + (REJECT_FIELDS if reject else [])
+    if class_names:
+        fields += [(CLASS_COLUMN, pa.string())] + [(CLASS_PROB_PREFIX + str(n), pa.float32()) for n in class_names]
+    return pa.schema(fields)
+
+
+def table_rejects(schema):
+    """Whether a chunk/nuclei table schema has the reject columns (a model that rejects)."""
+    return REJECTED_COLUMN in schema.names
 
 
 def table_class_names(schema):
@@ -108,9 +123,9 @@ def table_class_names(schema):
     return tuple(c[len(CLASS_PROB_PREFIX):] for c in after if c.startswith(CLASS_PROB_PREFIX))
 
 
-def empty_chunk_table(class_names=()):
-    """A zero-row table with :func:`chunk_schema` ``(class_names)``."""
-    return chunk_schema(class_names).empty_table()
+def empty_chunk_table(class_names=(), reject=False):
+    """A zero-row table with :func:`chunk_schema` ``(class_names, reject)``."""
+    return chunk_schema(class_names, reject).empty_table()
 
 
 def check_halo(halo_px, max_diameter_px, eps_px):
@@ -182,9 +197,23 @@ def _check_class_probs(class_probs, class_names, labels):
     return probs.astype(np.float32)
 
 
+def _check_reject(not_nucleus, rejected, labels):
+    """``not_nucleus`` float32 (L,) in [0, 1] and ``rejected`` bool (L,); ModelError if malformed."""
+    top = int(labels.max()) if labels.size else 0
+    p = np.asarray(not_nucleus if not_nucleus is not None else [], dtype=np.float32)
+    flag = np.asarray(rejected, dtype=bool)
+    if p.ndim != 1 or flag.ndim != 1 or p.shape[0] < top or flag.shape[0] < top:
+        raise ModelError(f"model reject outputs have shapes {p.shape} and {flag.shape}; need (>= {top},) "
+                         "each (element i is for label i+1)")
+    if p.size and (not np.isfinite(p).all() or p.min() < 0 or p.max() > 1):
+        raise ModelError("model not-a-nucleus probabilities must lie in [0, 1]")
+    return p, flag
+
+
 def extract_chunk_instances(labels, scores, rgb, *, window_origin_rc, core_box_rc, store_shape_rc,
                             mpp, eps_px, min_area_um2, chunk_rc, max_area_um2=SegmentConfig.max_area_um2,
-                            min_circularity=SegmentConfig.min_circularity, class_probs=None, class_names=()):
+                            min_circularity=SegmentConfig.min_circularity, class_probs=None, class_names=(),
+                            not_nucleus=None, rejected=None):
     """Instances one window contributes to the slide (steps 1-4 of the module docstring).
 
     Parameters
@@ -218,6 +247,10 @@ def extract_chunk_instances(labels, scores, rgb, *, window_origin_rc, core_box_r
         ``class_names``); rows are renormalised to sum to 1.
     class_names : sequence of str
         The ``C`` class names (display names); empty = untyped model, no class columns.
+    not_nucleus : numpy.ndarray, float32, shape (L,), optional
+        A model that rejects: ``"not a nucleus"`` probability of label ``i + 1``; with ``rejected``
+        (bool (L,), that label is rejected) the table gets the reject columns.
+    rejected : numpy.ndarray, bool, shape (L,), optional
 
     Returns
     -------
@@ -240,9 +273,12 @@ def extract_chunk_instances(labels, scores, rgb, *, window_origin_rc, core_box_r
     scores, (r0, c0), (h, w), (H, W), (cr0, cc0, cr1, cc1) = _check_window(
         labels, scores, rgb, window_origin_rc, core_box_rc, store_shape_rc)
     class_names = tuple(str(n) for n in (class_names or ()))
-    schema = chunk_schema(class_names)
+    reject = rejected is not None
+    schema = chunk_schema(class_names, reject)
     if class_names:
         class_probs = _check_class_probs(class_probs, class_names, labels)
+    if reject:
+        not_nucleus, rejected = _check_reject(not_nucleus, rejected, labels)
     flat = labels.ravel()
     fg = np.flatnonzero(flat != 0)  # every per-label statistic below uses the nonzero pixels only
     if not len(fg):
@@ -324,6 +360,9 @@ def extract_chunk_instances(labels, scores, rgb, *, window_origin_rc, core_box_r
         **shape,
         **inten,
     }
+    if reject:
+        cols[NOT_NUCLEUS_COLUMN] = not_nucleus[ids - 1]
+        cols[REJECTED_COLUMN] = rejected[ids - 1]
     if class_names:
         probs = class_probs[ids - 1]
         cols[CLASS_COLUMN] = np.asarray(class_names, dtype=object)[np.argmax(probs, axis=1)]

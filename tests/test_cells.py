@@ -98,13 +98,16 @@ def test_cmu_cells_are_byte_identical_across_runs(cmu_cells):
     a, b = cmu_cells
     names = sorted(p.name for p in a.iterdir() if p.is_file() and not p.name.endswith(".timings.json"))
     assert "CMU-1-Small-Region.geojson.gz" in names and "CMU-1-Small-Region.summary.json" in names
+    names += [f"rejected/{p.name}" for p in (a / "rejected").iterdir()]  # what the default's typer removed
+    assert "rejected/CMU-1-Small-Region.geojson.gz" in names
     for name in names:
         assert (a / name).read_bytes() == (b / name).read_bytes(), name
 
 
 def test_cmu_real_model_stitch_loses_no_owned_instance(cmu_cells):
     """With the real model and 512-px chunks (many seams), every instance a window owned is still
-    covered by the final nuclei: dedup (conflicts included) drops only duplicates."""
+    covered by the final nuclei, or by the rejected instances (``rejected/``, the default's patch
+    typer): dedup (conflicts included) drops only duplicates, and rejected ones get no cell."""
     import pyarrow as pa
 
     from pipeline.infer import list_chunk_files
@@ -113,8 +116,11 @@ def test_cmu_real_model_stitch_loses_no_owned_instance(cmu_cells):
     files = list_chunk_files(out / ".work" / "CMU-1-Small-Region" / "chunks")
     cand = pa.concat_tables([pq.read_table(p) for p in files.values()])
     owned = geometry.from_wkb(cand.filter(cand["owned"])["geometry"])
-    final = geometry.from_wkb(pq.read_table(out / "CMU-1-Small-Region.nuclei.parquet")["geometry"])
-    scale = json.loads(pq.read_table(out / "CMU-1-Small-Region.nuclei.parquet").schema.metadata[b"cellsam"])["scale_xy_l0"]
+    kept = pq.read_table(out / "CMU-1-Small-Region.nuclei.parquet")
+    rejected = pq.read_table(out / "rejected" / "CMU-1-Small-Region.nuclei.parquet")
+    assert rejected.num_rows > 500 and "cell_geometry" not in rejected.column_names
+    final = geometry.from_wkb(pa.concat_arrays([kept["geometry"].combine_chunks(), rejected["geometry"].combine_chunks()]))
+    scale = json.loads(kept.schema.metadata[b"cellsam"])["scale_xy_l0"]
     final = geometry.scale_translate(final, (1 / scale[0], 1 / scale[1]))
     tree = shapely.STRtree(final)
     a, b = tree.query(owned, predicate="intersects")

@@ -127,8 +127,14 @@ class Segmenter:
         """Whether the model types its nuclei (a type head and/or a patch typer)."""
         return self.type_head is not None or self.patch_typer is not None
 
+    @property
+    def rejects(self) -> bool:
+        """Whether some part removes instances as "not a nucleus" (:attr:`reject_threshold` is set)."""
+        return self.reject_threshold is not None
+
     def classify(self, image: np.ndarray, labels: np.ndarray, scores: np.ndarray, embed, mpp: float,
-                 embed_scale: float = 1.0, timings: dict | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                 embed_scale: float = 1.0, timings: dict | None = None,
+                 keep_rejected: bool = False) -> tuple[np.ndarray, ...]:
         """Typing step: class probabilities per instance, and removal of the instances whose
         "not a nucleus" probability exceeds the head's (or the patch typer's) ``reject_threshold``
         (renumbered 1..K'). With a patch typer its probabilities replace (``combine: typer``) or are
@@ -136,14 +142,20 @@ class Segmenter:
 
         ``timings``: accumulates ``typer_s``, the patch typer's seconds (a network, counted as model time).
 
+        ``keep_rejected``: keep every instance and say which would be removed (the whole-slide
+        pipeline exports them apart, ``<id>.rejected.*``).
+
         Returns
         -------
-        labels uint32 (H, W), scores float32 (K',), class_probs float32 (K', C)
+        labels uint32 (H, W), scores float32 (K',), class_probs float32 (K', C); with
+        ``keep_rejected`` also not_nucleus float32 (K,) (the largest "not a nucleus" probability of
+        the parts that reject; zeros where none does) and rejected bool (K,), nothing removed.
         """
         from .typehead import drop_instances, instance_features
 
         k = int(labels.max()) if labels.size else 0
         keep = np.ones(k, bool)
+        not_nucleus = np.zeros(k, np.float32)
         probs = None
         if self.type_head is not None:
             feats, cen = instance_features(labels, scores, image, embed, mpp, embed_scale, self.type_head.groups,
@@ -152,6 +164,7 @@ class Segmenter:
             thr = self.type_head.cfg.get("reject_threshold")
             if thr is not None and len(rej):
                 keep &= rej <= float(thr)
+                not_nucleus = np.maximum(not_nucleus, rej)
         else:
             from .typehead import centroids_xy
 
@@ -168,6 +181,10 @@ class Segmenter:
             thr = self.patch_typer.cfg.get("reject_threshold")
             if thr is not None and len(trej):
                 keep &= trej <= float(thr)
+                not_nucleus = np.maximum(not_nucleus, trej)
+        if keep_rejected:
+            return (labels.astype(np.uint32, copy=False), np.asarray(scores, np.float32), probs,
+                    not_nucleus.astype(np.float32), ~keep)
         if not keep.all():
             labels = drop_instances(labels, keep)
             scores, probs = np.asarray(scores)[keep], probs[keep]
@@ -193,7 +210,8 @@ class Segmenter:
         hv = np.ascontiguousarray(aux.numpy())
         return {"prob": prob, "hv": hv, "embed": embed, "padded_hw": (h + ph, w + pw)}
 
-    def segment_batch(self, images, timings: dict | None = None) -> list[tuple[np.ndarray, np.ndarray]]:
+    def segment_batch(self, images, timings: dict | None = None,
+                      keep_rejected: bool = False) -> list[tuple[np.ndarray, ...]]:
         """Segment tiles already at :attr:`mpp`.
 
         Parameters
@@ -201,11 +219,16 @@ class Segmenter:
         images : ndarray of shape (N, H, W, 3), uint8
         timings : dict, optional
             Accumulates ``model_s`` and ``postprocess_s`` (seconds).
+        keep_rejected : bool
+            A model that :attr:`rejects`: keep the instances it would remove, flagged
+            (:meth:`classify`); 5-tuples.
 
         Returns
         -------
         list of (labels uint32 (H, W), scores float32 (K,)), or with a type head of
-        (labels, scores, class_probs float32 (K, C)) (row i = label i + 1, rows sum to 1)
+        (labels, scores, class_probs float32 (K, C)) (row i = label i + 1, rows sum to 1); with
+        ``keep_rejected`` on a model that rejects, (labels, scores, class_probs, not_nucleus
+        float32 (K,), rejected bool (K,))
         """
         images = _check_batch(images)
         # On the CPU a batch brings no speed-up but multiplies activation memory: one tile per
@@ -235,7 +258,8 @@ class Segmenter:
                     t2 = time.perf_counter()
                     emb = out["embed"][i] if out["embed"] is not None else None
                     typer = {}
-                    results.append(self.classify(images[start + i], lab, sc, emb, self.mpp, timings=typer))
+                    results.append(self.classify(images[start + i], lab, sc, emb, self.mpp, timings=typer,
+                                                 keep_rejected=keep_rejected and self.rejects))
                     post_s += time.perf_counter() - t2 - typer.get("typer_s", 0.0)
                     model_s += typer.get("typer_s", 0.0)  # the patch typer is a network too
                 else:
