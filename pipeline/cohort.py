@@ -13,6 +13,8 @@ Cohort table (``PREFIX.csv`` / ``PREFIX.parquet``), one row per slide, sorted by
 --------------------------------------------------------------------------------------------
 ``slide_id`` str; ``status`` str (``ok`` | ``failed``); ``reason`` str (empty when ok);
 ``path`` str; ``nuclei`` Int64; ``tissue_mm2`` float64 (mm²); ``nuclei_per_mm2`` float64;
+``rejected_count`` Int64 and ``rejected_per_mm2`` float64 (what a model that rejects removed as
+"not a nucleus", ``summary["rejected"]``; missing for a model that does not reject);
 ``<feature>_median`` float64 for each column of :data:`FEATURES` (units of the column, see
 docs/outputs.md); for a model with a type head, per class (``summary["classes"]``, classes in
 first-seen order) ``<class>_count`` Int64, ``<class>_per_mm2`` float64 (per mm² of tissue) and
@@ -52,7 +54,8 @@ FEATURES = (
     "eosin_od_mean",
 )
 COLUMNS = (
-    ["slide_id", "status", "reason", "path", "nuclei", "tissue_mm2", "nuclei_per_mm2"]
+    ["slide_id", "status", "reason", "path", "nuclei", "tissue_mm2", "nuclei_per_mm2", "rejected_count",
+     "rejected_per_mm2"]
     + [f"{name}_median" for name in FEATURES]
     + ["runtime_s"]
 )
@@ -173,6 +176,10 @@ def summary_fields(summary: dict, timings: dict | None = None) -> dict:
         "tissue_mm2": _number(summary.get("tissue_area_mm2")),
         "nuclei_per_mm2": _number(summary.get("nuclei_per_mm2")),
     }
+    rejected = summary.get("rejected") if isinstance(summary.get("rejected"), dict) else {}
+    count = rejected.get("count")
+    out["rejected_count"] = count if isinstance(count, int) and not isinstance(count, bool) else None
+    out["rejected_per_mm2"] = _number(rejected.get("density_per_mm2"))
     for name in FEATURES:
         entry = stats.get(name)
         out[f"{name}_median"] = _number(entry.get("median") if isinstance(entry, dict) else None)

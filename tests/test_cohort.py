@@ -90,6 +90,9 @@ def test_summary_fields_follow_the_summary_schema():
     assert math.isnan(fields["circularity_median"]) and math.isnan(fields["solidity_median"])
     empty = summary_fields({"nuclei": 0, "tissue_area_mm2": 0.0, "nuclei_per_mm2": None, "measurements": {}})
     assert empty["nuclei"] == 0 and math.isnan(empty["nuclei_per_mm2"]) and math.isnan(empty["runtime_s"])
+    assert fields["rejected_count"] is None and math.isnan(fields["rejected_per_mm2"])  # a model that does not reject
+    rej = summary_fields({"nuclei": 5, "rejected": {"count": 3, "density_per_mm2": 1.5, "threshold": 0.7}})
+    assert rej["rejected_count"] == 3 and rej["rejected_per_mm2"] == 1.5
 
 
 def test_cohort_table_rows_order_and_reasons(cohort):
