@@ -377,7 +377,7 @@ def iter_nuclei(files, *, mpp, dedup_iou, min_area_um2, chunk_px,
                     conflict_min_width_um=conflict_min_width_um)
 
 
-def split_rejected(strips, on_rejected):
+def split_rejected(strips, on_rejected, threshold=None):
     """Kept nuclei of each strip, the rejected ones handed aside.
 
     For chunk files of a model that rejects (:func:`pipeline.stitch.chunk_schema` ``reject``), the
@@ -391,6 +391,10 @@ def split_rejected(strips, on_rejected):
     on_rejected : callable
         Called with each strip's rejected rows (``rejected`` dropped; ``nucleus_id`` renumbered
         1..M over the slide in the same order); strips without any are not passed.
+    threshold : float, optional
+        Reject where ``not_nucleus_prob > threshold`` instead of the ``rejected`` column (the
+        checkpoint's rule at inference): any threshold is applied from the same chunk files,
+        without a second inference (``--reject-threshold`` of ``segment`` / ``export``).
 
     Yields
     ------
@@ -398,11 +402,14 @@ def split_rejected(strips, on_rejected):
         The strip's kept rows (strips left empty are skipped), ``rejected`` dropped and ``nucleus_id`` renumbered 1..N over the
         slide in order: exactly the nuclei of a run that removed the rejected instances after dedup.
     """
-    from .stitch import REJECTED_COLUMN
+    from .stitch import NOT_NUCLEUS_COLUMN, REJECTED_COLUMN
 
     next_id = {False: 1, True: 1}
     for strip in strips:
-        flag = strip[REJECTED_COLUMN].to_numpy(zero_copy_only=False).astype(bool)
+        if threshold is None:
+            flag = strip[REJECTED_COLUMN].to_numpy(zero_copy_only=False).astype(bool)
+        else:
+            flag = strip[NOT_NUCLEUS_COLUMN].to_numpy(zero_copy_only=False) > float(threshold)
         parts = {}
         for rejected in (False, True):
             sel = flag if rejected else ~flag

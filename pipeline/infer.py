@@ -310,7 +310,12 @@ def _load_model_cached(spec: str | None, device: str, refine: bool, classical_mp
     from .model.checkpoint import resolve_weights
 
     seg = load_model(spec, device=device, refine=refine, engine=engine, precision=precision, teacher=teacher,
-                     min_score=min_score, reject_threshold=reject_threshold)
+                     min_score=min_score)
+    if reject_threshold is not None and not seg.rejects:
+        # a head with a reject output but no threshold of its own: the override turns rejection on.
+        # A model that rejects keeps its own rule here: the chunks flag by it and carry the
+        # probability, and the export applies the override (pipeline.assemble.split_rejected)
+        seg.set_reject_threshold(float(reject_threshold))
     model = _wrap_segmenter(seg)
     model.info["min_score"] = float(seg.params.min_score)  # in the chunk meta: a change recomputes
     if seg.reject_threshold is not None:
@@ -374,8 +379,10 @@ def resolve_model(model: Any, *, device: str, refine: bool, store_mpp: float, en
         ``None`` = the checkpoint's own (shipped: 0.82), 0 = keep every instance. Recorded as
         ``Model.info["min_score"]``. Ignored for the classical model and for model objects.
     reject_threshold : float, optional
-        "Not a nucleus" threshold of a checkpoint's patch typer / type head; ``None`` = the
-        checkpoint's own (shipped 0.7), 1 = keep every instance. Recorded as
+        "Not a nucleus" threshold for a checkpoint whose type head has a reject output but no
+        threshold of its own (it turns rejection on). A checkpoint that already rejects (both
+        shipped models, 0.7) keeps its own: the chunk files do not depend on the override, which
+        the export applies (:func:`pipeline.assemble.split_rejected`). Recorded as
         ``Model.info["reject_threshold"]`` for models that reject. Ignored like ``min_score``.
     """
     if isinstance(model, Model):

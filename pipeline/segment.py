@@ -250,6 +250,10 @@ def run_export(
                          conflict_min_width_um=cfg.segment.conflict_min_width_um)
     n_trunc = nuclei.n_truncated_owned
     rejects = nuclei.scan.reject  # a model that rejects: its "not a nucleus" instances are exported apart
+    reject_threshold = cfg.segment.reject_threshold  # None: the rule the chunks were flagged by
+    if reject_threshold is not None and not rejects:
+        log.warning("%s: --reject-threshold %g ignored: the model of these chunks does not reject "
+                    "(no 'not a nucleus' probabilities)", chunks_dir, reject_threshold)
     rejected_writers = []
     strips = nuclei
     if rejects:
@@ -257,7 +261,7 @@ def run_export(
             for w in rejected_writers:
                 w.write(table)
 
-        strips = split_rejected(nuclei, on_rejected)
+        strips = split_rejected(nuclei, on_rejected, reject_threshold)
     if cfg.segment.cell_expansion_um > 0:  # QuPath cells from the final nuclei, strip by strip
         from .cells import iter_with_cells
 
@@ -383,7 +387,8 @@ def run_export(
             "rejected": ({"count": n_rejected,
                           "density_per_mm2": (round(n_rejected / stats["tissue_area_mm2"], 3)
                                               if stats["tissue_area_mm2"] else None),
-                          "threshold": (meta.get("model") or {}).get("reject_threshold")} if rejects else None),
+                          "threshold": (float(reject_threshold) if reject_threshold is not None
+                                        else (meta.get("model") or {}).get("reject_threshold"))} if rejects else None),
             "outputs": {
                 "geojson_gz": sp.geojson_gz.name,
                 "geojson": sp.geojson.name if cfg.segment.geojson_plain else None,

@@ -136,6 +136,29 @@ def test_qc_crop_shows_rejected_outlines_dotted(runs):
     assert (key == REJECTED_RGB).all(axis=2).any()  # the legend has the entry
 
 
+def test_changing_the_threshold_re_exports_from_the_same_chunks(follicle, runs, tmp_path):
+    """``segment --reject-threshold 1`` on a finished run reuses its chunk files (no second
+    inference) and writes what a fresh run at 1 writes; ``export --reject-threshold`` too."""
+    import shutil
+
+    d = tmp_path / "out"
+    shutil.copytree(runs["shipped"], d)
+    chunks = sorted((d / ".work" / SID / "chunks").glob("*.parquet"))
+    before = {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in chunks}
+    assert main(["--quiet", "segment", str(follicle), "-o", str(d), "--chunk", "512", "--reject-threshold", "1"]) == 0
+    assert {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in chunks} == before  # not recomputed
+    for name in (f"{SID}.nuclei.parquet", f"{SID}.geojson.gz", f"rejected/{SID}.nuclei.parquet", f"{SID}.summary.json"):
+        assert (d / name).read_bytes() == (runs["keep_all"] / name).read_bytes(), name
+    store, work = d / ".work" / SID / "store.ome.zarr", d / ".work" / SID / "chunks"
+    assert main(["--quiet", "export", str(store), str(work), "-o", str(tmp_path / "e"), "--reject-threshold", "0.9"]) == 0
+    s = _summary(tmp_path / "e")
+    n0 = _summary(runs["shipped"])
+    assert s["rejected"]["threshold"] == 0.9
+    assert s["nuclei"] + s["rejected"]["count"] == n0["nuclei"] + n0["rejected"]["count"]
+    assert 0 < s["rejected"]["count"] < n0["rejected"]["count"]  # a stricter bar removes fewer
+    assert _table(tmp_path / "e" / "rejected" / f"{SID}.nuclei.parquet")["not_nucleus_prob"].to_numpy().min() > 0.9
+
+
 def test_model_without_rejection_writes_no_rejected_outputs(follicle, runs, tmp_path):
     """Rerun into the same folder with a model that does not reject: the earlier rejected files go."""
     import shutil

@@ -37,12 +37,12 @@ PIPELINE_DEFAULTS = {
     ("infer", "halo_px"): (pconfig.SegmentConfig, "halo_px"),
     ("infer", "refine"): (pconfig.SegmentConfig, "refine"),
     ("infer", "min_score"): (pconfig.SegmentConfig, "min_score"),
-    ("infer", "reject_threshold"): (pconfig.SegmentConfig, "reject_threshold"),
     ("infer", "teacher"): (pconfig.SegmentConfig, "teacher"),
     ("infer", "crop_to_tissue"): (pconfig.SegmentConfig, "crop_to_tissue"),
     ("infer", "tissue_margin_px"): (pconfig.SegmentConfig, "tissue_margin_px"),
     ("export", "geojson_plain"): (pconfig.SegmentConfig, "geojson_plain"),
     ("export", "cell_expansion_um"): (pconfig.SegmentConfig, "cell_expansion_um"),
+    ("export", "reject_threshold"): (pconfig.SegmentConfig, "reject_threshold"),
 }
 WORKFLOW_ONLY = {("samples",), ("output_dir",), ("keep_stores",), ("container_image",), ("infer", "model"),
                  ("infer", "scheduler")}
@@ -203,15 +203,17 @@ def test_slurm_profile_dry_run_gives_infer_a_gpu(tmp_path):
 def test_cpu_device_requests_no_gpu(tmp_path):
     slides = _fake_slides(tmp_path, "a.svs")
     cfg = {"samples": _sheet(tmp_path, [("a", slides[0], None)]), "keep_stores": True,
-           "infer": {"device": "cpu", "teacher": "sam weights/sam_vit_b.pth", "min_score": 0.5,
-                     "reject_threshold": 0.9}}
+           "infer": {"device": "cpu", "teacher": "sam weights/sam_vit_b.pth", "min_score": 0.5},
+           "export": {"reject_threshold": 0.9}}
     _checked(tmp_path, a=True)
     proc = snakemake(tmp_path, "-n", "-p", config=cfg)
     assert proc.returncode == 0, proc.stderr
     infer = [j for j in _jobs(proc.stdout) if j["rule"] == "infer"]
     assert len(infer) == 1 and infer[0]["resources"].get("gpu", "0") == "0"
     assert "--teacher 'sam weights/sam_vit_b.pth'" in infer[0]["shell"]  # dual mode: the teacher flows to infer
-    assert "--min-score 0.5" in infer[0]["shell"] and "--reject-threshold 0.9" in infer[0]["shell"]
+    assert "--min-score 0.5" in infer[0]["shell"] and "--reject-threshold" not in infer[0]["shell"]
+    export = [j for j in _jobs(proc.stdout) if j["rule"] == "export"]
+    assert len(export) == 1 and "--reject-threshold 0.9" in export[0]["shell"]  # applied at export
     assert "Would remove temporary output" not in proc.stdout  # keep_stores: stores are not temp()
 
 

@@ -26,6 +26,9 @@ def register(sub):
     p.add_argument("--cell-expansion-um", type=nonnegative_float, default=None, metavar="D",
                    help="write QuPath cells: each nucleus grown by D µm, Voronoi-limited, within tissue "
                    "(default: off, nuclei as detections)")
+    from .infer import add_reject_arg
+
+    add_reject_arg(p)
     p.set_defaults(func=run)
 
 
@@ -37,7 +40,8 @@ def run(args) -> int:
 
     cfg = Config()
     cfg = Config(tissue=cfg.tissue, store=cfg.store, segment=with_overrides(cfg.segment, geojson_plain=args.geojson_plain,
-                                                                        cell_expansion_um=args.cell_expansion_um))
+                                                                        cell_expansion_um=args.cell_expansion_um,
+                                                                        reject_threshold=args.reject_threshold))
     summary = run_export(args.store, args.chunks, args.output, slide_id=args.slide_id, cfg=cfg, quiet=args.quiet)
     logging.getLogger("pipeline.cli").info("export: %d nuclei -> %s", summary["nuclei"], args.output)
     return 0

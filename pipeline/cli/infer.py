@@ -31,9 +31,6 @@ def add_model_args(p) -> None:
     p.add_argument("--min-score", type=float, default=None, metavar="P",
                    help="drop nuclei whose score (mean nucleus probability) is below P; 0 keeps all "
                    "(default: the checkpoint's, 0.82 for the shipped model)")
-    p.add_argument("--reject-threshold", type=float, default=None, metavar="P",
-                   help="drop nuclei whose 'not a nucleus' probability (the model's patch typer) is above P; "
-                   "1 keeps all (default: the checkpoint's, 0.7 for the shipped models)")
     p.add_argument("--teacher", metavar="SAM.pth", default=None,
                    help="official SAM ViT checkpoint: runs a dual --model (teacher + student fused; GPU recommended)")
     p.add_argument("--scheduler", metavar="ADDRESS", default=None, help="dask.distributed scheduler address (default: local threads)")
@@ -52,8 +49,16 @@ def segment_overrides(args) -> dict:
         "refine": args.refine,
         "teacher": args.teacher,
         "min_score": args.min_score,
-        "reject_threshold": args.reject_threshold,
     }
+
+
+def add_reject_arg(p) -> None:
+    """``--reject-threshold`` of ``segment`` and ``export``: applied when the outputs are written, so
+    changing it re-exports from the existing chunk files (no second inference)."""
+    p.add_argument("--reject-threshold", type=float, default=None, metavar="P",
+                   help="nuclei whose 'not a nucleus' probability (the model's patch typer) is above P are "
+                   "written to rejected/ instead; 1 keeps all (default: the checkpoint's, 0.7 for the shipped "
+                   "models). Applied at export: changing it reuses the chunk files")
 
 
 def register(sub):

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from ..config import StoreConfig
-from .infer import add_model_args, segment_overrides
+from .infer import add_model_args, add_reject_arg, segment_overrides
 
 _S = StoreConfig()
 
@@ -25,6 +25,7 @@ def register(sub):
     p.add_argument("--store", default=None, metavar="STORE", help="tile store to write/reuse (default: OUTDIR/.work/<id>/store.ome.zarr)")
     p.add_argument("--chunk", type=int, default=None, metavar="PX", help=f"store chunk = inference core edge (default: {_S.chunk_px})")
     add_model_args(p)
+    add_reject_arg(p)
     p.add_argument("--geojson-plain", action="store_true", default=None, help="also write an uncompressed .geojson")
     p.add_argument("--cell-expansion-um", type=nonnegative_float, default=None, metavar="D",
                    help="write QuPath cells: each nucleus grown by D µm, Voronoi-limited, within tissue "
@@ -43,7 +44,8 @@ def run(args) -> int:
         tissue=base.tissue,
         store=with_overrides(base.store, chunk_px=args.chunk),
         segment=with_overrides(base.segment, geojson_plain=args.geojson_plain,
-                               cell_expansion_um=args.cell_expansion_um, **segment_overrides(args)),
+                               cell_expansion_um=args.cell_expansion_um, reject_threshold=args.reject_threshold,
+                               **segment_overrides(args)),
     )
     summary = run_segment(
         args.slide,

@@ -92,6 +92,8 @@ def export_flags():
     flags = ["--geojson-plain"] if config["export"]["geojson_plain"] else []
     if config["export"].get("cell_expansion_um", 0):
         flags.append(f"--cell-expansion-um {float(config['export']['cell_expansion_um'])!r}")
+    if config["export"].get("reject_threshold") is not None:
+        flags.append(f"--reject-threshold {float(config['export']['reject_threshold'])!r}")
     return " ".join(flags)
 
 
@@ -119,8 +121,6 @@ def infer_flags():
         flags.append(f"--teacher {shlex.quote(cfg['teacher'])}")
     if cfg.get("min_score") is not None:
         flags.append(f"--min-score {float(cfg['min_score'])!r}")
-    if cfg.get("reject_threshold") is not None:
-        flags.append(f"--reject-threshold {float(cfg['reject_threshold'])!r}")
     if cfg["scheduler"] is not None:
         flags.append(f"--scheduler {shlex.quote(cfg['scheduler'])}")
     return " ".join(flags)
