@@ -46,3 +46,20 @@ def pytest_collection_modifyitems(config, items):
         for item in items:
             if "gpu" in item.keywords:
                 item.add_marker(skip)
+
+
+def cmu1_crop_tiff(path, crop_l0):
+    """A crop ``(x, y, width, height)`` (level-0 px) of CMU-1-Small-Region.svs written to ``path`` as a
+    tiled TIFF with the slide's µm/px (read by OpenSlide's generic-tiff); returns (path, mpp_x)."""
+    import numpy as np
+    import openslide
+    import tifffile
+
+    src = shared_file("slides/CMU-1-Small-Region.svs")
+    with openslide.OpenSlide(str(src)) as osr:
+        x, y, w, h = crop_l0
+        rgb = np.asarray(osr.read_region((x, y), 0, (w, h)).convert("RGB"))
+        mpp_x, mpp_y = float(osr.properties["openslide.mpp-x"]), float(osr.properties["openslide.mpp-y"])
+    tifffile.imwrite(path, rgb, tile=(256, 256), photometric="rgb", compression="zlib",
+                     resolution=(1e4 / mpp_x, 1e4 / mpp_y), resolutionunit="CENTIMETER", metadata=None)
+    return Path(path), mpp_x

@@ -30,7 +30,7 @@ import pyarrow.parquet as pq
 import pytest
 import shapely
 
-from conftest import REPO, shared_file
+from conftest import REPO, cmu1_crop_tiff
 from pipeline.paths import slide_paths
 
 WEIGHTS = REPO / "pipeline" / "weights" / "cellsam_default.pt"
@@ -133,16 +133,8 @@ def assert_same_bytes(outs: list[Path]):
 def region(tmp_path_factory) -> Path:
     """A CMU-1-Small-Region crop as a tiled TIFF with its µm/px (read by OpenSlide's generic-tiff)."""
     import openslide
-    import tifffile
 
-    src = shared_file("slides/CMU-1-Small-Region.svs")
-    with openslide.OpenSlide(str(src)) as osr:
-        x, y, w, h = CROP_L0
-        rgb = np.asarray(osr.read_region((x, y), 0, (w, h)).convert("RGB"))
-        mpp_x, mpp_y = float(osr.properties["openslide.mpp-x"]), float(osr.properties["openslide.mpp-y"])
-    path = tmp_path_factory.mktemp("region") / f"{SID}.tif"
-    tifffile.imwrite(path, rgb, tile=(256, 256), photometric="rgb", compression="zlib",
-                     resolution=(1e4 / mpp_x, 1e4 / mpp_y), resolutionunit="CENTIMETER", metadata=None)
+    path, mpp_x = cmu1_crop_tiff(tmp_path_factory.mktemp("region") / f"{SID}.tif", CROP_L0)
     with openslide.OpenSlide(str(path)) as check:
         assert float(check.properties["openslide.mpp-x"]) == pytest.approx(mpp_x, rel=1e-4)
     return path

@@ -17,7 +17,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from conftest import shared_file
+from conftest import cmu1_crop_tiff
 from test_export import validate_qupath_geojson
 
 from pipeline.assemble import split_rejected
@@ -44,18 +44,7 @@ def test_split_rejected_renumbers_both_sets_in_order():
 
 @pytest.fixture(scope="module")
 def follicle(tmp_path_factory) -> Path:
-    import openslide
-    import tifffile
-
-    src = shared_file("slides/CMU-1-Small-Region.svs")
-    with openslide.OpenSlide(str(src)) as osr:
-        x, y, w, h = CROP_L0
-        rgb = np.asarray(osr.read_region((x, y), 0, (w, h)).convert("RGB"))
-        mpp_x, mpp_y = float(osr.properties["openslide.mpp-x"]), float(osr.properties["openslide.mpp-y"])
-    path = tmp_path_factory.mktemp("follicle") / f"{SID}.tif"
-    tifffile.imwrite(path, rgb, tile=(256, 256), photometric="rgb", compression="zlib",
-                     resolution=(1e4 / mpp_x, 1e4 / mpp_y), resolutionunit="CENTIMETER", metadata=None)
-    return path
+    return cmu1_crop_tiff(tmp_path_factory.mktemp("follicle") / f"{SID}.tif", CROP_L0)[0]
 
 
 @pytest.fixture(scope="module")
