@@ -399,10 +399,13 @@ def split_rejected(strips, on_rejected, threshold=None):
     Yields
     ------
     pyarrow.Table
-        The strip's kept rows (strips left empty are skipped), ``rejected`` dropped and ``nucleus_id`` renumbered 1..N over the
-        slide in order: exactly the nuclei of a run that removed the rejected instances after dedup.
+        The strip's kept rows (strips left empty are skipped), ``rejected`` dropped and ``nucleus_id``
+        renumbered 1..N over the slide in order: exactly the nuclei of a run that removed the
+        rejected instances after dedup. Both sets get ``instance_id`` (the id before the split,
+        :data:`pipeline.stitch.INSTANCE_ID_COLUMN`): the exported UUIDs derive from it, so a nucleus
+        has the same UUID in ``rejected/`` as among the nuclei, whatever the threshold.
     """
-    from .stitch import NOT_NUCLEUS_COLUMN, REJECTED_COLUMN
+    from .stitch import INSTANCE_ID_COLUMN, NOT_NUCLEUS_COLUMN, REJECTED_COLUMN
 
     next_id = {False: 1, True: 1}
     for strip in strips:
@@ -411,6 +414,7 @@ def split_rejected(strips, on_rejected, threshold=None):
         else:
             flag = strip[NOT_NUCLEUS_COLUMN].to_numpy(zero_copy_only=False) > float(threshold)
         parts = {}
+        strip = strip.append_column(INSTANCE_ID_COLUMN, strip["nucleus_id"])  # the UUIDs derive from it
         for rejected in (False, True):
             sel = flag if rejected else ~flag
             t = strip.filter(pa.array(sel)).drop_columns([REJECTED_COLUMN])

@@ -32,7 +32,7 @@ from . import geometry
 from .errors import OutputError
 from .cells import CELL_COLUMNS, CELL_QUPATH_NAMES, nucleus_name
 from .measure import MEASUREMENT_COLUMNS, QUPATH_NAMES
-from .stitch import CLASS_COLUMN, CLASS_PROB_PREFIX, NOT_NUCLEUS_COLUMN, table_class_names
+from .stitch import CLASS_COLUMN, CLASS_PROB_PREFIX, INSTANCE_ID_COLUMN, NOT_NUCLEUS_COLUMN, table_class_names
 from .paths import atomic_target, atomic_write, output_error, unlink_quietly
 
 log = logging.getLogger(__name__)
@@ -105,6 +105,13 @@ def nucleus_uuids_ascii(slide_key, nucleus_ids):
     out[:, _UUID_HEX_COLS] = hexd
     return out
 
+
+
+def _uuid_ids(table):
+    """The ids the UUIDs of ``table``'s rows derive from: ``instance_id`` where present (the id
+    before rejected instances were split off, stable across reject thresholds), else ``nucleus_id``."""
+    col = INSTANCE_ID_COLUMN if INSTANCE_ID_COLUMN in table.column_names else "nucleus_id"
+    return table[col].to_numpy() if table.num_rows else np.zeros(0, np.int64)
 
 
 def to_level0(geoms, scale_xy_l0, offset_xy_l0=(0.0, 0.0)):
@@ -349,10 +356,10 @@ def _features(batch, *, scale_xy_l0, offset_xy_l0, slide_key, cols, classificati
     c_end = np.cumsum(np.bincount(geom_of_v, weights=clen, minlength=len(polys)).astype(np.int64))
     c_start = c_end - np.bincount(geom_of_v, weights=clen, minlength=len(polys)).astype(np.int64)
     # head (up to the coordinates) and tail (after them) of each kept feature
-    ids_k, values_k, finite_k = ids[keep], values[keep], finite[keep]
+    values_k, finite_k = values[keep], finite[keep]
     head, hlen = _text([
         _literal('{"type":"Feature","id":"', n),
-        (nucleus_uuids_ascii(slide_key, ids_k), np.ones((n, 36), dtype=bool)),
+        (nucleus_uuids_ascii(slide_key, _uuid_ids(batch)[keep]), np.ones((n, 36), dtype=bool)),
         _literal('","geometry":{"type":"Polygon","coordinates":', n),
     ])
     classes, codes = _classifications(batch, classification)
@@ -383,6 +390,7 @@ def _features(batch, *, scale_xy_l0, offset_xy_l0, slide_key, cols, classificati
 def _features_json(batch, polys, values, finite, ids, *, slide_key, cols, classification=None):
     """Reference / fallback of :func:`_features`: one ``json.dumps`` per Feature."""
     names = [_qupath_name(c) for c in cols]
+    uids = _uuid_ids(batch)
     classes, codes = _classifications(batch, classification)
     values = np.round(values, GEOJSON_MEASUREMENT_DECIMALS)
     rings, ring_geom = shapely.get_rings(polys, return_index=True)
@@ -400,7 +408,7 @@ def _features_json(batch, polys, values, finite, ids, *, slide_key, cols, classi
         meas = {n: v for n, v, ok in zip(names, values[k].tolist(), finite[k].tolist()) if ok}
         feature = {
             "type": "Feature",
-            "id": nucleus_uuid(slide_key, ids[k]),
+            "id": nucleus_uuid(slide_key, uids[k]),
             "geometry": {"type": "Polygon", "coordinates": coordinates},
             "properties": {"objectType": "detection", "classification": classes[codes[k]], "measurements": meas},
         }
@@ -425,6 +433,7 @@ def _cell_features(batch, *, scale_xy_l0, offset_xy_l0, slide_key, cols):
     nuclei = to_level0(geometry.from_wkb(batch["geometry"]), scale_xy_l0, offset_xy_l0)
     cells = to_level0(geometry.from_wkb(batch["cell_geometry"]), scale_xy_l0, offset_xy_l0)
     ids = batch["nucleus_id"].to_numpy()
+    uids = _uuid_ids(batch)
     names = [nucleus_name(c) if c in QUPATH_NAMES else _qupath_name(c) for c in cols] + \
         [CELL_QUPATH_NAMES[c] for c in CELL_COLUMNS]
     classes, codes = _classifications(batch)
@@ -440,7 +449,7 @@ def _cell_features(batch, *, scale_xy_l0, offset_xy_l0, slide_key, cols):
         meas = {n: v for n, v, ok in zip(names, values[k].tolist(), finite[k].tolist()) if ok}
         feature = {
             "type": "Feature",
-            "id": nucleus_uuid(slide_key, ids[k]),
+            "id": nucleus_uuid(slide_key, uids[k]),
             "geometry": {"type": "Polygon", "coordinates": _rings_json(cells[k])},
             "nucleusGeometry": {"type": "Polygon", "coordinates": _rings_json(nuclei[k])},
             "properties": {"objectType": "cell", "classification": classes[codes[k]], "measurements": meas},
@@ -658,7 +667,7 @@ def _geoparquet_rows(table, *, scale_xy_l0, slide_key, offset_xy_l0, slide_id=No
         "nucleus_id": pa.array(ids, type=pa.int64()),
         "uuid": pa.StringArray.from_buffers(
             n, pa.py_buffer(np.arange(0, 36 * (n + 1), 36, dtype=np.int32)),
-            pa.py_buffer(nucleus_uuids_ascii(slide_key, ids).tobytes())),
+            pa.py_buffer(nucleus_uuids_ascii(slide_key, _uuid_ids(table)).tobytes())),
         "slide_id": pa.array([str(slide_id if slide_id is not None else slide_key)] * n, type=pa.string()),
         "geometry": geom,
     }

@@ -302,12 +302,12 @@ def run_export(
 
                     raise OutputError(f"{sp.rejected_parquet.parent}: cannot create output directory: "
                                       f"{exc.strerror or exc}") from exc
-                # UUIDs of their own (another key): never equal to a nucleus' UUID
-                rkey = f"{key}/rejected"
+                # same key: the UUIDs derive from the id before the split (instance_id), unique over both
+                # files and the same for a nucleus whatever the threshold
                 rejected_writers += [
-                    stack.enter_context(GeoJSONWriter(sp.rejected_geojson_gz, scale_xy_l0=scale, slide_key=rkey,
+                    stack.enter_context(GeoJSONWriter(sp.rejected_geojson_gz, scale_xy_l0=scale, slide_key=key,
                                                       gz=True, classification=REJECTED_CLASS)),
-                    stack.enter_context(GeoParquetWriter(sp.rejected_parquet, scale_xy_l0=scale, slide_key=rkey,
+                    stack.enter_context(GeoParquetWriter(sp.rejected_parquet, scale_xy_l0=scale, slide_key=key,
                                                          slide_id=sp.slide_id, class_names=nuclei.scan.class_names,
                                                          reject=True))]
             scan = nuclei.scan  # progress in strips (chunk rows) of the slide

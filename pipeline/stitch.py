@@ -96,6 +96,10 @@ CLASS_PROB_PREFIX = "p_"
 NOT_NUCLEUS_COLUMN = "not_nucleus_prob"
 REJECTED_COLUMN = "rejected"
 REJECT_FIELDS = [(NOT_NUCLEUS_COLUMN, pa.float32()), (REJECTED_COLUMN, pa.bool_())]
+#: id of a stitched instance before a model's rejected instances are split off (``nucleus_id`` of
+#: :func:`assign_ids` over all of them; :func:`pipeline.assemble.split_rejected`). Where present the
+#: exported UUIDs derive from it, so a nucleus keeps its UUID whatever the reject threshold.
+INSTANCE_ID_COLUMN = "instance_id"
 
 
 def chunk_schema(class_names=(), reject=False):

@@ -98,14 +98,15 @@ def test_rejection_only_flags_kept_plus_rejected_equals_keep_all(runs):
 
     from pipeline import geometry
 
-    def polys(path):
+    def polys(path):  # (outline, UUID) of every row
         t = _table(path)
-        return sorted(shapely.to_wkt(geometry.from_wkb(t["geometry"]), rounding_precision=2).tolist())
+        return sorted(zip(shapely.to_wkt(geometry.from_wkb(t["geometry"]), rounding_precision=2).tolist(),
+                          t["uuid"].to_pylist()))
 
     d = runs["shipped"]
     both = sorted(polys(d / f"{SID}.nuclei.parquet") + polys(d / "rejected" / f"{SID}.nuclei.parquet"))
     everything = polys(runs["keep_all"] / f"{SID}.nuclei.parquet")
-    assert both == everything
+    assert both == everything  # the same objects, each with the same UUID whatever the threshold
     s = _summary(runs["keep_all"])
     assert s["rejected"]["count"] == 0 and s["rejected"]["threshold"] == 1.0
 

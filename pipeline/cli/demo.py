@@ -37,7 +37,8 @@ def run(args) -> int:
     summary = run_segment(slide, out, model_path=args.model, cfg=Config(), device=args.device, quiet=args.quiet)
     sid = summary["slide_id"]
     print(f"cellsam demo: {summary['nuclei']} nuclei in {summary['tissue_area_mm2'] or 0:.2f} mm² of tissue")
-    for key in ("geojson_gz", "parquet", "qc_png"):
-        print(f"  {out / summary['outputs'][key]}")
+    for key in ("geojson_gz", "parquet", "qc_png", "rejected_geojson_gz"):
+        if summary["outputs"].get(key):  # rejected_*: what the model removed as "not a nucleus"
+            print(f"  {out / summary['outputs'][key]}")
     print(f"  {out / (sid + '.summary.json')}")
     return 0
