@@ -119,6 +119,13 @@ SAM_TEACHER_TILE_PX = 256
 SAM_TEACHER_BATCH = 4  # SAM inputs per encoder call (memory bound: a ViT-H 1024 input needs ~2 GB)
 
 
+# a model that rejects and removes more than this fraction of its detections as "not a nucleus"
+# gets a warning after export (summary["rejected"]["fraction"]): keratin and debris are expected to
+# be removed, real nuclei are not, and a typer that does not know the tissue removes many; review
+# rejected/<id>.geojson.gz (measured: CMU-1 skin 0.33, mostly keratin; an H&E OME-TIFF 0.001; a
+# head-and-neck frozen section 0.22, with small dark nuclei among them)
+REJECTED_WARN_FRACTION = 0.2
+
 # compact resume state of a training run (``--resume-state FILE``, pipeline.training.loop): one file
 # small enough to commit next to the code; larger parts (best weights, optimiser moments) are dropped
 RESUME_STATE_MAX_MB = 15.0

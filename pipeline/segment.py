@@ -44,7 +44,7 @@ from pathlib import Path
 from typing import Any
 
 from . import __version__
-from .config import Config
+from .config import REJECTED_WARN_FRACTION, Config
 from .errors import InputError
 from .infer import list_chunk_files, read_chunks_meta, run_infer
 from .paths import SlidePaths, public_value, slide_id_from_path, slide_paths, unlink_quietly
@@ -334,8 +334,14 @@ def run_export(
             f"{(stats['nuclei_per_mm2'] or 0):.0f} nuclei/mm2, store {mpp:g} um/px, model {model_label(meta.get('model'))}"
         )
         n_rejected = pq.ParquetFile(sp.rejected_parquet).metadata.num_rows if rejects else None
+        rejected_fraction = round(n_rejected / (n + n_rejected), 6) if rejects and n + n_rejected else None
         if rejects:
             caption += f", {n_rejected} removed as not nuclei"
+            if rejected_fraction is not None and rejected_fraction > REJECTED_WARN_FRACTION:
+                log.warning("%s: %.0f %% of the detections (%d) were removed as not nuclei; review %s in QuPath "
+                            "(keratin and debris are expected there, real nuclei are not; --reject-threshold 1 "
+                            "keeps all and re-exports without a second inference)",
+                            sp.slide_id, 100 * rejected_fraction, n_rejected, sp.rejected_geojson_gz)
         qc.write(sp.qc_png, _parquet_outlines(sp.parquet, scale, classes=bool(nuclei.scan.class_names)),
                  caption=caption, class_names=nuclei.scan.class_names,
                  rejected=_parquet_outlines(sp.rejected_parquet, scale) if rejects else None)
@@ -384,7 +390,7 @@ def run_export(
             "measurements": stats["measurements"],
             **({"classes": class_statistics(sp.parquet, nuclei.scan.class_names, stats["tissue_area_mm2"])}
                if nuclei.scan.class_names else {}),
-            "rejected": ({"count": n_rejected,
+            "rejected": ({"count": n_rejected, "fraction": rejected_fraction,
                           "density_per_mm2": (round(n_rejected / stats["tissue_area_mm2"], 3)
                                               if stats["tissue_area_mm2"] else None),
                           "threshold": (float(reject_threshold) if reject_threshold is not None

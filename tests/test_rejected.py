@@ -72,6 +72,7 @@ def test_rejected_outputs_are_written_counted_and_readable_by_qupath(runs):
     kept = _table(d / f"{SID}.nuclei.parquet")
     assert s["rejected"]["count"] == rej.num_rows >= 50  # the keratin lamellae
     assert s["rejected"]["threshold"] == pytest.approx(0.7)
+    assert s["rejected"]["fraction"] == pytest.approx(rej.num_rows / (rej.num_rows + kept.num_rows), abs=1e-6)
     assert s["outputs"]["rejected_geojson_gz"] == f"rejected/{SID}.geojson.gz"
     assert s["nuclei"] == kept.num_rows >= 100
     # the flag follows the threshold; both tables carry the probability
@@ -124,6 +125,19 @@ def test_qc_crop_shows_rejected_outlines_dotted(runs):
     assert shipped > 500 and shipped > 20 * max(keep_all, 1)
     key = img[TITLE_PX + PANEL_PX:TITLE_PX + PANEL_PX + 30, 2 * PANEL_PX:]
     assert (key == REJECTED_RGB).all(axis=2).any()  # the legend has the entry
+
+
+def test_many_removed_is_a_one_line_warning(runs, tmp_path, caplog):
+    """Half of the follicle crop's detections are keratin: the export says to review rejected/."""
+    import logging
+
+    d = runs["shipped"]
+    store, work = d / ".work" / SID / "store.ome.zarr", d / ".work" / SID / "chunks"
+    with caplog.at_level(logging.WARNING, logger="pipeline.segment"):
+        assert main(["--quiet", "export", str(store), str(work), "-o", str(tmp_path / "e")]) == 0
+    lines = [r.getMessage() for r in caplog.records if "removed as not nuclei" in r.getMessage()]
+    assert len(lines) == 1 and "rejected" in lines[0] and "\n" not in lines[0]
+    assert _summary(tmp_path / "e")["rejected"]["fraction"] > 0.2
 
 
 def test_changing_the_threshold_re_exports_from_the_same_chunks(follicle, runs, tmp_path):
