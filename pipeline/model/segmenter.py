@@ -143,7 +143,7 @@ class Segmenter:
         ``timings``: accumulates ``typer_s``, the patch typer's seconds (a network, counted as model time).
 
         ``keep_rejected``: keep every instance and say which would be removed (the whole-slide
-        pipeline exports them apart, ``<id>.rejected.*``).
+        pipeline exports them apart, ``rejected/<id>.*``).
 
         Returns
         -------
