@@ -16,6 +16,10 @@ Layout (one RGB PNG, white background)::
     | one line of text: slide id, nuclei, tissue area, density, model    |
     +--------------------------------------------------------------------+
 
+A model that rejects adds, when it removed anything outside the crop's chunk, a fourth panel: the
+chunk where it removed most, with the removed objects dotted (:data:`REJECTED_RGB`), the place a
+reviewer should look first (the crop draws them dotted too).
+
 The crop is the tissue chunk of median nucleus count among the chunks holding nuclei that are
 mostly tissue (:func:`representative_chunk`): the densest chunk is often not representative (it is
 where false positives pile up, if any do). The crop window is centred on the mean position of that
@@ -133,6 +137,7 @@ def render_qc(
     ring_rgb: Sequence[tuple[int, int, int]] | None = None,
     legend: Sequence[tuple[str, tuple[int, int, int]]] | None = None,
     rejected_rings_rc: Sequence[np.ndarray] = (),
+    removed_crop: dict | None = None,
 ) -> Image.Image:
     """Compose the QC figure (pure: arrays in, image out).
 
@@ -164,14 +169,19 @@ def render_qc(
     rejected_rings_rc : sequence of ndarray of shape (M, 2), float
         Outlines (row, col, crop pixels) of what the model removed as "not a nucleus", drawn
         dotted in :data:`REJECTED_RGB` under the nuclei.
+    removed_crop : dict, optional
+        A fourth panel (a model that removed something): ``{"rgb", "rings_rc", "ring_rgb",
+        "rejected_rings_rc", "title"}`` of the chunk where most was removed, drawn like the crop.
 
     Returns
     -------
     PIL.Image.Image
-        RGB image of size (3 * PANEL_PX, TITLE_PX + PANEL_PX + KEY_PX + TEXT_PX).
+        RGB image of size (3 * PANEL_PX, TITLE_PX + PANEL_PX + KEY_PX + TEXT_PX); 4 * PANEL_PX
+        wide with ``removed_crop``.
     """
     top = TITLE_PX
-    canvas = Image.new("RGB", (3 * PANEL_PX, TITLE_PX + PANEL_PX + KEY_PX + TEXT_PX), (255, 255, 255))
+    n_panels = 4 if removed_crop is not None else 3
+    canvas = Image.new("RGB", (n_panels * PANEL_PX, TITLE_PX + PANEL_PX + KEY_PX + TEXT_PX), (255, 255, 255))
     thumb = Image.fromarray(np.ascontiguousarray(thumb_rgb, dtype=np.uint8))
     small, scale = _fit(thumb, PANEL_PX)
     sw, sh = small.size
@@ -204,35 +214,38 @@ def render_qc(
     panel2 = (grey * (1 - alpha) + _heat_rgb(up) * alpha).astype(np.uint8)
     canvas.paste(Image.fromarray(panel2), (PANEL_PX, top))
 
-    # panel 3: full-resolution crop with outlines
+    # panel 3: full-resolution crop with outlines (panel 4: where most was removed)
     cscale = None
     if crop_rgb is not None and crop_rgb.size:
-        crop = Image.fromarray(np.ascontiguousarray(crop_rgb, dtype=np.uint8))
-        cscale = PANEL_PX / max(crop.size)
-        crop = crop.resize((round(crop.size[0] * cscale), round(crop.size[1] * cscale)), Image.Resampling.NEAREST)
-        draw = ImageDraw.Draw(crop)
-        for ring in rejected_rings_rc:  # dotted: every other segment of the outline
-            pts = [(float(c) * cscale, float(r) * cscale) for r, c in np.asarray(ring)]
-            for a, b in zip(pts[0::2], pts[1::2]):
-                draw.line([a, b], fill=REJECTED_RGB, width=2)
-        for k, ring in enumerate(crop_rings_rc):
-            pts = [(float(c) * cscale, float(r) * cscale) for r, c in np.asarray(ring)]
-            if len(pts) >= 2:
-                rgb = tuple(ring_rgb[k]) if ring_rgb is not None else OUTLINE_RGB
-                draw.line(pts + [pts[0]], fill=rgb, width=2 if ring_rgb is not None else 1)
+        crop, cscale = _crop_panel(crop_rgb, crop_rings_rc, ring_rgb, rejected_rings_rc)
         canvas.paste(crop, (2 * PANEL_PX, top))
+    rscale = None
+    if removed_crop is not None and removed_crop["rgb"] is not None and removed_crop["rgb"].size:
+        crop, rscale = _crop_panel(removed_crop["rgb"], removed_crop["rings_rc"], removed_crop["ring_rgb"],
+                                   removed_crop["rejected_rings_rc"])
+        canvas.paste(crop, (3 * PANEL_PX, top))
 
     draw = ImageDraw.Draw(canvas)
     font = ImageFont.load_default()
     # titles in their own band, one per panel, with a gap between panels
-    for i, title in enumerate(("thumbnail, tissue outline", "nucleus density", crop_title)):
+    titles = ["thumbnail, tissue outline", "nucleus density", crop_title]
+    if removed_crop is not None:
+        titles.append(removed_crop["title"])
+    for i, title in enumerate(titles):
         draw.text((i * PANEL_PX + 8, 5), title, fill=(0, 0, 0), font=font)
-    for i in (1, 2):
+    for i in range(1, n_panels):
         draw.line((i * PANEL_PX, 0, i * PANEL_PX, top + PANEL_PX), fill=(255, 255, 255), width=3)
     # scale bars: thumbnail (panel px per µm = scale / thumb_mpp) and crop
     _scale_bar(draw, 0, top + sh, scale / thumb_mpp, PANEL_PX, font)
     if cscale is not None and crop_mpp:
         _scale_bar(draw, 2 * PANEL_PX, top + PANEL_PX, cscale / crop_mpp, PANEL_PX, font)
+    if rscale is not None and crop_mpp:
+        _scale_bar(draw, 3 * PANEL_PX, top + PANEL_PX, rscale / crop_mpp, PANEL_PX, font)
+        x = 3 * PANEL_PX + 8
+        for k in range(0, 16, 4):  # a dotted swatch, as drawn
+            draw.line((x + k, top + PANEL_PX + 12, x + k + 2, top + PANEL_PX + 12), fill=(110, 110, 110), width=2)
+        draw.text((x + 22, top + PANEL_PX + 6), "dotted: removed as not a nucleus (rejected/)", fill=(0, 0, 0),
+                  font=font)
     # key band: what the colours mean
     ky = top + PANEL_PX + 8
     draw.rectangle((8, ky + 2, 26, ky + 6), fill=TISSUE_RGB)
@@ -257,6 +270,25 @@ def render_qc(
         draw.text((2 * PANEL_PX + 32, ky - 2), "nucleus outline (final, after stitching)", fill=(0, 0, 0), font=font)
     draw.text((6, top + PANEL_PX + KEY_PX + 8), caption.encode("ascii", "replace").decode(), fill=(0, 0, 0), font=font)
     return canvas
+
+
+def _crop_panel(crop_rgb, rings_rc, ring_rgb, rejected_rings_rc):
+    """A full-resolution crop scaled to the panel, with nucleus outlines (class colours or
+    :data:`OUTLINE_RGB`) over the dotted outlines of what was removed; returns (image, scale)."""
+    crop = Image.fromarray(np.ascontiguousarray(crop_rgb, dtype=np.uint8))
+    cscale = PANEL_PX / max(crop.size)
+    crop = crop.resize((round(crop.size[0] * cscale), round(crop.size[1] * cscale)), Image.Resampling.NEAREST)
+    draw = ImageDraw.Draw(crop)
+    for ring in rejected_rings_rc:  # dotted: every other segment of the outline
+        pts = [(float(c) * cscale, float(r) * cscale) for r, c in np.asarray(ring)]
+        for a, b in zip(pts[0::2], pts[1::2]):
+            draw.line([a, b], fill=REJECTED_RGB, width=2)
+    for k, ring in enumerate(rings_rc):
+        pts = [(float(c) * cscale, float(r) * cscale) for r, c in np.asarray(ring)]
+        if len(pts) >= 2:
+            rgb = tuple(ring_rgb[k]) if ring_rgb is not None else OUTLINE_RGB
+            draw.line(pts + [pts[0]], fill=rgb, width=2 if ring_rgb is not None else 1)
+    return crop, cscale
 
 
 def save_png_atomic(img: Image.Image, path: str | os.PathLike) -> Path:
@@ -330,6 +362,8 @@ class QCAccumulator:
         self.density = np.zeros(self.layout[:2], np.float32)
         self.chunk_counts: dict = {}
         self.chunk_anchor_sums: dict = {}  # (chunk_row, chunk_col) -> [sum of anchor y, x] store px
+        self.rejected_counts: dict = {}  # the same for what a model that rejects removed (add_rejected)
+        self.rejected_anchor_sums: dict = {}
 
     def add(self, table) -> None:
         """Add final nuclei (``anchor_y_px``, ``anchor_x_px``, ``chunk_row``, ``chunk_col``)."""
@@ -337,19 +371,46 @@ class QCAccumulator:
             return
         anchors = np.stack([table["anchor_y_px"].to_numpy(), table["anchor_x_px"].to_numpy()], axis=1) * self.mpp
         self.density += bin_anchors(anchors, self.layout)
+        self._count(table, self.chunk_counts, self.chunk_anchor_sums)
+
+    def add_rejected(self, table) -> None:
+        """Add instances removed as "not a nucleus" (same columns): not in the density, counted per
+        chunk for the "most removed" panel of :meth:`write`."""
+        if table.num_rows:
+            self._count(table, self.rejected_counts, self.rejected_anchor_sums)
+
+    @staticmethod
+    def _count(table, counts: dict, sums: dict) -> None:
         rc = np.stack([table["chunk_row"].to_numpy(), table["chunk_col"].to_numpy()], axis=1).astype(np.int64)
-        uniq, inv, counts = np.unique(rc, axis=0, return_inverse=True, return_counts=True)
+        uniq, inv, n_rc = np.unique(rc, axis=0, return_inverse=True, return_counts=True)
         inv = inv.reshape(-1)
         ys = np.bincount(inv, table["anchor_y_px"].to_numpy(), minlength=len(uniq))
         xs = np.bincount(inv, table["anchor_x_px"].to_numpy(), minlength=len(uniq))
-        for (r, c), n, y, x in zip(uniq.tolist(), counts.tolist(), ys.tolist(), xs.tolist()):
-            self.chunk_counts[(r, c)] = self.chunk_counts.get((r, c), 0) + n
-            acc = self.chunk_anchor_sums.setdefault((r, c), [0.0, 0.0])
+        for (r, c), n, y, x in zip(uniq.tolist(), n_rc.tolist(), ys.tolist(), xs.tolist()):
+            counts[(r, c)] = counts.get((r, c), 0) + n
+            acc = sums.setdefault((r, c), [0.0, 0.0])
             acc[0] += y
             acc[1] += x
 
     def _tissue_fractions(self) -> dict:
         return chunk_tissue_fractions(self.mask, self.thumb_mpp, self.mpp, int(self.attrs["chunk_px"]))
+
+    def _window(self, chunk, n: int, sums) -> tuple[int, int, int]:
+        """Crop ``(r0, c0, side)`` (store px) inside ``chunk``: centred on the mean anchor ``sums / n``
+        of its objects when ``n``, else on the chunk; ``side = min(CROP_PX, chunk_px)``."""
+        chunk_px = int(self.attrs["chunk_px"])
+        H, W = (int(v) for v in self.attrs["shape_rc"])
+        side = min(CROP_PX, chunk_px)
+        r0 = chunk[0] * chunk_px + (min(chunk_px, H - chunk[0] * chunk_px) - side) // 2
+        c0 = chunk[1] * chunk_px + (min(chunk_px, W - chunk[1] * chunk_px) - side) // 2
+        if n:  # centred on the chunk's objects (their mean anchor), kept inside the chunk
+            cy, cx = (v / n for v in sums)
+            lo_r, lo_c = chunk[0] * chunk_px, chunk[1] * chunk_px
+            hi_r = max(lo_r, min(lo_r + chunk_px, H) - side)
+            hi_c = max(lo_c, min(lo_c + chunk_px, W) - side)
+            r0 = int(np.clip(round(cy - side / 2), lo_r, hi_r))
+            c0 = int(np.clip(round(cx - side / 2), lo_c, hi_c))
+        return r0, c0, side
 
     def write(self, path: str | os.PathLike, outlines, *, caption: str = "", class_names=(),
               rejected=None) -> Path:
@@ -361,36 +422,24 @@ class QCAccumulator:
         With ``class_names`` (a typed model) it returns ``(polygons, class name per polygon)`` and
         outlines are drawn in the class colours (:class:`pipeline.data.classes.ClassVocabulary`)
         with a legend. ``rejected`` (a model that rejects) is the same kind of callable for the
-        instances removed as "not a nucleus" (polygons only); they are drawn dotted, with a key entry.
+        instances removed as "not a nucleus" (polygons only); they are drawn dotted, with a key entry,
+        and when :meth:`add_rejected` saw any, a fourth panel shows the chunk where most were removed.
         """
         import shapely
 
         from .store import read_window
 
-        crop, rings, ring_rgb, legend, rejected_rings = None, [], [], None, []
-        colors = {}
+        colors, legend = {}, None
         if class_names:
             from .data.classes import ClassVocabulary
 
             vocab = ClassVocabulary.from_names(class_names)
             colors = dict(zip(vocab.names, vocab.colors))
             legend = list(colors.items()) + ([(REJECTED_LABEL, REJECTED_RGB)] if rejected is not None else [])
-        best = representative_chunk(self.chunk_counts, self.attrs.get("tissue_chunks", []), self._tissue_fractions())
-        if best is not None:
-            chunk_px = int(self.attrs["chunk_px"])
-            H, W = (int(v) for v in self.attrs["shape_rc"])
-            side = min(CROP_PX, chunk_px)
-            r0 = best[0] * chunk_px + (min(chunk_px, H - best[0] * chunk_px) - side) // 2
-            c0 = best[1] * chunk_px + (min(chunk_px, W - best[1] * chunk_px) - side) // 2
-            n_best = self.chunk_counts.get(best, 0)
-            if n_best:  # centred on the chunk's nuclei (their mean anchor), kept inside the chunk
-                cy, cx = (v / n_best for v in self.chunk_anchor_sums[best])
-                lo_r, lo_c = best[0] * chunk_px, best[1] * chunk_px
-                hi_r = max(lo_r, min(lo_r + chunk_px, H) - side)
-                hi_c = max(lo_c, min(lo_c + chunk_px, W) - side)
-                r0 = int(np.clip(round(cy - side / 2), lo_r, hi_r))
-                c0 = int(np.clip(round(cx - side / 2), lo_c, hi_c))
-            crop = read_window(self.group, r0, c0, side, side)
+
+        def panel(chunk, counts, sums):
+            """Crop of ``chunk`` centred on the mean anchor of ``counts``/``sums``, with its outlines."""
+            r0, c0, side = self._window(chunk, counts.get(chunk, 0), sums.get(chunk))
             box = shapely.box(c0, r0, c0 + side, r0 + side)
 
             def crop_rings(geoms):
@@ -399,17 +448,32 @@ class QCAccumulator:
                 return hit, [np.stack([xy[:, 1] - r0, xy[:, 0] - c0], axis=1)
                              for xy in (np.asarray(geoms[k].exterior.coords) for k in hit)]
 
+            rings, ring_rgb, rejected_rings = [], [], []
             if self.chunk_counts:
-                got = outlines(best, (r0, c0, side))
+                got = outlines(chunk, (r0, c0, side))
                 geoms, names = (got if class_names else (got, None))
                 hit, rings = crop_rings(geoms)
                 if class_names:
                     ring_rgb = [colors.get(str(names[k]), OUTLINE_RGB) for k in hit]
             if rejected is not None:
-                rejected_rings = crop_rings(rejected(best, (r0, c0, side)))[1]
-        img = render_qc(self.thumb, self.thumb_mpp, self.mask, self.density, crop, rings, caption,
-                        crop_mpp=self.mpp, ring_rgb=ring_rgb if class_names else None, legend=legend,
-                        rejected_rings_rc=rejected_rings,
+                rejected_rings = crop_rings(rejected(chunk, (r0, c0, side)))[1]
+            return {"rgb": read_window(self.group, r0, c0, side, side), "rings_rc": rings,
+                    "ring_rgb": ring_rgb if class_names else None, "rejected_rings_rc": rejected_rings}
+
+        main = {"rgb": None, "rings_rc": [], "ring_rgb": None, "rejected_rings_rc": []}
+        best = representative_chunk(self.chunk_counts, self.attrs.get("tissue_chunks", []), self._tissue_fractions())
+        if best is not None:
+            main = panel(best, self.chunk_counts, self.chunk_anchor_sums)
+        removed = None
+        most = None
+        if rejected is not None and self.rejected_counts:  # where most was removed (ties: first chunk)
+            most = min(self.rejected_counts, key=lambda rc: (-self.rejected_counts[rc], rc))
+        if most is not None and most != best:  # the same chunk as the crop: it shows them already
+            removed = {**panel(most, self.rejected_counts, self.rejected_anchor_sums),
+                       "title": f"most removed ({self.rejected_counts[most]} in its chunk), full resolution"}
+        img = render_qc(self.thumb, self.thumb_mpp, self.mask, self.density, main["rgb"], main["rings_rc"], caption,
+                        crop_mpp=self.mpp, ring_rgb=main["ring_rgb"], legend=legend,
+                        rejected_rings_rc=main["rejected_rings_rc"], removed_crop=removed,
                         crop_title="median-density chunk, full resolution" if self.chunk_counts else
                         "first tissue chunk, full resolution")
         return save_png_atomic(img, path)

@@ -254,12 +254,12 @@ def run_export(
     if reject_threshold is not None and not rejects:
         log.warning("%s: --reject-threshold %g ignored: the model of these chunks does not reject "
                     "(no 'not a nucleus' probabilities)", chunks_dir, reject_threshold)
-    rejected_writers = []
+    rejected_sinks = []  # callables taking each strip's rejected rows: the two writers, the QC image
     strips = nuclei
     if rejects:
         def on_rejected(table):
-            for w in rejected_writers:
-                w.write(table)
+            for write in rejected_sinks:
+                write(table)
 
         strips = split_rejected(nuclei, on_rejected, reject_threshold)
     if cfg.segment.cell_expansion_um > 0:  # QuPath cells from the final nuclei, strip by strip
@@ -304,12 +304,13 @@ def run_export(
                                       f"{exc.strerror or exc}") from exc
                 # same key: the UUIDs derive from the id before the split (instance_id), unique over both
                 # files and the same for a nucleus whatever the threshold
-                rejected_writers += [
+                rejected_sinks += [
                     stack.enter_context(GeoJSONWriter(sp.rejected_geojson_gz, scale_xy_l0=scale, slide_key=key,
-                                                      gz=True, classification=REJECTED_CLASS)),
+                                                      gz=True, classification=REJECTED_CLASS)).write,
                     stack.enter_context(GeoParquetWriter(sp.rejected_parquet, scale_xy_l0=scale, slide_key=key,
                                                          slide_id=sp.slide_id, class_names=nuclei.scan.class_names,
-                                                         reject=True))]
+                                                         reject=True)).write,
+                    qc.add_rejected]
             scan = nuclei.scan  # progress in strips (chunk rows) of the slide
             bar = stack.enter_context(Progress(max(0, scan.strip_hi - scan.strip_lo + 1), "export", "strip",
                                                quiet=True if quiet else None))

@@ -130,3 +130,16 @@ def test_cmu_real_model_stitch_loses_no_owned_instance(cmu_cells):
     assert len(owned) > 1000 and frac.min() > 0.5
     summary = json.loads((out / "CMU-1-Small-Region.summary.json").read_text())
     assert summary["stitch_conflicts"] >= 0
+
+
+def test_cmu_qc_shows_where_most_was_removed(cmu_cells):
+    """512-px chunks: the median-density crop and the chunk with most removed differ, so the QC image
+    gets a fourth panel, the follicle's keratin dotted there."""
+    from PIL import Image
+
+    from pipeline.qc import PANEL_PX, REJECTED_RGB, TITLE_PX
+
+    a = np.asarray(Image.open(cmu_cells[0] / "CMU-1-Small-Region.qc.png").convert("RGB"))
+    assert a.shape[1] == 4 * PANEL_PX
+    p4 = a[TITLE_PX:TITLE_PX + PANEL_PX, 3 * PANEL_PX:]
+    assert (p4 == REJECTED_RGB).all(axis=2).sum() > 2000  # many removed objects outlined there

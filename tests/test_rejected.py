@@ -118,6 +118,7 @@ def test_qc_crop_shows_rejected_outlines_dotted(runs):
     from pipeline.qc import PANEL_PX, REJECTED_RGB, TITLE_PX
 
     img = np.asarray(Image.open(runs["shipped"] / f"{SID}.qc.png").convert("RGB"))
+    assert img.shape[1] == 3 * PANEL_PX  # the crop's chunk is where most was removed: no fourth panel
     crop = img[TITLE_PX:TITLE_PX + PANEL_PX, 2 * PANEL_PX:]
     shipped = (crop == REJECTED_RGB).all(axis=2).sum()
     img1 = np.asarray(Image.open(runs["keep_all"] / f"{SID}.qc.png").convert("RGB"))
