@@ -40,6 +40,16 @@ def test_split_rejected_renumbers_both_sets_in_order():
     assert [t["nucleus_id"].to_pylist() for t in got] == [[1], [2, 3]]
     assert [t["v"].to_pylist() for t in got] == [[11], [13, 14]]
     assert all("rejected" not in t.column_names for t in kept + got)
+    # the UUIDs derive from the id before the split
+    assert [t["instance_id"].to_pylist() for t in kept] == [[1, 3], [6]]
+    assert [t["instance_id"].to_pylist() for t in got] == [[2], [4, 5]]
+    # a threshold re-flags from the probabilities, whatever the stored flag
+    strips = [t.append_column("not_nucleus_prob", pa.array(p, pa.float32()))
+              for t, p in zip(strips, ([0.1, 0.95, 0.8], [0.5, 0.99], [0.2]))]
+    got = []
+    kept = list(split_rejected(strips, got.append, threshold=0.9))
+    assert [t["v"].to_pylist() for t in kept] == [[10, 12], [13], [15]]
+    assert [t["v"].to_pylist() for t in got] == [[11], [14]]
 
 
 @pytest.fixture(scope="module")
