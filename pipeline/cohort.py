@@ -353,11 +353,20 @@ def render_figure(table, areas: dict) -> bytes:
             vals = [per[sid] if status[sid] == "ok" and math.isfinite(per[sid]) else 0.0 for sid in ids]
             ax_dens.barh(ys, vals, left=left, color=tuple(v / 255 for v in rgb), label=name)
             left = [a + b for a, b in zip(left, vals)]
-        ax_dens.legend(fontsize=7, loc="lower right", frameon=False)
         ax_dens.set_title("Density per class per slide")
     else:
         ax_dens.barh(ys, dens, color="#4c72b0")
+        left = dens
         ax_dens.set_title("Density per slide")
+    if "rejected_per_mm2" in table.columns:  # what a model that rejects removed, after the nuclei
+        per = dict(zip(table["slide_id"], table["rejected_per_mm2"]))
+        removed = [per[sid] if status[sid] == "ok" and math.isfinite(per[sid]) else 0.0 for sid in ids]
+        if any(removed):
+            ax_dens.barh(ys, removed, left=left, facecolor="white", edgecolor="#888888", hatch="////",
+                         linewidth=0.5, label="removed: not a nucleus")
+    if names or ax_dens.get_legend_handles_labels()[0]:
+        # outside the axes, right of them: never over a bar, whatever the number of slides
+        ax_dens.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5), frameon=False)
     ax_dens.set_xlabel("nuclei per mm²")
     for y, sid in zip(ys, ids):
         if status[sid] != "ok":
@@ -370,7 +379,7 @@ def render_figure(table, areas: dict) -> bytes:
     ax_area.set_ylim(-0.7, len(ids) - 0.3)
     fig.tight_layout()
     buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100, metadata={"Software": None})
+    fig.savefig(buf, format="png", dpi=100, metadata={"Software": None}, bbox_inches="tight")
     plt.close(fig)
     return buf.getvalue()
 

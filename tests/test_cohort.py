@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import subprocess
@@ -165,3 +166,24 @@ def test_cli_cohort_bad_sheet_is_one_line_error(tmp_path):
     assert proc.stderr.strip().splitlines() == [
         f"cellsam: error: sample sheet {sheet}: unknown column(s) 'pth'; allowed: slide_id, path, mpp"
     ]
+
+
+def test_figure_stacks_what_was_removed_after_the_nuclei():
+    """A model that rejects: the removed density per slide is a hatched segment after the nuclei, so
+    a slide where the filter removed much stands out; none drawn when nothing was removed."""
+    import pandas as pd
+    from PIL import Image
+
+    from pipeline.cohort import render_figure
+
+    base = {"slide_id": ["a", "b"], "status": ["ok", "ok"], "nuclei_per_mm2": [1000.0, 1000.0]}
+    none = render_figure(pd.DataFrame({**base, "rejected_per_mm2": [0.0, 0.0]}), {})
+    some = render_figure(pd.DataFrame({**base, "rejected_per_mm2": [50.0, 600.0]}), {})
+    assert render_figure(pd.DataFrame({**base, "rejected_per_mm2": [50.0, 600.0]}), {}) == some  # same bytes
+    assert none == render_figure(pd.DataFrame(base), {})  # no removal, no segment, no legend
+
+    def grey(png):  # hatch lines and bar edges in #888888
+        px = np.asarray(Image.open(io.BytesIO(png)).convert("RGB")).reshape(-1, 3).astype(int)
+        return int((np.abs(px - 136).sum(axis=1) < 40).sum())
+
+    assert grey(some) > grey(none) + 200
