@@ -305,8 +305,10 @@ def test_cli_runs_the_quality_model_by_name(tmp_path):
         assert r.returncode == 0, r.stderr
         with open(tmp_path / f"{tag}.nuclei.csv", newline="") as fh:
             rows[tag] = list(csv.DictReader(fh))
-        assert list(rows[tag][0])[5:] == ["class"] + [f"p_{c}" for c in CLASSES]
+        assert list(rows[tag][0])[5:] == ["class"] + [f"p_{c}" for c in CLASSES] + ["not_nucleus_prob"]
     assert 0 < len(rows["quality"]) < len(rows["all"])  # the typer's rejection removes some
+    p = {tag: np.array([float(r["not_nucleus_prob"]) for r in rows[tag]]) for tag in rows}
+    assert p["quality"].max() <= 0.7 < p["all"].max()  # the kept ones' probability, at either threshold
     r = cli("--quiet", "predict", tile, "--mpp", "0.55", "--model", "qualty", "-o", tmp_path / "x.tif")
     assert r.returncode != 0 and "default, quality" in r.stderr and len(r.stderr.strip().splitlines()) == 1
 

@@ -97,8 +97,9 @@ def test_predict_writes_nuclei_csv_with_classes(tmp_path):
     labels = tifffile.imread(out)
     lines = (tmp_path / "img1.nuclei.csv").read_text().splitlines()
     assert lines[0].split(",") == ["label", "centroid_x_px", "centroid_y_px", "area_px", "score", "class",
-                                   *[f"p_{c}" for c in CLASSES]]
+                                   *[f"p_{c}" for c in CLASSES], "not_nucleus_prob"]  # the default rejects
     assert len(lines) - 1 == int(labels.max())
     row = lines[1].split(",")
-    assert row[5] in CLASSES and abs(sum(float(v) for v in row[6:]) - 1) < 1e-3
+    assert row[5] in CLASSES and abs(sum(float(v) for v in row[6:6 + len(CLASSES)]) - 1) < 1e-3
+    assert all(float(ln.split(",")[-1]) <= 0.7 for ln in lines[1:])  # kept: at most the shipped threshold
     assert int(row[3]) == int((labels == 1).sum())

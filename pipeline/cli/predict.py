@@ -65,7 +65,13 @@ def run(args):
                            reject_threshold=checked.reject_threshold, **kwargs)
 
         def seg(img):
-            return model.segment(img, args.mpp)
+            res = model.segment(img, args.mpp, keep_rejected=True)
+            if len(res) == 5:  # a model that rejects: remove them here, keep the probability of the rest
+                from ..model.typehead import drop_instances
+
+                keep = ~np.asarray(res[4], bool)
+                res = (drop_instances(res[0], keep), res[1][keep], res[2][keep], res[3][keep])
+            return res
 
     out = Path(args.output)
     many = len(args.image) > 1
@@ -75,21 +81,23 @@ def run(args):
         img = read_image(src)
         res = seg(img)
         labels, scores = res[0], res[1]
-        probs = res[2] if len(res) == 3 else None
+        probs = res[2] if len(res) >= 3 else None
+        not_nucleus = res[3] if len(res) == 4 else None
         names = list(getattr(model, "class_names", [])) if args.model != "classical" else []
         dst = out / f"{Path(src).stem}.tif" if many else out
         atomic_write(dst, lambda tmp: tifffile.imwrite(tmp, labels.astype(np.uint32), compression="zlib"), mkdir=True)
-        table = nuclei_csv(labels, scores, probs, names)
+        table = nuclei_csv(labels, scores, probs, names, not_nucleus)
         csv_path = dst.with_name(dst.name[:-len(dst.suffix)] + ".nuclei.csv" if dst.suffix else dst.name + ".nuclei.csv")
         atomic_write(csv_path, lambda tmp: Path(tmp).write_text(table, encoding="utf-8", newline=""), mkdir=True)
         log.info("%s: %d nuclei -> %s", src, int(labels.max()), dst)
     return 0
 
 
-def nuclei_csv(labels, scores, class_probs=None, class_names=()) -> str:
+def nuclei_csv(labels, scores, class_probs=None, class_names=(), not_nucleus=None) -> str:
     """The ``<stem>.nuclei.csv`` text of ``cellsam predict``: one row per label 1..K, columns
     ``label, centroid_x_px, centroid_y_px, area_px, score, class`` (+ ``p_<class>`` per class of a
-    type head; class ``Nucleus`` without one). Centroids are pixel (column, row) means, 0-based."""
+    type head; class ``Nucleus`` without one; + ``not_nucleus_prob`` for a model that rejects).
+    Centroids are pixel (column, row) means, 0-based."""
     import numpy as np
 
     k = int(labels.max()) if labels.size else 0
@@ -100,10 +108,12 @@ def nuclei_csv(labels, scores, class_probs=None, class_names=()) -> str:
     cx, cy = np.bincount(ll, cc, minlength=k) / n, np.bincount(ll, rr, minlength=k) / n
     names = list(class_names) if class_probs is not None else []
     head = ["label", "centroid_x_px", "centroid_y_px", "area_px", "score", "class"] + [f"p_{c}" for c in names]
+    head += ["not_nucleus_prob"] if not_nucleus is not None else []
     lines = [",".join(head)]
     for i in range(k):
         cls = names[int(np.argmax(class_probs[i]))] if names else "Nucleus"
         row = [str(i + 1), f"{cx[i]:.2f}", f"{cy[i]:.2f}", str(int(area[i])), f"{float(scores[i]):.4f}", cls]
         row += [f"{float(p):.4f}" for p in (class_probs[i] if names else ())]
+        row += [f"{float(not_nucleus[i]):.4f}"] if not_nucleus is not None else []
         lines.append(",".join(row))
     return "\n".join(lines) + "\n"

@@ -295,7 +295,8 @@ class Segmenter:
             return prob, hv, out["embed"], small.shape[0] / h
         return prob, hv
 
-    def segment(self, image: np.ndarray, mpp: float | None = None) -> tuple[np.ndarray, np.ndarray]:
+    def segment(self, image: np.ndarray, mpp: float | None = None,
+                keep_rejected: bool = False) -> tuple[np.ndarray, ...]:
         """Segment one RGB image at ``mpp`` µm/px (default: the model's); labels at the input size.
 
         Parameters
@@ -303,35 +304,42 @@ class Segmenter:
         image : ndarray of shape (H, W, 3), uint8
         mpp : float, optional
             µm/px of ``image``. The model resamples internally to its own :attr:`mpp`.
+        keep_rejected : bool
+            A model that :attr:`rejects`: keep what it would remove, flagged (:meth:`classify`).
 
         Returns
         -------
         labels : ndarray of shape (H, W), uint32
         scores : ndarray of shape (K,), float32
+        class_probs : ndarray of shape (K, C), float32
+            A typed model only.
+        not_nucleus, rejected : ndarray of shape (K,), float32 and bool
+            With ``keep_rejected`` on a model that rejects only.
         """
+        keep_rejected = bool(keep_rejected) and self.rejects
         mpp = self.mpp if mpp is None else float(mpp)
         if not mpp > 0:
             raise InputError(f"µm/px must be > 0, got {mpp}")
         if abs(mpp / self.mpp - 1.0) <= 0.01:
-            return self.segment_batch(_check_batch(image))[0]
+            return self.segment_batch(_check_batch(image), keep_rejected=keep_rejected)[0]
         if self.refine:
             # the SAM decoder works on the embedding of the tile at the model's µm/px: segment and
             # refine there, then bring the instances back to the input grid (nearest neighbour)
             from .resample import resample_image, resample_labels
 
             image = _check_batch(image)[0]
-            res = self.segment_batch(resample_image(image, mpp / self.mpp)[None])[0]
+            res = self.segment_batch(resample_image(image, mpp / self.mpp)[None], keep_rejected=keep_rejected)[0]
             lab, sc = res[0], res[1]
-            if len(res) == 3:  # carry the class probabilities along with the instances that remain
+            if len(res) >= 3:  # carry the per-instance arrays along with the instances that remain
                 lab, idx = resample_labels(lab, np.arange(len(sc), dtype=np.float32), image.shape[:2])
                 idx = idx.astype(np.int64)
-                return lab, np.asarray(sc, np.float32)[idx], res[2][idx]
+                return (lab, np.asarray(sc, np.float32)[idx]) + tuple(np.asarray(a)[idx] for a in res[2:])
             return resample_labels(lab, sc, image.shape[:2])
         if self.typed:
             image = _check_batch(image)[0]
             prob, hv, embed, scale = self.predict_maps(image, mpp, return_embed=True)
             lab, sc = instances_from_maps(prob, hv, mpp, self.params)
-            return self.classify(image, lab, sc, embed, mpp, scale)  # (1, D, h, w) or None
+            return self.classify(image, lab, sc, embed, mpp, scale, keep_rejected=keep_rejected)
         prob, hv = self.predict_maps(image, mpp)
         return instances_from_maps(prob, hv, mpp, self.params)
 
