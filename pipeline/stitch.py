@@ -42,7 +42,7 @@ not_nucleus_prob   float32    model that rejects (patch typer / type head reject
                               "not a nucleus" probability of the instance
 rejected           bool       model that rejects only: ``not_nucleus_prob`` above the model's reject
                               threshold; such rows go through dedup like the others and are then
-                              exported apart (``<id>.rejected.*``), never as nuclei
+                              exported apart (``rejected/<id>.*``), never as nuclei
 class              string     model with a type head only: argmax class name (display name)
 p_<class>          float32    model with a type head only: class probability, one column per class
                               in the model's ``class_names`` order (rows sum to 1)

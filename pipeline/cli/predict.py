@@ -54,6 +54,7 @@ def run(args):
             return segment_classical(img, args.mpp)
     else:
         from ..model import load_model
+        from ..model.segmenter import remove_rejected
 
         from ..config import SegmentConfig, with_overrides
 
@@ -66,12 +67,8 @@ def run(args):
 
         def seg(img):
             res = model.segment(img, args.mpp, keep_rejected=True)
-            if len(res) == 5:  # a model that rejects: remove them here, keep the probability of the rest
-                from ..model.typehead import drop_instances
-
-                keep = ~np.asarray(res[4], bool)
-                res = (drop_instances(res[0], keep), res[1][keep], res[2][keep], res[3][keep])
-            return res
+            # a model that rejects: remove them here, keep the probability of the rest
+            return remove_rejected(res) if len(res) == 5 else res
 
     out = Path(args.output)
     many = len(args.image) > 1

@@ -151,7 +151,7 @@ class Segmenter:
         ``keep_rejected`` also not_nucleus float32 (K,) (the largest "not a nucleus" probability of
         the parts that reject; zeros where none does) and rejected bool (K,), nothing removed.
         """
-        from .typehead import drop_instances, instance_features
+        from .typehead import instance_features
 
         k = int(labels.max()) if labels.size else 0
         keep = np.ones(k, bool)
@@ -182,13 +182,9 @@ class Segmenter:
             if thr is not None and len(trej):
                 keep &= trej <= float(thr)
                 not_nucleus = np.maximum(not_nucleus, trej)
-        if keep_rejected:
-            return (labels.astype(np.uint32, copy=False), np.asarray(scores, np.float32), probs,
-                    not_nucleus.astype(np.float32), ~keep)
-        if not keep.all():
-            labels = drop_instances(labels, keep)
-            scores, probs = np.asarray(scores)[keep], probs[keep]
-        return labels.astype(np.uint32, copy=False), np.asarray(scores, np.float32), probs
+        flagged = (labels.astype(np.uint32, copy=False), np.asarray(scores, np.float32), probs,
+                   not_nucleus.astype(np.float32), ~keep)
+        return flagged if keep_rejected else remove_rejected(flagged)[:3]
 
     def forward(self, batch: np.ndarray) -> dict:
         """Run the network on ``uint8 (N, H, W, 3)``; returns numpy ``prob`` (N, H, W) float32,
@@ -342,6 +338,19 @@ class Segmenter:
             return self.classify(image, lab, sc, embed, mpp, scale, keep_rejected=keep_rejected)
         prob, hv = self.predict_maps(image, mpp)
         return instances_from_maps(prob, hv, mpp, self.params)
+
+
+def remove_rejected(result: tuple) -> tuple:
+    """``(labels, scores, class_probs, not_nucleus, rejected)`` of ``keep_rejected=True``
+    (:meth:`Segmenter.classify`) -> ``(labels, scores, class_probs, not_nucleus)`` of the kept
+    instances, labels renumbered 1..K' in order (what the model's own rejection returns)."""
+    from .typehead import drop_instances
+
+    labels, scores, probs, not_nucleus, rejected = result
+    keep = ~np.asarray(rejected, bool)
+    if keep.all():
+        return labels, scores, probs, not_nucleus
+    return drop_instances(labels, keep), np.asarray(scores)[keep], probs[keep], np.asarray(not_nucleus)[keep]
 
 
 def load_model(path=None, device: str = "auto", refine: bool = False, teacher=None, engine: str = "auto",
