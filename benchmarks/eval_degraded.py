@@ -30,7 +30,7 @@ DATA = ROOT.parent / "shared" / "data"
 from pipeline.data.datasets import builtin_samples, split_samples  # noqa: E402
 from pipeline.metrics import aji, overlap_table  # noqa: E402
 from pipeline.model.postprocess import instances_from_maps  # noqa: E402
-from pipeline.model.resample import resample_image  # noqa: E402
+from pipeline.model.resample import resample_image, resample_labels  # noqa: E402
 from pipeline.model.segmenter import load_model  # noqa: E402
 from pipeline.model.typehead import drop_instances  # noqa: E402
 
@@ -45,11 +45,9 @@ def degrade(img: np.ndarray, gt: np.ndarray, mpp: float, cond: str) -> tuple[np.
     if cond == "native":
         return img, gt, mpp
     if cond == "lowres":
-        small = resample_image(img, mpp / LOWRES_MPP)
-        h, w = small.shape[:2]
-        rows = np.minimum((np.arange(h) + 0.5) * gt.shape[0] / h, gt.shape[0] - 1).astype(int)
-        cols = np.minimum((np.arange(w) + 0.5) * gt.shape[1] / w, gt.shape[1] - 1).astype(int)
-        return small, gt[np.ix_(rows, cols)], LOWRES_MPP
+        small = resample_image(img, mpp / LOWRES_MPP)  # the truth by nearest neighbour, on the same grid
+        truth, _ = resample_labels(gt, np.zeros(int(gt.max()), np.float32), small.shape[:2])
+        return small, truth, LOWRES_MPP
     if cond == "blur":
         from scipy.ndimage import gaussian_filter
 
