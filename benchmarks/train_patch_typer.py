@@ -92,6 +92,8 @@ def main(argv=None) -> int:
     ap.add_argument("--distill-from", default=None, metavar="MODEL",
                     help="a shipped model (quality) whose patch typer's outputs at the same centroids are soft targets")
     ap.add_argument("--distill-weight", type=float, default=1.0)
+    ap.add_argument("--blur", type=float, default=0.0,
+                    help="probability of the out-of-focus augmentation per patch (default 0 = off)")
     args = ap.parse_args(argv)
     torch.set_num_threads(2)
     vocab = ClassVocabulary.crchisto()
@@ -177,7 +179,8 @@ def main(argv=None) -> int:
             print(rows_ep[-1], flush=True)
 
     typer = fit_typer(x, y, cfg, epochs=args.epochs, on_epoch=on_epoch,
-                      soft=np.concatenate(ss) if ss else None, soft_weight=args.distill_weight)
+                      soft=np.concatenate(ss) if ss else None, soft_weight=args.distill_weight,
+                      blur=args.blur)
     torch.save({"cfg": cfg, "state_dict": typer.state_dict()}, args.state)
 
     # --- final measurements ---

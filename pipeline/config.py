@@ -110,6 +110,7 @@ class TrainConfig:
     log_every: int = 20  # iterations between progress log lines
     grow_depth: int = 0  # extra zero-initialised residual blocks per stage (pipeline.model.cellsam.grown)
     ema: float = 0.0  # weight EMA decay per iteration (0 = off); validation and outputs use the EMA
+    degrade: float = 0.0  # probability of an image-quality degradation per crop (pipeline.data.augment.degrade_image)
 
 
 # SAM teacher (pipeline.model.teacher): one physical scale everywhere. Every window is cut into

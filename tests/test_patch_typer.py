@@ -10,7 +10,7 @@ import torch
 from conftest import shared_file
 from pipeline.model.checkpoint import NAMED_WEIGHTS, load_checkpoint, resolve_weights, save_checkpoint
 from pipeline.model.patchtyper import PatchTyper, combine, crop_patches, sample_patches
-from pipeline.training.patchtyper import fit_typer, instance_patches, typer_loss, typer_targets
+from pipeline.training.patchtyper import augment, blur_patches, fit_typer, instance_patches, typer_loss, typer_targets
 from pipeline.training.typehead import NUCLEUS, REJECT
 
 CLASSES = ["Epithelial", "Inflammatory", "Fibroblast", "Other"]
@@ -72,6 +72,26 @@ def test_instance_patches_follow_the_physical_scale():
     assert a.shape == b.shape == (1, 10, 10, 3) and a.dtype == np.uint8
     np.testing.assert_array_equal(a[0], img[96:106, 96:106])
     np.testing.assert_array_equal(b[0], img[91:110:2, 91:110:2])
+
+
+def test_blur_patches_is_a_per_patch_gaussian_and_zero_is_identity():
+    from scipy.ndimage import gaussian_filter
+
+    x = torch.rand(3, 3, 20, 20, generator=torch.Generator().manual_seed(0))
+    y = blur_patches(x, np.array([0.0, 2.0, 1.0]))
+    assert torch.allclose(y[0], x[0], atol=1e-6)  # sigma 0: unchanged
+    ref = gaussian_filter(x[1, 2].numpy(), 2.0, mode="nearest", truncate=3.0)
+    assert np.abs(ref - y[1, 2].numpy()).max() < 1e-5
+    assert y[2].std() < x[2].std() and y[1].std() < y[2].std()  # more sigma, smoother
+
+
+def test_typer_augment_blur_zero_keeps_the_old_stream():
+    x = torch.rand(8, 3, 20, 20, generator=torch.Generator().manual_seed(1))
+    a = augment(x, np.random.default_rng(2))
+    b = augment(x, np.random.default_rng(2), blur=0.0)
+    assert torch.equal(a, b)
+    c = augment(x, np.random.default_rng(2), blur=1.0, mpp=1.1)
+    assert not torch.equal(a, c) and c.shape == a.shape and float(c.min()) >= 0 and float(c.max()) <= 1
 
 
 def test_combine_rules():

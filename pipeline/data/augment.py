@@ -2,7 +2,10 @@
 
 Geometry: the 8 dihedral transforms (transpose + flips; the HoVer maps are swapped / negated to stay
 consistent), scale jitter (crop ``crop * s`` then resize to ``crop``). Colour: HED stain jitter
-(QuPath's H&E vectors), brightness/contrast/saturation, occasional Gaussian blur.
+(QuPath's H&E vectors), brightness/contrast/saturation, occasional Gaussian blur. Image quality
+(``degrade`` > 0, :func:`degrade_image`): with that probability a crop is made worse the way slides
+nobody here has seen are worse than the 40x training tiles: out of focus, scanned at low resolution
+(shrunk and upsampled back, as the pipeline upsamples a coarse slide) or heavily JPEG-compressed.
 """
 
 from __future__ import annotations
@@ -83,8 +86,62 @@ def colour(rng: np.random.Generator, img: np.ndarray, strength: float = 1.0) -> 
     return np.clip(np.round(x), 0, 255).astype(np.uint8)
 
 
-def augment(rng, img, lab, hv, crop: int, strength: float = 1.0):
+# ranges of :func:`degrade_image` (physical units; the eval of benchmarks/eval_degraded.py sits
+# inside them: blur sigma 1 µm, 1.0 µm/px, JPEG quality 30)
+DEGRADE_BLUR_UM = (0.4, 1.4)  # Gaussian sigma, µm
+DEGRADE_LOWRES_MPP = (0.7, 1.2)  # µm/px of the simulated scan
+DEGRADE_JPEG_QUALITY = (20, 70)
+
+
+def degrade_image(rng: np.random.Generator, img: np.ndarray, mpp: float) -> np.ndarray:
+    """One image-quality degradation of an RGB crop, drawn uniformly from three kinds.
+
+    Parameters
+    ----------
+    rng : numpy Generator
+    img : ndarray of shape (H, W, 3), uint8
+        A crop at ``mpp`` µm/px.
+    mpp : float
+        µm/px of ``img`` (the model's working resolution during training).
+
+    Returns
+    -------
+    ndarray of shape (H, W, 3), uint8
+        Out of focus (Gaussian blur, sigma in :data:`DEGRADE_BLUR_UM`), a low-resolution scan (shrunk
+        to a µm/px in :data:`DEGRADE_LOWRES_MPP` and upsampled back with
+        :func:`pipeline.model.resample.resample_image`, as inference upsamples a coarse slide), or JPEG
+        compression (quality in :data:`DEGRADE_JPEG_QUALITY`). Labels are unchanged: the geometry is.
+    """
+    kind = int(rng.integers(3))
+    if kind == 0:
+        sigma = float(rng.uniform(*DEGRADE_BLUR_UM)) / mpp
+        x = ndi.gaussian_filter(img.astype(np.float32), (sigma, sigma, 0))
+        return np.clip(np.round(x), 0, 255).astype(np.uint8)
+    if kind == 1:
+        from ..model.resample import resample_image
+
+        coarse = float(rng.uniform(*DEGRADE_LOWRES_MPP))
+        small = resample_image(img, mpp / coarse)
+        t = torch.from_numpy(np.ascontiguousarray(small)).permute(2, 0, 1)[None].float()
+        t = F.interpolate(t, size=img.shape[:2], mode="bilinear", align_corners=False)
+        return np.ascontiguousarray(t.round().clamp(0, 255).to(torch.uint8)[0].permute(1, 2, 0).numpy())
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(img).save(buf, format="JPEG", quality=int(rng.integers(DEGRADE_JPEG_QUALITY[0],
+                                                                           DEGRADE_JPEG_QUALITY[1] + 1)))
+    return np.asarray(Image.open(io.BytesIO(buf.getvalue())).convert("RGB"))
+
+
+def augment(rng, img, lab, hv, crop: int, strength: float = 1.0, degrade: float = 0.0, mpp: float = 0.5):
+    """Random crop, dihedral transform, colour jitter and, with probability ``degrade``, one
+    image-quality degradation (:func:`degrade_image`; ``mpp`` = µm/px of the crop). With
+    ``degrade=0`` the random stream is that of earlier versions (same crops for the same seed)."""
     img, lab, hv = random_crop(rng, img, lab, hv, crop)
     img, lab, hv = dihedral(rng, img, lab, hv)
     img = colour(rng, img, strength)
+    if degrade > 0 and rng.random() < degrade:
+        img = degrade_image(rng, img, mpp)
     return img, lab, hv

@@ -8,7 +8,8 @@ see at inference, not from the annotators' points.
 
 Loss: class-weighted cross-entropy with label smoothing on rows with a class or "not a nucleus"
 target, ``-log(1 - p_reject)`` on the nucleus-of-unknown-class rows. AdamW, one-cycle learning
-rate, flips / rot90 / per-channel gain and offset jitter, seeded.
+rate, flips / rot90 / per-channel gain and offset jitter and, with probability ``blur``, an
+out-of-focus blur of the patch (Gaussian, sigma in µm: :data:`BLUR_UM`), seeded.
 """
 
 from __future__ import annotations
@@ -67,26 +68,61 @@ def typer_loss(logits: torch.Tensor, y: torch.Tensor, class_w: torch.Tensor, smo
     return loss / max(n, 1)
 
 
-def augment(x: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
-    """Flip, rot90 and per-channel gain / offset jitter of a ``(N, 3, P, P)`` batch in [0, 1]."""
+#: sigma range of the typer's out-of-focus augmentation, µm (that of the network's
+#: :data:`pipeline.data.augment.DEGRADE_BLUR_UM`)
+BLUR_UM = (0.4, 1.4)
+
+
+def blur_patches(x: torch.Tensor, sigma_px: np.ndarray) -> torch.Tensor:
+    """Gaussian blur of each patch of a ``(N, 3, P, P)`` float batch with its own sigma (patch
+    pixels; ``sigma_px[i] <= 0`` leaves patch ``i`` unchanged). Separable, edges replicated."""
+    n, _, p, _ = x.shape
+    r = int(np.ceil(3 * max(float(np.max(sigma_px)), 1e-3)))
+    t = torch.arange(-r, r + 1, dtype=torch.float32)
+    s = torch.from_numpy(np.maximum(np.asarray(sigma_px, np.float32), 1e-3))[:, None]
+    k = torch.exp(-0.5 * (t[None] / s) ** 2)
+    k = k / k.sum(1, keepdim=True)  # (N, 2r+1); a sigma of ~0 is a delta
+    pad = F.pad(x, (r, r, r, r), mode="replicate")
+    # rows then columns, one kernel per patch (grouped convolution over the patch axis)
+    y = pad.reshape(1, n * 3, p + 2 * r, p + 2 * r)
+    kk = k.repeat_interleave(3, 0)
+    y = F.conv2d(y, kk[:, None, None, :], groups=n * 3)
+    y = F.conv2d(y, kk[:, None, :, None], groups=n * 3)
+    return y.reshape(n, 3, p, p)
+
+
+def augment(x: torch.Tensor, rng: np.random.Generator, blur: float = 0.0, mpp: float = 1.0) -> torch.Tensor:
+    """Flip, rot90 and per-channel gain / offset jitter of a ``(N, 3, P, P)`` batch in [0, 1]; with
+    ``blur`` > 0 each patch is also blurred with that probability (sigma drawn from :data:`BLUR_UM`,
+    ``mpp`` = the patches' µm/px). ``blur=0`` draws nothing more (the random stream of earlier runs)."""
     if rng.random() < 0.5:
         x = x.flip(3)
     x = torch.rot90(x, int(rng.integers(4)), (2, 3))
     g = torch.from_numpy(rng.normal(1.0, 0.1, (x.shape[0], 3, 1, 1)).astype(np.float32))
     o = torch.from_numpy(rng.normal(0.0, 0.05, (x.shape[0], 3, 1, 1)).astype(np.float32))
-    return (x * g + o).clamp(0, 1)
+    x = (x * g + o).clamp(0, 1)
+    if blur > 0:
+        on = rng.random(x.shape[0]) < blur
+        sigma = np.where(on, rng.uniform(*BLUR_UM, x.shape[0]) / mpp, 0.0)
+        if on.any():
+            x = blur_patches(x, sigma)
+    return x
 
 
 def fit_typer(patches: np.ndarray, y: np.ndarray, cfg: dict, epochs: int = 24, batch: int = 128,
               lr: float = 2e-3, weight_decay: float = 1e-3, smoothing: float = 0.05, seed: int = 0,
-              on_epoch=None, log=print, soft: np.ndarray | None = None, soft_weight: float = 0.0) -> PatchTyper:
+              on_epoch=None, log=print, soft: np.ndarray | None = None, soft_weight: float = 0.0,
+              blur: float = 0.0) -> PatchTyper:
     """Train a :class:`PatchTyper` (``cfg`` as in ``arch["patch_typer"]``) on ``uint8 (N, P, P, 3)``
     patches with :func:`typer_targets` rows ``y``; ``on_epoch(epoch, typer)`` may evaluate
     (the typer is in eval mode during the call).
 
     ``soft``: optional ``float (N, C + 1)`` probabilities of a teacher (e.g. the quality model's
     typer at the same centroids, "not a nucleus" last); the loss then adds ``soft_weight`` x the
-    cross-entropy to them (knowledge distillation, temperature 1) on the rows that train."""
+    cross-entropy to them (knowledge distillation, temperature 1) on the rows that train.
+
+    ``blur``: probability of the out-of-focus augmentation per patch (:func:`augment`); the teacher's
+    ``soft`` targets stay those of the sharp patch, so the typer learns to answer as on a sharp one."""
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     c = len(cfg["classes"])
@@ -109,7 +145,7 @@ def fit_typer(patches: np.ndarray, y: np.ndarray, cfg: dict, epochs: int = 24, b
         total = 0.0
         for i in range(steps):
             idx = perm[i * batch:(i + 1) * batch]
-            xb = augment(x_all[idx].float().div_(255), rng)
+            xb = augment(x_all[idx].float().div_(255), rng, blur, float(cfg.get("mpp", 0.55)))
             logits = typer(xb)
             loss = typer_loss(logits, y_all[idx], class_w, smoothing)
             if s_all is not None:  # augmentations are label-preserving: the teacher's view holds

@@ -112,7 +112,8 @@ def make_batch(rng, data, weights, cfg: TrainConfig):
     imgs, fgs, hvs = [], [], []
     for _ in range(cfg.batch_size):
         d = data[int(rng.choice(len(data), p=weights))]
-        img, lab, hv = augment(rng, d["image"], d["labels"], d["hv"], cfg.crop_px, cfg.aug_strength)
+        img, lab, hv = augment(rng, d["image"], d["labels"], d["hv"], cfg.crop_px, cfg.aug_strength,
+                               degrade=cfg.degrade, mpp=cfg.mpp)
         imgs.append(img)
         fgs.append(lab > 0)
         hvs.append(hv)
