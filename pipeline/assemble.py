@@ -29,6 +29,7 @@ Three passes over the chunk files (``files``: (chunk_row, chunk_col) -> Parquet 
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass, field
 
@@ -75,6 +76,10 @@ class ChunkScan:
     n_implausible_owned: int = 0  #: owned objects dropped as implausible nuclei (size/shape rule)
     class_names: tuple = ()  #: type head classes of the chunk files (``class``/``p_<name>`` columns); () untyped
     reject: bool = False  #: the chunk files have the reject columns (``not_nucleus_prob``, ``rejected``)
+    #: (chunk_row, chunk_col) -> (edges_r, edges_c, sharpness float32 (n_r, n_c), NaN = not scored): the
+    #: block sharpness of each chunk's core (:func:`pipeline.infer.focus_metadata`); chunk files written
+    #: before it existed have none
+    focus: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -135,6 +140,11 @@ def scan_chunks(files, chunk_px):
                              "the other chunks; rerun `cellsam infer`")
         scan.n_truncated_owned += int(md.get(b"n_truncated_owned", b"0") or 0)
         scan.n_implausible_owned += int(md.get(b"n_implausible_owned", b"0") or 0)
+        if md.get(b"focus"):
+            f = json.loads(md[b"focus"])
+            scan.focus[(int(rc[0]), int(rc[1]))] = (
+                np.asarray(f["edges_r"], np.int64), np.asarray(f["edges_c"], np.int64),
+                np.array([[np.nan if v is None else v for v in row] for row in f["sharpness"]], np.float32))
         if not t.num_rows:
             continue
         scan.instances += t.num_rows

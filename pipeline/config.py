@@ -127,6 +127,16 @@ SAM_TEACHER_BATCH = 4  # SAM inputs per encoder call (memory bound: a ViT-H 1024
 # head-and-neck frozen section 0.22, with small dark nuclei among them)
 REJECTED_WARN_FRACTION = 0.2
 
+# image sharpness of the tissue (pipeline.focus): scored per block of about FOCUS_BLOCK_UM square in
+# every chunk's core at inference; blocks with less than FOCUS_MIN_TISSUE tissue are not scored; a block
+# scoring below FOCUS_SOFT_BELOW is "soft" (out of focus or coarser than the model's resolution:
+# measured 0.51-0.91 on sharp 20x/40x tiles, 0.32-0.46 blurred by 0.5 um, 0.21-0.26 by 1 um, 0.30-0.43
+# for 1 um/px scans); more than FOCUS_WARN_FRACTION of the scored tissue soft gives a warning at export
+FOCUS_BLOCK_UM = 128.0
+FOCUS_MIN_TISSUE = 0.25
+FOCUS_SOFT_BELOW = 0.4
+FOCUS_WARN_FRACTION = 0.1
+
 # compact resume state of a training run (``--resume-state FILE``, pipeline.training.loop): one file
 # small enough to commit next to the code; larger parts (best weights, optimiser moments) are dropped
 RESUME_STATE_MAX_MB = 15.0

@@ -69,7 +69,25 @@ TIMINGS_NAME = "_timings.json"  # stage timings of the last run (the only non-de
 PROBE_NAME = "_mpp_probe.json"  # the model's scale probe on a few tissue tiles (pipeline.mppcheck)
 META_SCHEMA_VERSION = 1
 CLASSICAL = "classical"  # model spec: the classical (non-learned) baseline segmenter
-TIMING_KEYS = ("read_s", "model_s", "postprocess_s", "extract_s", "write_s")
+TIMING_KEYS = ("read_s", "model_s", "postprocess_s", "extract_s", "focus_s", "write_s")
+#: chunk-file schema metadata key of the core's block sharpness (:func:`focus_metadata`)
+FOCUS_KEY = b"focus"
+
+
+def focus_metadata(core_rgb: np.ndarray, core_tissue: np.ndarray, mpp: float) -> bytes:
+    """JSON of the block sharpness of a chunk's core (:func:`pipeline.focus.block_sharpness`):
+    ``{"edges_r": [...], "edges_c": [...], "sharpness": [[...]]}``, block edges in core pixels,
+    values rounded to 4 decimals, ``null`` where not scored. Read back by
+    :func:`pipeline.assemble.scan_chunks` (``ChunkScan.focus``)."""
+    from .config import FOCUS_BLOCK_UM, FOCUS_MIN_TISSUE
+    from .focus import block_edges, block_sharpness
+
+    block_px = max(1, int(round(FOCUS_BLOCK_UM / mpp)))
+    vals = block_sharpness(core_rgb, mpp, core_tissue, block_px, FOCUS_MIN_TISSUE)
+    return json.dumps({"edges_r": block_edges(core_rgb.shape[0], block_px).tolist(),
+                       "edges_c": block_edges(core_rgb.shape[1], block_px).tolist(),
+                       "sharpness": [[None if not np.isfinite(v) else round(float(v), 4) for v in row]
+                                     for row in vals]}, separators=(",", ":")).encode()
 
 # One forward pass at a time per process (the GPU); models flagged thread-safe skip it.
 _MODEL_LOCK = threading.Lock()
@@ -510,9 +528,17 @@ def process_batch(
             rejected=rejected,
         )
         t1 = time.perf_counter()
+        cr0, cc0, cr1, cc1 = w.core_box_rc
+        core = img[cr0 - w.window_origin_rc[0]: cr1 - w.window_origin_rc[0],
+                   cc0 - w.window_origin_rc[1]: cc1 - w.window_origin_rc[1]]
+        md = dict(table.schema.metadata or {})
+        md[FOCUS_KEY] = focus_metadata(core, read_tissue_window(group, cr0, cc0, cr1 - cr0, cc1 - cc0), mpp)
+        table = table.replace_schema_metadata(md)
+        t2 = time.perf_counter()
         _write_table_atomic(table, chunk_path(chunks_dir, w.chunk_rc))
         timings["extract_s"] += t1 - t0
-        timings["write_s"] += time.perf_counter() - t1
+        timings["focus_s"] += t2 - t1
+        timings["write_s"] += time.perf_counter() - t2
         n_inst += len(table)
     return {"chunks": len(windows), "instances": n_inst, "timings_s": timings}
 

@@ -16,6 +16,10 @@ Layout (one RGB PNG, white background)::
     | one line of text: slide id, nuclei, tissue area, density, model    |
     +--------------------------------------------------------------------+
 
+Tissue blocks whose image is soft (out of focus, or coarser than the model's µm/px;
+:mod:`pipeline.focus`) are hatched in :data:`SOFT_RGB` on the thumbnail, with a key entry: nuclei
+there are under-detected.
+
 A model that rejects adds, when it removed anything outside the crop's chunk, a fourth panel: the
 chunk where it removed most, with the removed objects dotted (:data:`REJECTED_RGB`), the place a
 reviewer should look first (the crop draws them dotted too).
@@ -50,6 +54,7 @@ TISSUE_RGB = (0, 170, 0)
 OUTLINE_RGB = (0, 90, 255)
 REJECTED_RGB = (235, 235, 235)  # dotted: what a model that rejects removed as "not a nucleus"
 REJECTED_LABEL = "not a nucleus"
+SOFT_RGB = (255, 140, 0)  # hatching of the soft (out-of-focus / low-resolution) tissue blocks
 
 
 def _fit(img: Image.Image, size: int) -> tuple[Image.Image, float]:
@@ -138,6 +143,8 @@ def render_qc(
     legend: Sequence[tuple[str, tuple[int, int, int]]] | None = None,
     rejected_rings_rc: Sequence[np.ndarray] = (),
     removed_crop: dict | None = None,
+    soft_mask: np.ndarray | None = None,
+    soft_label: str = "soft: out of focus / low resolution",
 ) -> Image.Image:
     """Compose the QC figure (pure: arrays in, image out).
 
@@ -172,6 +179,11 @@ def render_qc(
     removed_crop : dict, optional
         A fourth panel (a model that removed something): ``{"rgb", "rings_rc", "ring_rgb",
         "rejected_rings_rc", "title"}`` of the chunk where most was removed, drawn like the crop.
+    soft_mask : ndarray of shape (h, w), bool, optional
+        Soft tissue in the store frame at any resolution (resized to the thumbnail), hatched in
+        :data:`SOFT_RGB` on the thumbnail with a key entry ``soft_label``; nothing when None or empty.
+    soft_label : str
+        Key text of the hatching.
 
     Returns
     -------
@@ -188,10 +200,20 @@ def render_qc(
 
     # panel 1: thumbnail + tissue outline
     panel1 = np.asarray(small).copy()
+    tissue_small = None
     if tissue_mask is not None and tissue_mask.size:
         mask_img = Image.fromarray(tissue_mask.astype(np.uint8) * 255).resize((sw, sh), Image.Resampling.NEAREST)
-        outline = _mask_outline(np.asarray(mask_img) > 127)
+        tissue_small = np.asarray(mask_img) > 127
+        outline = _mask_outline(tissue_small)
         panel1[outline] = TISSUE_RGB
+    hatched = soft_mask is not None and bool(np.any(soft_mask))
+    if hatched:
+        soft = np.asarray(Image.fromarray(np.asarray(soft_mask, np.uint8) * 255).resize((sw, sh), Image.Resampling.NEAREST)) > 127
+        if tissue_small is not None:
+            soft &= tissue_small  # the tissue of a soft block, not the glass beside it
+        rr, cc = np.mgrid[:sh, :sw]
+        panel1[soft & ((rr + cc) % 6 < 2)] = SOFT_RGB
+        panel1[_mask_outline(soft)] = SOFT_RGB
     canvas.paste(Image.fromarray(panel1), (0, top))
 
     # panel 2: nucleus density (anchors binned on a coarse grid, smoothed) over the grey thumbnail
@@ -250,6 +272,11 @@ def render_qc(
     ky = top + PANEL_PX + 8
     draw.rectangle((8, ky + 2, 26, ky + 6), fill=TISSUE_RGB)
     draw.text((32, ky - 2), "tissue outline (tissue mask)", fill=(0, 0, 0), font=font)
+    if hatched:
+        sx = 206
+        for k in range(0, 18, 6):  # a hatched swatch, as drawn
+            draw.line((sx + k, ky + 8, sx + k + 4, ky), fill=SOFT_RGB, width=2)
+        draw.text((sx + 24, ky - 2), soft_label.encode("ascii", "replace").decode()[:46], fill=(0, 0, 0), font=font)
     bin_um = density_layout(thumb_rgb.shape[:2], thumb_mpp)[2]
     peak_mm2 = peak / (bin_um * bin_um) * 1e6 if peak > 0 else 0.0
     bar_x0, bar_w = PANEL_PX + 40, PANEL_PX - 140
@@ -364,6 +391,28 @@ class QCAccumulator:
         self.chunk_anchor_sums: dict = {}  # (chunk_row, chunk_col) -> [sum of anchor y, x] store px
         self.rejected_counts: dict = {}  # the same for what a model that rejects removed (add_rejected)
         self.rejected_anchor_sums: dict = {}
+        self.soft_mask: np.ndarray | None = None  # thumbnail frame (set_focus)
+        self.soft_label = ""
+
+    def set_focus(self, focus: dict, soft_below: float) -> None:
+        """Rasterise the soft blocks (sharpness < ``soft_below``) of :attr:`pipeline.assemble.ChunkScan.focus`
+        onto the thumbnail grid for the hatching of :meth:`write`."""
+        th, tw = self.thumb.shape[:2]
+        chunk_px = int(self.attrs["chunk_px"])
+        f = self.mpp / self.thumb_mpp  # thumbnail px per store px
+        mask = np.zeros((th, tw), bool)
+        soft = scored = 0
+        for (r, c), (er, ec, vals) in focus.items():
+            scored += int(np.isfinite(vals).sum())
+            for i, j in zip(*np.nonzero(vals < soft_below)):
+                soft += 1
+                r0, r1 = (r * chunk_px + er[i]) * f, (r * chunk_px + er[i + 1]) * f
+                c0, c1 = (c * chunk_px + ec[j]) * f, (c * chunk_px + ec[j + 1]) * f
+                mask[int(np.floor(r0)):max(int(np.ceil(r1)), int(np.floor(r0)) + 1),
+                     int(np.floor(c0)):max(int(np.ceil(c1)), int(np.floor(c0)) + 1)] = True
+        self.soft_mask = mask if soft else None
+        pct = 100.0 * soft / scored if scored else 0.0
+        self.soft_label = f"soft focus / low resolution ({pct:.0f}% of tissue)"
 
     def add(self, table) -> None:
         """Add final nuclei (``anchor_y_px``, ``anchor_x_px``, ``chunk_row``, ``chunk_col``)."""
@@ -474,6 +523,7 @@ class QCAccumulator:
         img = render_qc(self.thumb, self.thumb_mpp, self.mask, self.density, main["rgb"], main["rings_rc"], caption,
                         crop_mpp=self.mpp, ring_rgb=main["ring_rgb"], legend=legend,
                         rejected_rings_rc=main["rejected_rings_rc"], removed_crop=removed,
+                        soft_mask=self.soft_mask, soft_label=self.soft_label,
                         crop_title="median-density chunk, full resolution" if self.chunk_counts else
                         "first tissue chunk, full resolution")
         return save_png_atomic(img, path)

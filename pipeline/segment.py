@@ -44,7 +44,7 @@ from pathlib import Path
 from typing import Any
 
 from . import __version__
-from .config import REJECTED_WARN_FRACTION, Config
+from .config import FOCUS_BLOCK_UM, FOCUS_SOFT_BELOW, FOCUS_WARN_FRACTION, REJECTED_WARN_FRACTION, Config
 from .errors import InputError
 from .infer import list_chunk_files, read_chunks_meta, run_infer
 from .paths import SlidePaths, public_value, slide_id_from_path, slide_paths, unlink_quietly
@@ -127,6 +127,16 @@ def _parquet_outlines(path, scale_xy_l0, classes=False):
         return (geoms, t["class"].to_pylist()) if classes else geoms
 
     return outlines
+
+
+def _focus_summary(focus: dict) -> dict | None:
+    """``summary["focus"]`` from :attr:`pipeline.assemble.ChunkScan.focus` (None when the chunk files
+    carry no sharpness: written by an earlier version)."""
+    if not focus:
+        return None
+    from .focus import summarize_focus
+
+    return {"block_um": FOCUS_BLOCK_UM, **summarize_focus([focus[rc][2] for rc in sorted(focus)], FOCUS_SOFT_BELOW)}
 
 
 def _mpp_check(attrs: dict, stats: dict, chunks_dir: Path) -> dict:
@@ -334,6 +344,16 @@ def run_export(
             f"{sp.slide_id}: {n} nuclei, tissue {attrs.get('tissue_area_mm2') or 0:.2f} mm2, "
             f"{(stats['nuclei_per_mm2'] or 0):.0f} nuclei/mm2, store {mpp:g} um/px, model {model_label(meta.get('model'))}"
         )
+        focus = _focus_summary(nuclei.scan.focus)
+        if focus is not None:
+            qc.set_focus(nuclei.scan.focus, focus["soft_below"])
+            if focus["soft_fraction"]:
+                caption += f", {100 * focus['soft_fraction']:.0f}% of tissue soft"
+            if (focus["soft_fraction"] or 0) > FOCUS_WARN_FRACTION:
+                log.warning("%s: %.0f %% of the tissue is soft (out of focus, or coarser than the model's %g um/px; "
+                            "sharpness < %g): fewer nuclei are found there and real ones may be removed as not "
+                            "nuclei; the hatched blocks of %s show where",
+                            sp.slide_id, 100 * focus["soft_fraction"], mpp, focus["soft_below"], sp.qc_png)
         n_rejected = pq.ParquetFile(sp.rejected_parquet).metadata.num_rows if rejects else None
         rejected_fraction = round(n_rejected / (n + n_rejected), 6) if rejects and n + n_rejected else None
         if rejects:
@@ -388,6 +408,7 @@ def run_export(
             "cells": cfg.segment.cell_expansion_um > 0,
             "note": note,
             "mpp_check": check,
+            "focus": focus,
             "measurements": stats["measurements"],
             **({"classes": class_statistics(sp.parquet, nuclei.scan.class_names, stats["tissue_area_mm2"])}
                if nuclei.scan.class_names else {}),
