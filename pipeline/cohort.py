@@ -15,6 +15,9 @@ Cohort table (``PREFIX.csv`` / ``PREFIX.parquet``), one row per slide, sorted by
 ``path`` str; ``nuclei`` Int64; ``tissue_mm2`` float64 (mm²); ``nuclei_per_mm2`` float64;
 ``rejected_count`` Int64 and ``rejected_per_mm2`` float64 (what a model that rejects removed as
 "not a nucleus", ``summary["rejected"]``; missing for a model that does not reject);
+``soft_tissue_fraction`` float64 (the fraction of the scored tissue blocks that are out of focus or
+coarser than the model's µm/px, ``summary["focus"]["soft_fraction"]``; missing for outputs written
+before it existed);
 ``<feature>_median`` float64 for each column of :data:`FEATURES` (units of the column, see
 docs/outputs.md); for a model with a type head, per class (``summary["classes"]``, classes in
 first-seen order) ``<class>_count`` Int64, ``<class>_per_mm2`` float64 (per mm² of tissue) and
@@ -55,7 +58,7 @@ FEATURES = (
 )
 COLUMNS = (
     ["slide_id", "status", "reason", "path", "nuclei", "tissue_mm2", "nuclei_per_mm2", "rejected_count",
-     "rejected_per_mm2"]
+     "rejected_per_mm2", "soft_tissue_fraction"]
     + [f"{name}_median" for name in FEATURES]
     + ["runtime_s"]
 )
@@ -180,6 +183,8 @@ def summary_fields(summary: dict, timings: dict | None = None) -> dict:
     count = rejected.get("count")
     out["rejected_count"] = count if isinstance(count, int) and not isinstance(count, bool) else None
     out["rejected_per_mm2"] = _number(rejected.get("density_per_mm2"))
+    focus = summary.get("focus") if isinstance(summary.get("focus"), dict) else {}
+    out["soft_tissue_fraction"] = _number(focus.get("soft_fraction"))
     for name in FEATURES:
         entry = stats.get(name)
         out[f"{name}_median"] = _number(entry.get("median") if isinstance(entry, dict) else None)

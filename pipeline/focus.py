@@ -39,10 +39,15 @@ BRIGHT_GREY = 220
 
 
 def _bands(rgb: np.ndarray, mpp: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    grey = rgb[..., :3].astype(np.float32).mean(axis=2)
-    fine_blur = ndi.gaussian_filter(grey, FINE_SIGMA_UM / mpp, mode="reflect")
-    mid_blur = ndi.gaussian_filter(grey, MID_SIGMA_UM / mpp, mode="reflect")
-    return np.abs(grey - fine_blur), np.abs(fine_blur - mid_blur), grey < BRIGHT_GREY
+    """``(fine, mid, non-background)`` per pixel; the bands of the grey level x 3 (the ratio of
+    :func:`sharpness` does not depend on the scale). Gaussians truncated at 3 sigma."""
+    grey3 = rgb[..., :3].sum(axis=2, dtype=np.uint16).astype(np.float32)
+    fine_blur = ndi.gaussian_filter(grey3, FINE_SIGMA_UM / mpp, mode="reflect", truncate=3.0)
+    mid_blur = ndi.gaussian_filter(grey3, MID_SIGMA_UM / mpp, mode="reflect", truncate=3.0)
+    fg = grey3 < 3 * BRIGHT_GREY
+    grey3 -= fine_blur
+    fine_blur -= mid_blur
+    return np.abs(grey3, out=grey3), np.abs(fine_blur, out=fine_blur), fg
 
 
 def sharpness(rgb: np.ndarray, mpp: float, mask: np.ndarray | None = None) -> float:
@@ -65,7 +70,7 @@ def sharpness(rgb: np.ndarray, mpp: float, mask: np.ndarray | None = None) -> fl
     use = fg if mask is None else fg & mask
     if not use.any():
         return float("nan")
-    return float(fine[use].mean() / max(float(mid[use].mean()), 1e-3))
+    return float(fine[use].mean() / max(float(mid[use].mean()), 3e-3))
 
 
 def block_edges(length_px: int, block_px: int) -> np.ndarray:
@@ -107,7 +112,7 @@ def block_sharpness(rgb: np.ndarray, mpp: float, tissue: np.ndarray, block_px: i
             u = use[er[i]:er[i + 1], ec[j]:ec[j + 1]]
             if u.size and u.mean() >= min_tissue:
                 m = float(mid[er[i]:er[i + 1], ec[j]:ec[j + 1]][u].mean())
-                out[i, j] = float(fine[er[i]:er[i + 1], ec[j]:ec[j + 1]][u].mean()) / max(m, 1e-3)
+                out[i, j] = float(fine[er[i]:er[i + 1], ec[j]:ec[j + 1]][u].mean()) / max(m, 3e-3)
     return out
 
 

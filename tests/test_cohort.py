@@ -94,6 +94,9 @@ def test_summary_fields_follow_the_summary_schema():
     assert fields["rejected_count"] is None and math.isnan(fields["rejected_per_mm2"])  # a model that does not reject
     rej = summary_fields({"nuclei": 5, "rejected": {"count": 3, "density_per_mm2": 1.5, "threshold": 0.7}})
     assert rej["rejected_count"] == 3 and rej["rejected_per_mm2"] == 1.5
+    assert math.isnan(fields["soft_tissue_fraction"])  # outputs written before the focus score
+    soft = summary_fields({"nuclei": 5, "focus": {"soft_fraction": 0.25, "blocks_scored": 8}})
+    assert soft["soft_tissue_fraction"] == 0.25
 
 
 def test_cohort_table_rows_order_and_reasons(cohort):
