@@ -80,8 +80,13 @@ def block_edges(length_px: int, block_px: int) -> np.ndarray:
     return np.linspace(0, length_px, n + 1).round().astype(np.int64)
 
 
+#: side of the centred part of a block that :func:`block_sharpness` scores, as a fraction of the
+#: block side (0.5: a quarter of the pixels, about 3x less work than the whole core)
+BLOCK_SAMPLE = 0.5
+
+
 def block_sharpness(rgb: np.ndarray, mpp: float, tissue: np.ndarray, block_px: int,
-                    min_tissue: float) -> np.ndarray:
+                    min_tissue: float, sample: float = BLOCK_SAMPLE) -> np.ndarray:
     """:func:`sharpness` of each block of an image.
 
     Parameters
@@ -95,25 +100,41 @@ def block_sharpness(rgb: np.ndarray, mpp: float, tissue: np.ndarray, block_px: i
     block_px : int
         Nominal block edge, pixels (:func:`block_edges` splits each axis into nearly equal blocks).
     min_tissue : float
-        Blocks whose tissue and non-background fraction is below this get NaN.
+        Blocks whose tissue and non-background fraction (over the scored part) is below this get NaN.
+    sample : float
+        Side of the centred part of each block that is scored, as a fraction of the block side (1 =
+        the whole block). The detail bands are computed with a margin of the filters' reach around
+        it (image borders reflected), so the sample's score is that of those pixels in the whole image.
 
     Returns
     -------
     ndarray of shape (n_rows, n_cols), float32
-        Sharpness per block (row-major, top-left first); NaN where not scored. The detail bands are
-        computed over the whole image, so block borders do not bias a block's score.
+        Sharpness per block (row-major, top-left first); NaN where not scored.
     """
-    fine, mid, fg = _bands(rgb, mpp)
-    use = fg & tissue
     er, ec = block_edges(rgb.shape[0], block_px), block_edges(rgb.shape[1], block_px)
     out = np.full((len(er) - 1, len(ec) - 1), np.nan, np.float32)
+    reach = int(np.ceil(3.0 * MID_SIGMA_UM / mpp)) + 1  # the truncated mid Gaussian's radius
+    h, w = rgb.shape[:2]
     for i in range(len(er) - 1):
         for j in range(len(ec) - 1):
-            u = use[er[i]:er[i + 1], ec[j]:ec[j + 1]]
-            if u.size and u.mean() >= min_tissue:
-                m = float(mid[er[i]:er[i + 1], ec[j]:ec[j + 1]][u].mean())
-                out[i, j] = float(fine[er[i]:er[i + 1], ec[j]:ec[j + 1]][u].mean()) / max(m, 3e-3)
+            (r0, r1), (c0, c1) = (_centred(er[i], er[i + 1], sample), _centred(ec[j], ec[j + 1], sample))
+            t = tissue[r0:r1, c0:c1]
+            if not t.size or t.mean() < min_tissue:
+                continue
+            R0, R1, C0, C1 = max(r0 - reach, 0), min(r1 + reach, h), max(c0 - reach, 0), min(c1 + reach, w)
+            fine, mid, fg = _bands(rgb[R0:R1, C0:C1], mpp)
+            inner = np.s_[r0 - R0:r1 - R0, c0 - C0:c1 - C0]
+            u = fg[inner] & t
+            if u.mean() >= min_tissue:
+                out[i, j] = float(fine[inner][u].mean()) / max(float(mid[inner][u].mean()), 3e-3)
     return out
+
+
+def _centred(a: int, b: int, sample: float) -> tuple[int, int]:
+    """The centred ``sample`` fraction of ``[a, b)`` (at least one pixel)."""
+    n = max(1, int(round((b - a) * sample)))
+    s = a + (b - a - n) // 2
+    return s, s + n
 
 
 def summarize_focus(blocks: list[np.ndarray], soft_below: float) -> dict:
