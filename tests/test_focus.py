@@ -138,3 +138,33 @@ def test_segment_reports_soft_tissue(cmu_half_blurred, tmp_path, capsys, caplog)
     lines = [ln for ln in err.splitlines() if "of the tissue is soft" in ln]
     assert len(lines) == 1 and "blurred" in lines[0] and "qc.png" in lines[0]
     assert hatch > 200  # hatched on the thumbnail
+
+
+def test_export_of_chunk_files_without_focus(tmp_path):
+    """Chunk files written before the focus score (no ``focus`` metadata) still export: the summary
+    says ``focus: null``, nothing is hatched, the nuclei are the same."""
+    import shutil
+
+    import pyarrow.parquet as pq
+
+    from pipeline.cli import main
+    from pipeline.paths import slide_paths
+    from pipeline.synthetic import write_synthetic_slide
+
+    slide = write_synthetic_slide(tmp_path / "syn.tif", size_px=(900, 1000), mpp=0.5, seed=3, levels=2)
+    assert main(["--quiet", "segment", str(slide), "-o", str(tmp_path / "a"), "--model", "classical",
+                 "--chunk", "256"]) == 0
+    sp = slide_paths(tmp_path / "a", "syn")
+    with_focus = json.loads(sp.summary.read_text())
+    assert with_focus["focus"]["blocks_scored"] > 0
+    old = tmp_path / "old_chunks"
+    shutil.copytree(sp.chunks, old)
+    for f in sorted(old.glob("*.parquet")):
+        t = pq.read_table(f)
+        md = {k: v for k, v in (t.schema.metadata or {}).items() if k != b"focus"}
+        assert len(md) < len(t.schema.metadata)
+        pq.write_table(t.replace_schema_metadata(md), f, compression="zstd")
+    assert main(["--quiet", "export", str(sp.store), str(old), "-o", str(tmp_path / "b")]) == 0
+    s = json.loads(slide_paths(tmp_path / "b", "syn").summary.read_text())
+    assert s["focus"] is None and s["nuclei"] == with_focus["nuclei"]
+    assert slide_paths(tmp_path / "b", "syn").geojson_gz.read_bytes() == sp.geojson_gz.read_bytes()
