@@ -29,7 +29,6 @@ Three passes over the chunk files (``files``: (chunk_row, chunk_col) -> Parquet 
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass, field
 
@@ -40,6 +39,7 @@ import pyarrow.parquet as pq
 from . import geometry
 from .config import SegmentConfig
 from .errors import InputError
+from .focus import FOCUS_KEY, decode_core_focus
 from .stitch import (
     CHUNK_SCHEMA,
     chunk_schema,
@@ -77,7 +77,7 @@ class ChunkScan:
     class_names: tuple = ()  #: type head classes of the chunk files (``class``/``p_<name>`` columns); () untyped
     reject: bool = False  #: the chunk files have the reject columns (``not_nucleus_prob``, ``rejected``)
     #: (chunk_row, chunk_col) -> (edges_r, edges_c, sharpness float32 (n_r, n_c), NaN = not scored): the
-    #: block sharpness of each chunk's core (:func:`pipeline.infer.focus_metadata`); chunk files written
+    #: block sharpness of each chunk's core (:func:`pipeline.focus.encode_core_focus`); chunk files written
     #: before it existed have none
     focus: dict = field(default_factory=dict)
 
@@ -140,11 +140,8 @@ def scan_chunks(files, chunk_px):
                              "the other chunks; rerun `cellsam infer`")
         scan.n_truncated_owned += int(md.get(b"n_truncated_owned", b"0") or 0)
         scan.n_implausible_owned += int(md.get(b"n_implausible_owned", b"0") or 0)
-        if md.get(b"focus"):
-            f = json.loads(md[b"focus"])
-            scan.focus[(int(rc[0]), int(rc[1]))] = (
-                np.asarray(f["edges_r"], np.int64), np.asarray(f["edges_c"], np.int64),
-                np.array([[np.nan if v is None else v for v in row] for row in f["sharpness"]], np.float32))
+        if md.get(FOCUS_KEY):
+            scan.focus[(int(rc[0]), int(rc[1]))] = decode_core_focus(md[FOCUS_KEY])
         if not t.num_rows:
             continue
         scan.instances += t.num_rows

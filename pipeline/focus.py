@@ -28,6 +28,8 @@ model's resolution.
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 from scipy import ndimage as ndi
 
@@ -36,6 +38,8 @@ FINE_SIGMA_UM = 0.5
 MID_SIGMA_UM = 1.5
 #: pixels at least this bright (grey level, 0..255) are background (lumen, glass) and not scored
 BRIGHT_GREY = 220
+#: chunk-file schema metadata key of the core's block sharpness (:func:`encode_core_focus`)
+FOCUS_KEY = b"focus"
 
 
 def _bands(rgb: np.ndarray, mpp: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -70,7 +74,12 @@ def sharpness(rgb: np.ndarray, mpp: float, mask: np.ndarray | None = None) -> fl
     use = fg if mask is None else fg & mask
     if not use.any():
         return float("nan")
-    return float(fine[use].mean() / max(float(mid[use].mean()), 3e-3))
+    return _ratio(fine, mid, use)
+
+
+def _ratio(fine: np.ndarray, mid: np.ndarray, use: np.ndarray) -> float:
+    """Mean fine-band over mean mid-band detail on the pixels ``use`` (floored denominator)."""
+    return float(fine[use].mean()) / max(float(mid[use].mean()), 3e-3)
 
 
 def block_edges(length_px: int, block_px: int) -> np.ndarray:
@@ -126,7 +135,7 @@ def block_sharpness(rgb: np.ndarray, mpp: float, tissue: np.ndarray, block_px: i
             inner = np.s_[r0 - R0:r1 - R0, c0 - C0:c1 - C0]
             u = fg[inner] & t
             if u.mean() >= min_tissue:
-                out[i, j] = float(fine[inner][u].mean()) / max(float(mid[inner][u].mean()), 3e-3)
+                out[i, j] = _ratio(fine[inner], mid[inner], u)
     return out
 
 
@@ -135,6 +144,41 @@ def _centred(a: int, b: int, sample: float) -> tuple[int, int]:
     n = max(1, int(round((b - a) * sample)))
     s = a + (b - a - n) // 2
     return s, s + n
+
+
+def encode_core_focus(core_rgb: np.ndarray, core_tissue: np.ndarray, mpp: float) -> bytes:
+    """The block sharpness of a chunk's core as stored in its chunk file's metadata (:data:`FOCUS_KEY`).
+
+    Parameters
+    ----------
+    core_rgb : ndarray of shape (H, W, 3), uint8
+        The core at the store's µm/px.
+    core_tissue : ndarray of shape (H, W), bool
+    mpp : float
+
+    Returns
+    -------
+    bytes
+        JSON ``{"edges_r": [...], "edges_c": [...], "sharpness": [[...]]}``: block edges in core
+        pixels (blocks of about :data:`pipeline.config.FOCUS_BLOCK_UM`), values rounded to 4
+        decimals, ``null`` where not scored. :func:`decode_core_focus` reads it back.
+    """
+    from .config import FOCUS_BLOCK_UM, FOCUS_MIN_TISSUE
+
+    block_px = max(1, int(round(FOCUS_BLOCK_UM / mpp)))
+    vals = block_sharpness(core_rgb, mpp, core_tissue, block_px, FOCUS_MIN_TISSUE)
+    return json.dumps({"edges_r": block_edges(core_rgb.shape[0], block_px).tolist(),
+                       "edges_c": block_edges(core_rgb.shape[1], block_px).tolist(),
+                       "sharpness": [[None if not np.isfinite(v) else round(float(v), 4) for v in row]
+                                     for row in vals]}, separators=(",", ":")).encode()
+
+
+def decode_core_focus(raw: bytes) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(edges_r int64, edges_c int64, sharpness float32 (n_r, n_c), NaN = not scored)`` of
+    :func:`encode_core_focus`'s JSON."""
+    f = json.loads(raw)
+    return (np.asarray(f["edges_r"], np.int64), np.asarray(f["edges_c"], np.int64),
+            np.array([[np.nan if v is None else v for v in row] for row in f["sharpness"]], np.float32))
 
 
 def summarize_focus(blocks: list[np.ndarray], soft_below: float) -> dict:

@@ -70,24 +70,6 @@ PROBE_NAME = "_mpp_probe.json"  # the model's scale probe on a few tissue tiles 
 META_SCHEMA_VERSION = 1
 CLASSICAL = "classical"  # model spec: the classical (non-learned) baseline segmenter
 TIMING_KEYS = ("read_s", "model_s", "postprocess_s", "extract_s", "focus_s", "write_s")
-#: chunk-file schema metadata key of the core's block sharpness (:func:`focus_metadata`)
-FOCUS_KEY = b"focus"
-
-
-def focus_metadata(core_rgb: np.ndarray, core_tissue: np.ndarray, mpp: float) -> bytes:
-    """JSON of the block sharpness of a chunk's core (:func:`pipeline.focus.block_sharpness`):
-    ``{"edges_r": [...], "edges_c": [...], "sharpness": [[...]]}``, block edges in core pixels,
-    values rounded to 4 decimals, ``null`` where not scored. Read back by
-    :func:`pipeline.assemble.scan_chunks` (``ChunkScan.focus``)."""
-    from .config import FOCUS_BLOCK_UM, FOCUS_MIN_TISSUE
-    from .focus import block_edges, block_sharpness
-
-    block_px = max(1, int(round(FOCUS_BLOCK_UM / mpp)))
-    vals = block_sharpness(core_rgb, mpp, core_tissue, block_px, FOCUS_MIN_TISSUE)
-    return json.dumps({"edges_r": block_edges(core_rgb.shape[0], block_px).tolist(),
-                       "edges_c": block_edges(core_rgb.shape[1], block_px).tolist(),
-                       "sharpness": [[None if not np.isfinite(v) else round(float(v), 4) for v in row]
-                                     for row in vals]}, separators=(",", ":")).encode()
 
 # One forward pass at a time per process (the GPU); models flagged thread-safe skip it.
 _MODEL_LOCK = threading.Lock()
@@ -469,6 +451,7 @@ def process_batch(
     dict
         ``{"chunks": n, "instances": n, "timings_s": {...}}``.
     """
+    from .focus import FOCUS_KEY, encode_core_focus
     from .stitch import extract_chunk_instances
     from .store import read_tissue_window, read_window
 
@@ -483,11 +466,12 @@ def process_batch(
     side = windows[0].window_px
     images = np.empty((len(windows), side, side, 3), np.uint8)
     boxes: list[tuple[int, int, int, int] | None] = []
+    tissues = np.empty((len(windows), side, side), bool)  # for the model box and the focus score
     for i, w in enumerate(windows):
         images[i] = read_window(group, w.window_origin_rc[0], w.window_origin_rc[1], side, side)
+        tissues[i] = read_tissue_window(group, w.window_origin_rc[0], w.window_origin_rc[1], side, side)
         if cfg.crop_to_tissue:
-            tissue = read_tissue_window(group, w.window_origin_rc[0], w.window_origin_rc[1], side, side)
-            boxes.append(model_box(tissue, cfg.tissue_margin_px, half_or_whole=model.static_shapes))
+            boxes.append(model_box(tissues[i], cfg.tissue_margin_px, half_or_whole=model.static_shapes))
         else:
             boxes.append((0, 0, side, side))
     timings["read_s"] += time.perf_counter() - t0
@@ -502,7 +486,7 @@ def process_batch(
 
     n_inst = 0
     shape_rc = tuple(int(v) for v in attrs["shape_rc"])
-    for w, img, res in zip(windows, images, results):
+    for w, img, tissue, res in zip(windows, images, tissues, results):
         labels, scores = res[0], res[1]
         class_probs = res[2] if model.class_names else None
         not_nucleus, rejected = (res[3], res[4]) if model.rejects else (None, None)
@@ -529,10 +513,10 @@ def process_batch(
         )
         t1 = time.perf_counter()
         cr0, cc0, cr1, cc1 = w.core_box_rc
-        core = img[cr0 - w.window_origin_rc[0]: cr1 - w.window_origin_rc[0],
-                   cc0 - w.window_origin_rc[1]: cc1 - w.window_origin_rc[1]]
+        core = np.s_[cr0 - w.window_origin_rc[0]: cr1 - w.window_origin_rc[0],
+                     cc0 - w.window_origin_rc[1]: cc1 - w.window_origin_rc[1]]
         md = dict(table.schema.metadata or {})
-        md[FOCUS_KEY] = focus_metadata(core, read_tissue_window(group, cr0, cc0, cr1 - cr0, cc1 - cc0), mpp)
+        md[FOCUS_KEY] = encode_core_focus(img[core], tissue[core], mpp)
         table = table.replace_schema_metadata(md)
         t2 = time.perf_counter()
         _write_table_atomic(table, chunk_path(chunks_dir, w.chunk_rc))

@@ -394,24 +394,21 @@ class QCAccumulator:
         self.soft_mask: np.ndarray | None = None  # thumbnail frame (set_focus)
         self.soft_label = ""
 
-    def set_focus(self, focus: dict, soft_below: float) -> None:
-        """Rasterise the soft blocks (sharpness < ``soft_below``) of :attr:`pipeline.assemble.ChunkScan.focus`
-        onto the thumbnail grid for the hatching of :meth:`write`."""
-        th, tw = self.thumb.shape[:2]
+    def set_focus(self, focus: dict, summary: dict) -> None:
+        """Rasterise the soft blocks of :attr:`pipeline.assemble.ChunkScan.focus` (sharpness below
+        ``summary["soft_below"]``, the export's ``summary["focus"]``) onto the thumbnail grid for the
+        hatching of :meth:`write`; the key gives ``summary["soft_fraction"]``."""
         chunk_px = int(self.attrs["chunk_px"])
         f = self.mpp / self.thumb_mpp  # thumbnail px per store px
-        mask = np.zeros((th, tw), bool)
-        soft = scored = 0
+        mask = np.zeros(self.thumb.shape[:2], bool)
         for (r, c), (er, ec, vals) in focus.items():
-            scored += int(np.isfinite(vals).sum())
-            for i, j in zip(*np.nonzero(vals < soft_below)):
-                soft += 1
+            for i, j in zip(*np.nonzero(vals < summary["soft_below"])):
                 r0, r1 = (r * chunk_px + er[i]) * f, (r * chunk_px + er[i + 1]) * f
                 c0, c1 = (c * chunk_px + ec[j]) * f, (c * chunk_px + ec[j + 1]) * f
                 mask[int(np.floor(r0)):max(int(np.ceil(r1)), int(np.floor(r0)) + 1),
                      int(np.floor(c0)):max(int(np.ceil(c1)), int(np.floor(c0)) + 1)] = True
-        self.soft_mask = mask if soft else None
-        pct = 100.0 * soft / scored if scored else 0.0
+        self.soft_mask = mask if summary["soft_blocks"] else None
+        pct = 100.0 * (summary["soft_fraction"] or 0.0)
         self.soft_label = f"soft focus / low resolution ({pct:.0f}% of tissue)"
 
     def add(self, table) -> None:

@@ -346,7 +346,7 @@ def run_export(
         )
         focus = _focus_summary(nuclei.scan.focus)
         if focus is not None:
-            qc.set_focus(nuclei.scan.focus, focus["soft_below"])
+            qc.set_focus(nuclei.scan.focus, focus)
             if focus["soft_fraction"]:
                 caption += f", {100 * focus['soft_fraction']:.0f}% of tissue soft"
             if (focus["soft_fraction"] or 0) > FOCUS_WARN_FRACTION:
